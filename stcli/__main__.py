@@ -1,0 +1,3 @@
+from stcli.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""The recipe: a YAML file validated by pydantic (extra="forbid" at every level).
+
+Sections follow DESIGN §2b.  Components are chosen by `name:`, which equals their registry
+name; dotted `key=value` overrides (values parsed as YAML) are applied before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pydantic import PositiveInt, ValidationError, model_validator
+
+from stcli.errors import UserError
+from stcli.losses import ScoreMatchingLoss
+from stcli.registry import DATASETS, NETS, SAMPLERS, SDES, TRUNCATIONS, format_validation_error
+from stcli.truncation import Hard
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Optim(Section):
+    """Adam with linear warm-up and gradient-norm clipping (App. D: lr 2e-4, warm-up 5000, clip 1)."""
+
+    lr: PositiveFloat = 2e-4
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
+    warmup: NonNegativeInt = 5000
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping
+
+
+class Train(Section):
+    steps: PositiveInt = 1300000
+    batch_size: PositiveInt = 128  # global: split over ranks, then micro-batches
+    micro_batches: PositiveInt = 1
+    ema: float = Field(0.999, ge=0, lt=1)
+    log_every: PositiveInt = 50
+    ckpt_every: PositiveInt = 10000
+    snapshot_every: NonNegativeInt = 0  # keep ckpt-<step>.safetensors every this many steps
+    sample_every: NonNegativeInt = 50000  # 0: no sample grids during training
+    grid_size: PositiveInt = 64
+    out_dir: str | None = None  # default runs/<name>
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: NonNegativeInt = 0  # data-loader processes
+
+    @model_validator(mode="after")
+    def _micro(self):
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
+                             f"{self.micro_batches}")
+        return self
+
+
+class NllEval(Section):
+    correction: Literal["before", "after"] = "after"
+    hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
+    rtol: PositiveFloat = 1e-5
+    atol: PositiveFloat = 1e-5
+
+
+class FidEval(Section):
+    ref: str | None = None
+    n: PositiveInt = 50000
+
+
+class Eval(Section):
+    nll: NllEval = NllEval()
+    fid: FidEval = FidEval()
+
+
+class Recipe(Section):
+    name: str
+    seed: int = 0
+    data: DATASETS.union()
+    sde: SDES.union()
+    net: NETS.union()
+    truncation: TRUNCATIONS.union() = Hard()
+    loss: ScoreMatchingLoss = ScoreMatchingLoss()
+    optim: Optim = Optim()
+    train: Train = Train()
+    sample: SAMPLERS.union() = Field(default_factory=lambda: SAMPLERS.validate("euler_maruyama"))
+    eval: Eval = Eval()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_alias(cls, data: Any) -> Any:
+        """`sample: {sampler: pc, ...}` (DESIGN §2b) is accepted for `sample: {name: pc, ...}`."""
+        sample = data.get("sample") if isinstance(data, dict) else None
+        if isinstance(sample, dict) and "sampler" in sample and "name" not in sample:
+            data = {**data, "sample": {"name": sample["sampler"],
+                                       **{k: v for k, v in sample.items() if k != "sampler"}}}
+        return data
+
+    @model_validator(mode="after")
+    def _share_eps(self):
+        """The SDE's eps (RVE, int_g2_sigma2) is the truncation's eps."""
+        eps = self.truncation.eps
+        if "eps" in self.sde.model_fields_set and self.sde.eps != eps:
+            raise ValueError(f"sde.eps ({self.sde.eps}) differs from truncation.eps ({eps}); "
+                             "set only truncation.eps")
+        object.__setattr__(self, "sde", self.sde.model_copy(update={"eps": eps}))
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.train.out_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (every default filled in)."""
+        return self.model_dump(mode="json", exclude={"sde": {"eps"}})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested dicts."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise UserError(f"override {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            raise UserError(f"override {item!r}: value is not valid YAML ({err})") from None
+        node = data
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {path} is not valid YAML:\n{err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (name, data, sde, net, ...)")
+    return data
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"{source} is invalid:\n" + format_validation_error(err, data=data)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return parse_recipe(data, source=f"recipe {path}")

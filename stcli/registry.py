@@ -1,0 +1,154 @@
+"""One small Registry type, and one registry per buildable kind.
+
+A registry entry is a pydantic model (a *spec*): its fields are the recipe fields of that
+component, its ``name`` field is a ``Literal`` equal to the registry name, and its
+``create(**context)`` returns the working object (the spec itself for SDEs and truncation
+distributions; a module, dataset or callable for the others).  The recipe schema is the
+discriminated union of every spec of a registry, so recipe sections and registry names can
+never drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stcli.errors import UserError
+
+
+class Component(BaseModel):
+    """Base of every registry entry: strict (unknown fields are errors) and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+
+    def create(self, **context: Any) -> Any:
+        if context:
+            raise TypeError(f"{type(self).__name__} takes no build context, got {sorted(context)}")
+        return self
+
+
+C = TypeVar("C", bound=Component)
+
+
+def _literal_name(cls: type[Component]) -> str:
+    annotation = cls.model_fields["name"].annotation
+    if get_origin(annotation) is not Literal or len(get_args(annotation)) != 1:
+        raise TypeError(f"{cls.__name__}.name must be annotated as Literal['<registry name>']")
+    return get_args(annotation)[0]
+
+
+class Registry(Generic[C]):
+    """Maps names to component specs; validates parameters; says what exists."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, type[C]] = {}
+
+    def register(self, cls: type[C]) -> type[C]:
+        name = _literal_name(cls)
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = cls
+        return cls
+
+    def names(self) -> list[str]:
+        load_components()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        load_components()
+        return name in self._entries
+
+    def spec(self, name: str) -> type[C]:
+        load_components()
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}.{hint}"
+            )
+        return self._entries[name]
+
+    def validate(self, name: str, **params: Any) -> C:
+        """The validated spec of ``name`` with ``params`` (a clear UserError otherwise)."""
+        cls = self.spec(name)
+        try:
+            return cls.model_validate({"name": name, **params})
+        except ValidationError as err:
+            raise UserError(format_validation_error(err, prefix=self.kind)) from None
+
+    def build(self, name: str, **params: Any) -> Any:
+        """Validate the spec's own fields from ``params`` and create it with the rest as context."""
+        fields = self.spec(name).model_fields
+        own = {k: v for k, v in params.items() if k in fields}
+        context = {k: v for k, v in params.items() if k not in fields}
+        return self.validate(name, **own).create(**context)
+
+    def union(self) -> Any:
+        """The pydantic type of a recipe section: one of the registered specs, by ``name``."""
+        members = tuple(self._entries[n] for n in self.names())
+        if len(members) == 1:
+            return members[0]
+        return Annotated[Union[members], Field(discriminator="name")]  # noqa: UP007
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", data: Any = None) -> str:
+    """One line per problem: the dotted path of the field, then what is wrong with it."""
+    lines = []
+    for e in err.errors():
+        path = _dotted(e["loc"], data)
+        where = ".".join(p for p in (prefix, path) if p) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "union_tag_invalid":
+            msg = msg.replace("Input tag", "name")
+        lines.append(f"{where}: {msg}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: tuple, data: Any) -> str:
+    """Dotted path of a pydantic error location, leaving out discriminator tags."""
+    parts, node = [], data
+    for p in loc:
+        is_tag = isinstance(node, dict) and p not in node and node.get("name") == p
+        if is_tag or (node is None and isinstance(p, str) and p.endswith("]")):
+            continue
+        parts.append(str(p))
+        if isinstance(node, dict):
+            node = node.get(p)
+        elif isinstance(node, list) and isinstance(p, int) and p < len(node):
+            node = node[p]
+        else:
+            node = None
+    return ".".join(parts)
+
+
+SDES: Registry = Registry("sde")
+NETS: Registry = Registry("net")
+TRUNCATIONS: Registry = Registry("truncation")
+SAMPLERS: Registry = Registry("sampler")
+METRICS: Registry = Registry("metric")
+DATASETS: Registry = Registry("dataset")
+TARGETS: Registry = Registry("target")
+
+
+_loaded = False
+
+
+def load_components() -> None:
+    """Import every module that registers components (once; lookups call it)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import stcli.sdes  # noqa: F401
+    import stcli.truncation  # noqa: F401
+    import stcli.losses  # noqa: F401
+    import stcli.data  # noqa: F401
+    import stcli.nets  # noqa: F401
+    import stcli.samplers  # noqa: F401

@@ -1,0 +1,321 @@
+"""The training loop (DDP-aware): Soft Truncation steps, EMA, warm-up, clipping, NaN guard,
+logs, sample grids and exact resume.
+
+Every random draw of step k comes from generators seeded by (seed, k, ...): tau from
+(seed, "tau", k) — identical on every rank and micro-batch — and t, z, flips and
+dequantisation from (seed, "noise", k, rank, micro).  The data order is a function of the
+step, so a resumed run replays exactly what an uninterrupted one would have done; only the
+global RNG (dropout) needs saving, and the checkpoint holds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from stcli import checkpoint, distributed
+from stcli.console import StepProgress, fmt_eta, info
+from stcli.errors import TrainingStopped, UserError
+from stcli.images import save_grid
+from stcli.nets import build_score_model
+from stcli.recipe import Recipe, parse_recipe
+
+# Fields that may change when a run is resumed; everything else must match the checkpoint.
+RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
+             "workers", "device", "out_dir"}
+
+
+def seed_for(*keys) -> int:
+    """A 63-bit seed derived from `keys`, stable across processes and Python versions."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def generator(device: torch.device, *keys) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed_for(*keys))
+
+
+class StepBatches:
+    """Batch indices of each step for one rank: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, batch: int, ctx: distributed.Context, seed: int, start: int):
+        self.per_epoch = n // batch
+        if self.per_epoch == 0:
+            raise UserError(f"the dataset has {n} items, fewer than train.batch_size={batch}")
+        self.n, self.batch, self.ctx, self.seed, self.start = n, batch, ctx, seed, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step, per_rank = self.start, self.batch // self.ctx.world_size
+        while True:
+            epoch, i = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=generator(torch.device("cpu"), self.seed,
+                                                                "data", epoch))
+            for j in range(i, self.per_epoch):
+                lo = j * self.batch + self.ctx.rank * per_rank
+                yield perm[lo:lo + per_rank].tolist()
+            step = (epoch + 1) * self.per_epoch
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    out_dir: Path
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False):
+        self.recipe, self.ctx = recipe, ctx
+        self.cfg, self.device = recipe.train, ctx.device
+        if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
+            raise UserError(f"train.batch_size={self.cfg.batch_size} must be divisible by "
+                            f"processes x micro_batches = {ctx.world_size * self.cfg.micro_batches}")
+        self.out_dir = recipe.out_dir
+        self.ckpt_path = self.out_dir / "ckpt.safetensors"
+        self.data = recipe.data
+        self.dataset = self.data.create("train")
+        self.sde = recipe.sde
+        torch.manual_seed(seed_for(recipe.seed, "init"))
+        self.model = build_score_model(recipe.net, self.sde, self.data.shape).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        o = recipe.optim
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                          eps=o.eps, weight_decay=o.weight_decay)
+        self.step = 0
+        torch.manual_seed(seed_for(recipe.seed, "global", ctx.rank))
+        self._prepare_out_dir(resume)
+        if resume:
+            self._load(self.ckpt_path)
+        self.ddp = distributed.wrap(self.model, ctx)
+        self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
+        self._stop_signal = 0
+
+    # --- run directory and checkpoints ------------------------------------------------------
+    def _prepare_out_dir(self, resume: bool) -> None:
+        if resume and not self.ckpt_path.is_file():
+            raise UserError(f"nothing to resume: {self.ckpt_path} does not exist")
+        if not resume and self.ckpt_path.exists():
+            raise UserError(f"{self.out_dir} already holds a run; continue it with --resume or "
+                            "choose another train.out_dir")
+        if not self.ctx.is_main:
+            return
+        try:
+            (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
+        except OSError as err:
+            raise UserError(f"cannot write to the output folder {self.out_dir}: {err}") from None
+
+    def _state(self) -> tuple[dict, dict]:
+        opt = self.optimizer.state_dict()
+        tensors = {**checkpoint.prefixed("model", self.model.state_dict()),
+                   **checkpoint.prefixed("ema", self.ema.state_dict()),
+                   "rng.cpu": torch.get_rng_state()}
+        for i, state in opt["state"].items():
+            tensors.update(checkpoint.prefixed(f"optim.{i}", state))
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"step": self.step, "recipe": self.recipe.to_dict(),
+                "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size}
+        return tensors, meta
+
+    def save(self, path: Path | None = None) -> None:
+        if self.ctx.is_main:
+            checkpoint.save(path or self.ckpt_path, *self._state())
+
+    def _load(self, path: Path) -> None:
+        tensors, meta = checkpoint.load(path)
+        check_compatible(parse_recipe(meta["recipe"], f"recipe in {path}"), self.recipe, path)
+        self.model.load_state_dict(checkpoint.section("model", tensors))
+        self.ema.load_state_dict(checkpoint.section("ema", tensors))
+        states = {int(i): checkpoint.section(f"optim.{i}", tensors)
+                  for i in {k.split(".")[1] for k in tensors if k.startswith("optim.")}}
+        self.optimizer.load_state_dict({"state": states, "param_groups": meta["optim_groups"]})
+        if meta.get("world_size", 1) == self.ctx.world_size:
+            torch.set_rng_state(tensors["rng.cpu"])
+            if self.device.type == "cuda" and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step = int(meta["step"])
+
+    # --- one optimisation step ---------------------------------------------------------------
+    def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Forward/backward over micro-batches with one tau; returns (loss sum, grad norm)."""
+        seed, step, cfg = self.recipe.seed, self.step, self.cfg
+        tau = self.recipe.truncation.sample(generator(torch.device("cpu"), seed, "tau", step))
+        micro = batch.to(self.device, non_blocking=True).chunk(cfg.micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.precision == "bf16")
+        for i, xb in enumerate(micro):
+            g = generator(self.device, seed, "noise", step, self.ctx.rank, i)
+            x0 = self.data.transform(xb, g)
+            sync = i == len(micro) - 1 or self.ctx.world_size == 1
+            with (nullcontext() if sync else self.ddp.no_sync()), autocast:
+                losses = self.recipe.loss(self.forward, self.sde, x0, tau, generator=g)
+                (losses.sum() / batch.shape[0]).backward()
+            loss_sum += losses.detach().sum()
+        return loss_sum, tau
+
+    def optimizer_step(self) -> torch.Tensor:
+        o = self.recipe.optim
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * min(1.0, (self.step + 1) / o.warmup) if o.warmup else o.lr
+        clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.cfg.ema)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        loader = DataLoader(self.dataset, num_workers=cfg.workers, generator=torch.Generator(),
+                            batch_sampler=StepBatches(len(self.dataset), cfg.batch_size, ctx,
+                                                      self.recipe.seed, self.step),
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
+        handlers = self._install_signal_handlers()
+        t0, s0, loss_avg = time.perf_counter(), self.step, float("nan")
+        window_loss, window_n = 0.0, 0
+        self.model.train()
+        try:
+            with StepProgress("train", cfg.steps, self.step, enabled=ctx.is_main) as progress:
+                batches = iter(loader)
+                while self.step < cfg.steps:
+                    loss_sum, tau = self.train_step(next(batches))
+                    grad_norm = self.optimizer_step()
+                    flags = torch.stack([loss_sum, torch.tensor(float(self._stop_signal),
+                                                                 device=self.device)])
+                    total, stop = distributed.all_reduce_sum(flags).tolist()
+                    loss = total / cfg.batch_size
+                    gnorm = grad_norm.item()
+                    if not (torch.isfinite(torch.tensor([loss, gnorm])).all()):
+                        self._fail_non_finite(loss, gnorm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.update_ema()
+                    self.step += 1
+                    window_loss, window_n = window_loss + loss, window_n + 1
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        loss_avg = window_loss / window_n
+                        rate = (self.step - s0) / (time.perf_counter() - t0)
+                        record = {"step": self.step, "loss": loss_avg, "tau": tau,
+                                  "grad_norm": gnorm, "lr": self.optimizer.param_groups[0]["lr"],
+                                  "steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
+                                  "elapsed_s": time.perf_counter() - t0}
+                        if log:
+                            log.write(record)
+                        progress.update(self.step, {
+                            "loss": f"{loss_avg:.4g}", "steps/s": f"{rate:.2f}",
+                            "img/s": f"{rate * cfg.batch_size:.0f}",
+                            "eta": fmt_eta((cfg.steps - self.step) / max(rate, 1e-9))}, force=True)
+                        window_loss, window_n = 0.0, 0
+                    if stop:
+                        self.save()
+                        signum = self._stop_signal or signal.SIGTERM
+                        raise TrainingStopped(signum, f"interrupted by {signal.Signals(signum).name}"
+                                              f" after step {self.step}; checkpoint saved to "
+                                              f"{self.ckpt_path}; continue with --resume")
+                    self._periodic()
+        finally:
+            self._restore_signal_handlers(handlers)
+            if log:
+                log.close()
+        return TrainResult(self.step, loss_avg, self.out_dir)
+
+    def _periodic(self) -> None:
+        cfg, s = self.cfg, self.step
+        if s % cfg.ckpt_every == 0 or s == cfg.steps:
+            self.save()
+        if cfg.snapshot_every and s % cfg.snapshot_every == 0:
+            self.save(self.out_dir / f"ckpt-{s}.safetensors")
+        if cfg.sample_every and (s % cfg.sample_every == 0 or s == cfg.steps) and self.ctx.is_main:
+            self.sample_grid(self.out_dir / "samples" / f"grid-{s}.png")
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        g = generator(self.device, self.recipe.seed, "grid")
+        shape = (self.cfg.grid_size, *self.data.shape)
+        x = self.sde.prior_sample(shape, generator=g, device=self.device)
+        x = self.recipe.sample(self.ema.score, self.sde, x, generator=g)
+        save_grid(self.data.to_uint8(x), path)
+
+    def _fail_non_finite(self, loss: float, gnorm: float) -> None:
+        last = f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
+            else "no checkpoint was written yet"
+        raise UserError(f"non-finite training signal at step {self.step + 1} (loss {loss}, "
+                        f"gradient norm {gnorm}); stopped without updating the weights; {last}. "
+                        "Try a lower optim.lr, a longer optim.warmup or optim.grad_clip.")
+
+    # --- signals --------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        try:
+            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            return {}
+
+    @staticmethod
+    def _restore_signal_handlers(handlers) -> None:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+class LogWriter:
+    """Appends one JSON record per line to log.jsonl, flushed at once."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def check_compatible(saved: Recipe, requested: Recipe, path: Path) -> None:
+    """Refuse to resume (or evaluate) with a recipe that differs in anything but run settings."""
+    a, b = saved.to_dict(), requested.to_dict()
+    for d in (a, b):
+        d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE}
+    diffs = sorted(_diff(a, b))
+    if diffs:
+        raise UserError(f"the recipe differs from the one in {path} at: {', '.join(diffs)}")
+
+
+def _diff(a, b, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in a.keys() | b.keys():
+            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    ctx = distributed.setup(recipe.train.device)
+    try:
+        if ctx.is_main:
+            info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
+                 f"-> {recipe.out_dir}")
+        return Trainer(recipe, ctx, resume).run()
+    finally:
+        if dist.is_initialized():
+            distributed.teardown()
