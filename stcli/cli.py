@@ -9,7 +9,6 @@ import os
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from stcli.console import error, info
@@ -89,21 +88,14 @@ def _is_rank0() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    code = 0
+    """Entry point: typer handles usage errors (exit 2); ours are turned into one message."""
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="st")
-    except click.ClickException as err:
-        err.show()
-        code = err.exit_code
+        app(args=argv, prog_name="st")
     except UserError as err:
         rank = os.environ.get("RANK")
         error(f"[rank {rank}] {err}" if rank not in (None, "0") else str(err))
-        code = 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        error("interrupted")
-        code = 130
+        sys.exit(2)
     except TrainingStopped as err:
         if _is_rank0():
             error(str(err))
-        code = 128 + err.signum
-    sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(128 + err.signum)

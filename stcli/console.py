@@ -8,8 +8,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -17,7 +17,9 @@ def info(message: str) -> None:
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    """One clear message on stderr (markup in the message itself is not interpreted)."""
+    err_console.print("[bold red]error:[/] ", end="")
+    err_console.print(message, markup=False)
 
 
 class StepProgress:

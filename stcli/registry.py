@@ -101,12 +101,14 @@ def format_validation_error(err: ValidationError, prefix: str = "", data: Any = 
     lines = []
     for e in err.errors():
         path = _dotted(e["loc"], data)
-        where = ".".join(p for p in (prefix, path) if p) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        elif e["type"] == "union_tag_invalid":
-            msg = msg.replace("Input tag", "name")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            path, tag = f"{path}.name".lstrip("."), e.get("ctx", {}).get("tag")
+            expected = e.get("ctx", {}).get("expected_tags", "")
+            msg = (f"unknown name {tag!r}" if tag else "missing") + f"; available: {expected}"
+        where = ".".join(p for p in (prefix, path) if p) or "(top level)"
         lines.append(f"{where}: {msg}")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat, model_validator
+from pydantic import NonNegativeFloat, PositiveFloat, model_validator
 
 from stcli.registry import SDES, Component
 
@@ -198,13 +198,13 @@ class RVE(_SigmaRange):
 
 
 class _BetaLinear(LinearSDE):
-    beta_min: float = 0.1
-    beta_max: float = 20.0
+    beta_min: NonNegativeFloat = 0.1
+    beta_max: PositiveFloat = 20.0
 
     @model_validator(mode="after")
     def _ordered(self):
-        if not 0 <= self.beta_min < self.beta_max:
-            raise ValueError(f"need 0 <= beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+        if self.beta_max <= self.beta_min:
+            raise ValueError(f"beta_max ({self.beta_max}) must exceed beta_min ({self.beta_min})")
         return self
 
     def B(self, t):  # int_0^t beta

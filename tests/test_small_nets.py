@@ -101,7 +101,8 @@ def test_sinusoidal_embedding_matches_the_formula():
             assert emb[i, k].item() == pytest.approx(math.sin(e * f), abs=1e-9)
             assert emb[i, half + k].item() == pytest.approx(math.cos(e * f), abs=1e-9)
     odd = sinusoidal_embedding(eta, dim + 1, max_pos)
-    assert torch.equal(odd[:, :dim], emb) and torch.equal(odd[:, dim], torch.zeros(4, dtype=eta.dtype))
+    assert torch.equal(odd[:, :dim], emb)
+    assert torch.equal(odd[:, dim], torch.zeros(4, dtype=eta.dtype))
 
 
 def test_gaussian_fourier_embedding_matches_the_formula():

@@ -34,10 +34,12 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1, scale: float = 1.0) -> nn.
 
 
 def conv1x1(in_ch: int, out_ch: int, scale: float = 1.0) -> nn.Conv2d:
+    """1x1 convolution (a per-pixel linear map of channels)."""
     return init_(nn.Conv2d(in_ch, out_ch, 1), scale)
 
 
 def linear(in_dim: int, out_dim: int, scale: float = 1.0) -> nn.Linear:
+    """Linear layer with the DDPM init."""
     return init_(nn.Linear(in_dim, out_dim), scale)
 
 
@@ -50,6 +52,7 @@ def groups_for(ch: int) -> int:
 
 
 def group_norm(ch: int, groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm over ``ch`` channels with ``groups`` (default ``groups_for(ch)``) groups."""
     return nn.GroupNorm(groups or groups_for(ch), ch, eps=1e-6)
 
 
@@ -156,7 +159,7 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
         return out.transpose(-1, -2).reshape(b, c, hgt, wid)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.proj(self.attend(x))) * self.scale
 
 

@@ -66,7 +66,7 @@ class UNetModule(nn.Module):
         super().__init__()
         nf, temb_dim = spec.nf, 4 * spec.nf
         self.temb = TimeEmbedding(nf, spec.embedding, spec.fourier_scale)
-        self._stage_args = dict(temb_dim=temb_dim, dropout=spec.dropout, skip_rescale=spec.skip_rescale)
+        self._res_args = dict(temb_dim=temb_dim, dropout=spec.dropout, skip_rescale=spec.skip_rescale)
         self.conv_in = conv3x3(channels, nf)
         self.down, skip_chs, ch, res = self._down_path(spec, size)
         self.mid = nn.ModuleList([self._stage(ch, ch, True), self._stage(ch, ch, False)])
@@ -75,9 +75,11 @@ class UNetModule(nn.Module):
         self.conv_out = conv3x3(nf, channels, scale=0.0)
 
     def _stage(self, in_ch: int, out_ch: int, attn: bool) -> _Stage:
-        return _Stage(ResBlock(in_ch, out_ch, **self._stage_args), AttnBlock(out_ch) if attn else None)
+        res = ResBlock(in_ch, out_ch, **self._res_args)
+        return _Stage(res, AttnBlock(out_ch) if attn else None)
 
     def _down_path(self, spec: SmallUNet, res: int):
+        """Down blocks, the channels of every skip they leave, final channels and resolution."""
         blocks, ch, skip_chs = nn.ModuleList(), spec.nf, [spec.nf]
         for level, mult in enumerate(spec.ch_mult):
             for _ in range(spec.num_res_blocks):
@@ -91,6 +93,7 @@ class UNetModule(nn.Module):
         return blocks, skip_chs, ch, res
 
     def _up_path(self, spec: SmallUNet, skip_chs: list[int], ch: int, res: int) -> nn.ModuleList:
+        """Up blocks, each ResBlock taking one skip (popped last-first) concatenated to h."""
         blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(spec.ch_mult))):
             for _ in range(spec.num_res_blocks + 1):
@@ -103,6 +106,7 @@ class UNetModule(nn.Module):
         return blocks
 
     def forward(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        """Noise prediction for x (B, C, H, W) at time inputs eta (B,)."""
         temb = self.temb(batch_eta(eta, x))
         hs = [self.conv_in(x)]
         for block in self.down:
@@ -136,7 +140,9 @@ class SmallUNet(NetSpec):
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Raise UserError unless ``shape`` is (C, H, W) that this U-Net can process."""
         if len(shape) != 3:
-            raise UserError(f"net 'unet' needs image data of shape (C, H, W), got shape {tuple(shape)}")
+            raise UserError(
+                f"net 'unet' needs image data of shape (C, H, W), got shape {tuple(shape)}"
+            )
         factor = 2 ** (len(self.ch_mult) - 1)
         _, hgt, wid = shape
         if hgt % factor or wid % factor or min(hgt, wid) < factor:
@@ -178,10 +184,12 @@ class MLPModule(nn.Module):
         super().__init__()
         self.temb = TimeEmbedding(spec.hidden, spec.embedding, spec.fourier_scale)
         self.inp = linear(dim, spec.hidden)
-        self.blocks = nn.ModuleList(_MLPBlock(spec.hidden, self.temb.out_dim) for _ in range(spec.layers))
+        blocks = (_MLPBlock(spec.hidden, self.temb.out_dim) for _ in range(spec.layers))
+        self.blocks = nn.ModuleList(blocks)
         self.out = linear(spec.hidden, dim, scale=0.0)
 
     def forward(self, x: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        """Noise prediction for x (B, D) at time inputs eta (B,)."""
         temb = self.temb(batch_eta(eta, x))
         h = self.inp(x)
         for block in self.blocks:

@@ -1,0 +1,47 @@
+"""Run by torchrun in test_ddp.py: trains a tiny recipe and records, per rank, every tau drawn
+and the final parameters, through a truncation registered here (the public registry API)."""
+
+import json
+import sys
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+
+from stcli.registry import TRUNCATIONS
+from stcli.truncation import Power
+
+
+@TRUNCATIONS.register
+class RecordedPower(Power):
+    name: Literal["recorded_power"] = "recorded_power"
+
+    def sample(self, generator=None) -> float:
+        tau = super().sample(generator)
+        DRAWN.append(tau)
+        return tau
+
+
+DRAWN: list[float] = []
+
+if __name__ == "__main__":
+    from stcli import train as train_mod
+    from stcli.recipe import load_recipe
+
+    recipe_path, out = sys.argv[1], sys.argv[2]
+    recipe = load_recipe(recipe_path, ["truncation.name=recorded_power"])
+    trainer_box = {}
+    real_init = train_mod.Trainer.__init__
+
+    def keep(self, *a, **k):
+        real_init(self, *a, **k)
+        trainer_box["t"] = self
+
+    train_mod.Trainer.__init__ = keep
+    train_mod.train(recipe)
+    t = trainer_box["t"]
+    rank = t.ctx.rank
+    save_file({k: v.contiguous() for k, v in t.model.state_dict().items()},
+              f"{out}/params-{rank}.safetensors")
+    with open(f"{out}/tau-{rank}.json", "w") as f:
+        json.dump({"tau": DRAWN, "world": t.ctx.world_size}, f)

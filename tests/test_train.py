@@ -1,0 +1,131 @@
+"""Training end to end: checkpoints, exact resume, Ctrl-C, the NaN guard, DDP over gloo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, run_st
+from stcli import checkpoint
+from stcli.errors import UserError
+from stcli.recipe import load_recipe
+from stcli.train import Trainer, train
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    path = tmp_path / "c.safetensors"
+    data = {"model.w": torch.randn(3, 4), "rng.cpu": torch.get_rng_state()}
+    checkpoint.save(path, data, {"step": 7, "recipe": {"a": [1, 2]}})
+    got, meta = checkpoint.load(path)
+    assert_same_tensors(got, data)
+    assert meta == {"step": 7, "recipe": {"a": [1, 2]}}
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        checkpoint.load(tmp_path / "cut.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="not an st checkpoint"):
+        checkpoint.load(tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def test_resume_is_bit_exact(tiny_recipe):
+    full = train(load_recipe(tiny_recipe("full")))
+    assert full.step == 6
+    part = tiny_recipe("part")
+    train(load_recipe(part, ["train.steps=4"]))  # stops between two checkpoints
+    assert checkpoint.load(part.parent / "part" / "ckpt.safetensors")[1]["step"] == 4
+    train(load_recipe(part), resume=True)
+    assert_same_tensors(tensors(full.out_dir / "ckpt.safetensors"),
+                        tensors(part.parent / "part" / "ckpt.safetensors"))
+    log = [json.loads(line) for line in (part.parent / "part" / "log.jsonl").open()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_different_recipe_and_an_existing_run(tiny_recipe):
+    path = tiny_recipe("run")
+    train(load_recipe(path, ["train.steps=1"]))
+    with pytest.raises(UserError, match=r"differs .* at: net\.nf"):
+        train(load_recipe(path, ["net.nf=16"]), resume=True)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(load_recipe(path))
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(load_recipe(path, ["train.out_dir=" + str(path.parent / "empty")]), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, monkeypatch):
+    path = tiny_recipe("nan")
+    real, ckpt, good = Trainer.train_step, path.parent / "nan" / "ckpt.safetensors", {}
+
+    def poisoned(self, batch):
+        loss, tau = real(self, batch)
+        if self.step == 4:
+            good["bytes"] = ckpt.read_bytes()  # the checkpoint of step 3
+            loss = loss * float("nan")
+        return loss, tau
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(UserError, match="non-finite .* step 5 .* untouched"):
+        train(load_recipe(path))
+    assert checkpoint.load(ckpt)[1]["step"] == 3
+    assert ckpt.read_bytes() == good["bytes"]
+
+
+def test_cli_train_end_to_end_writes_grid_log_and_checkpoint(tiny_recipe):
+    path = tiny_recipe("e2e", train={"sample_every": 6})
+    res = run_st("train", path, "train.steps=6")
+    assert res.returncode == 0, res.stderr
+    out = path.parent / "e2e"
+    assert (out / "samples" / "grid-6.png").is_file()
+    assert (out / "recipe.yaml").is_file() and (out / "ckpt.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "log.jsonl").open()]
+    assert {"loss", "steps_per_s", "images_per_s", "tau"} <= records[-1].keys()
+    from PIL import Image
+
+    assert Image.open(out / "samples" / "grid-6.png").size == (22, 22)  # 2x2 grid of 8px + padding
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_recipe):
+    path = tiny_recipe("sig", train={"steps": 100000, "ckpt_every": 100000})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stcli", "train", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = path.parent / "sig" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    ckpt = path.parent / "sig" / "ckpt.safetensors"
+    k = checkpoint.load(ckpt)[1]["step"]
+    assert k >= 2
+    train(load_recipe(path, [f"train.steps={k + 2}"]), resume=True)
+    ref = train(load_recipe(tiny_recipe("ref"), [f"train.steps={k + 2}"]))
+    assert_same_tensors(tensors(ckpt), tensors(ref.out_dir / "ckpt.safetensors"))
+
+
+def test_unwritable_output_folder(tiny_recipe, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write to the output folder"):
+        train(load_recipe(tiny_recipe("w"), [f"train.out_dir={blocker}/sub"]))
