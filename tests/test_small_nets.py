@@ -83,9 +83,9 @@ def test_builds_are_deterministic_under_a_seed():
 
 def test_fourier_frequencies_do_not_depend_on_the_global_seed():
     torch.manual_seed(1)
-    w1 = NETS.build("mlp", shape=(2,)).temb.fourier.W
+    w1 = NETS.build("mlp", shape=(2,), embedding="fourier").temb.fourier.W
     torch.manual_seed(2)
-    w2 = NETS.build("mlp", shape=(2,)).temb.fourier.W
+    w2 = NETS.build("mlp", shape=(2,), embedding="fourier").temb.fourier.W
     assert torch.equal(w1, w2)
     assert w1.shape == (64,)
     assert 8.0 < w1.std().item() < 24.0  # drawn with scale 16

@@ -204,7 +204,7 @@ class MLP(NetSpec):
     name: Literal["mlp"] = "mlp"
     hidden: PositiveInt = 128
     layers: NonNegativeInt = 3
-    embedding: Embedding = "fourier"
+    embedding: Embedding = "positional"  # smooth in eta = 999 t (Fourier at scale 16 is not)
 
     def create(self, shape: tuple[int, ...]) -> nn.Module:
         """The MLP module for vectors of per-sample shape ``shape`` = (D,)."""
