@@ -157,6 +157,10 @@ class ImageData(DataSpec):
         x01 = (x + 1) / 2 if self.centered else x
         return (255 * x01).round().clamp(0, 255).to(torch.uint8)
 
+    def picture(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as uint8 images (B, C, H, W) for a grid."""
+        return self.to_uint8(x)
+
 
 @DATASETS.register
 class Digits(ImageData):
@@ -363,3 +367,13 @@ class Toy2D(DataSpec):
     def transform(self, batch: torch.Tensor, generator: torch.Generator | None = None):
         """Identity, as float32."""
         return batch.float()
+
+    def picture(self, x: torch.Tensor, size: int = 128, extent: float = 3.0) -> torch.Tensor:
+        """Samples as one uint8 image (1, 1, size, size): their 2-D histogram on
+        [-extent, extent]^2 (y up), with square-root contrast."""
+        ij = ((x.float().cpu() + extent) / (2 * extent) * size).long()
+        ij = ij[((ij >= 0) & (ij < size)).all(1)]
+        counts = torch.bincount((size - 1 - ij[:, 1]) * size + ij[:, 0], minlength=size * size)
+        img = counts.float().sqrt()
+        img = (255 * img / img.max().clamp(min=1)).round().to(torch.uint8)
+        return img.view(1, 1, size, size)

@@ -118,7 +118,7 @@ def _dotted(loc: tuple, data: Any) -> str:
     parts, node = [], data
     for p in loc:
         is_tag = isinstance(node, dict) and p not in node and node.get("name") == p
-        if is_tag or (node is None and isinstance(p, str) and p.endswith("]")):
+        if is_tag or (isinstance(p, str) and "[" in p):  # a union member's tag or label
             continue
         parts.append(str(p))
         if isinstance(node, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import signal
 import time
 from collections.abc import Iterator
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from stcli import checkpoint, distributed
@@ -198,12 +198,11 @@ class Trainer:
                 while self.step < cfg.steps:
                     loss_sum, tau = self.train_step(next(batches))
                     grad_norm = self.optimizer_step()
-                    flags = torch.stack([loss_sum, torch.tensor(float(self._stop_signal),
-                                                                 device=self.device)])
-                    total, stop = distributed.all_reduce_sum(flags).tolist()
+                    stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
+                    summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
+                    total, stop, gnorm = torch.cat([summed, grad_norm[None]]).tolist()  # one sync
                     loss = total / cfg.batch_size
-                    gnorm = grad_norm.item()
-                    if not (torch.isfinite(torch.tensor([loss, gnorm])).all()):
+                    if not (math.isfinite(loss) and math.isfinite(gnorm)):
                         self._fail_non_finite(loss, gnorm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +251,7 @@ class Trainer:
         shape = (self.cfg.grid_size, *self.data.shape)
         x = self.sde.prior_sample(shape, generator=g, device=self.device)
         x = self.recipe.sample(self.ema.score, self.sde, x, generator=g)
-        save_grid(self.data.to_uint8(x), path)
+        save_grid(self.data.picture(x), path)
 
     def _fail_non_finite(self, loss: float, gnorm: float) -> None:
         last = f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
@@ -317,5 +316,4 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                  f"-> {recipe.out_dir}")
         return Trainer(recipe, ctx, resume).run()
     finally:
-        if dist.is_initialized():
-            distributed.teardown()
+        distributed.teardown()

@@ -243,3 +243,13 @@ def test_registry_builds_and_rejects_unknown_fields():
         DATASETS.validate("digits", imgsize=3)
     with pytest.raises(UserError, match="imgsize"):
         DATASETS.build("digits", imgsize=3)
+
+
+def test_toy2d_picture_is_a_histogram_with_y_up():
+    spec = Toy2D()
+    x = torch.tensor([[-2.99, -2.99], [-2.99, -2.99], [2.99, 2.99], [10.0, 0.0]])  # last: off-canvas
+    img = spec.picture(x, size=4, extent=3.0)
+    assert img.shape == (1, 1, 4, 4) and img.dtype == torch.uint8
+    assert img[0, 0, 3, 0] == 255  # two points at the bottom-left corner: the maximum
+    assert img[0, 0, 0, 3] == round(255 / 2**0.5)  # one point, top-right: sqrt contrast
+    assert int(img.sum()) == 255 + round(255 / 2**0.5)

@@ -129,3 +129,14 @@ def test_unwritable_output_folder(tiny_recipe, tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="cannot write to the output folder"):
         train(load_recipe(tiny_recipe("w"), [f"train.out_dir={blocker}/sub"]))
+
+
+def test_toy2d_recipe_trains_and_draws_its_samples(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "toy2d_gmm_mlp_vp_st.yaml", [
+        "train.steps=4", "train.batch_size=32", "train.sample_every=4", "train.grid_size=256",
+        "sample.steps=5", "train.device=cpu", f"train.out_dir={tmp_path / 'toy'}"])
+    result = train(recipe)
+    assert result.step == 4 and torch.isfinite(torch.tensor(result.loss))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "toy" / "samples" / "grid-4.png").size == (128, 128)
