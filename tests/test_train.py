@@ -140,3 +140,26 @@ def test_toy2d_recipe_trains_and_draws_its_samples(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "toy" / "samples" / "grid-4.png").size == (128, 128)
+
+
+def test_load_model_rebuilds_from_the_checkpoint_alone(tiny_recipe):
+    from stcli.loading import load_model
+
+    result = train(load_recipe(tiny_recipe("load"), ["train.steps=2"]))
+    path = result.out_dir / "ckpt.safetensors"
+    saved = tensors(path)
+    ema, raw = load_model(path), load_model(path, weights="raw")
+    assert ema.step == 2 and ema.recipe.name == "tiny" and not ema.model.training
+    for k, v in ema.model.state_dict().items():
+        assert torch.equal(v, saved[f"ema.{k}"]) and torch.equal(raw.model.state_dict()[k],
+                                                                  saved[f"model.{k}"])
+    # a checkpoint whose recipe does not match its tensors is refused clearly
+    t, meta = checkpoint.load(path)
+    checkpoint.save(path.parent / "noema.safetensors",
+                    {k: v for k, v in t.items() if not k.startswith("ema.")}, meta)
+    meta["recipe"]["net"]["nf"] = 16
+    checkpoint.save(path.parent / "bad.safetensors", t, meta)
+    with pytest.raises(UserError, match="does not match its recipe's net"):
+        load_model(path.parent / "bad.safetensors")
+    with pytest.raises(UserError, match="no ema weights; use --weights raw"):
+        load_model(path.parent / "noema.safetensors")
