@@ -11,6 +11,7 @@ never drift apart.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,9 +45,15 @@ def _literal_name(cls: type[Component]) -> str:
 class Registry(Generic[C]):
     """Maps names to component specs; validates parameters; says what exists."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, module: str):
+        self.kind, self.module = kind, module  # importing `module` registers the entries
         self._entries: dict[str, type[C]] = {}
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(self.module)
 
     def register(self, cls: type[C]) -> type[C]:
         name = _literal_name(cls)
@@ -56,15 +63,15 @@ class Registry(Generic[C]):
         return cls
 
     def names(self) -> list[str]:
-        load_components()
+        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        load_components()
+        self._load()
         return name in self._entries
 
     def spec(self, name: str) -> type[C]:
-        load_components()
+        self._load()
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -130,27 +137,10 @@ def _dotted(loc: tuple, data: Any) -> str:
     return ".".join(parts)
 
 
-SDES: Registry = Registry("sde")
-NETS: Registry = Registry("net")
-TRUNCATIONS: Registry = Registry("truncation")
-SAMPLERS: Registry = Registry("sampler")
-METRICS: Registry = Registry("metric")
-DATASETS: Registry = Registry("dataset")
-TARGETS: Registry = Registry("target")
-
-
-_loaded = False
-
-
-def load_components() -> None:
-    """Import every module that registers components (once; lookups call it)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import stcli.sdes  # noqa: F401
-    import stcli.truncation  # noqa: F401
-    import stcli.losses  # noqa: F401
-    import stcli.data  # noqa: F401
-    import stcli.nets  # noqa: F401
-    import stcli.samplers  # noqa: F401
+SDES: Registry = Registry("sde", "stcli.sdes")
+NETS: Registry = Registry("net", "stcli.nets")
+TRUNCATIONS: Registry = Registry("truncation", "stcli.truncation")
+SAMPLERS: Registry = Registry("sampler", "stcli.samplers")
+METRICS: Registry = Registry("metric", "stcli.metrics")
+DATASETS: Registry = Registry("dataset", "stcli.data")
+TARGETS: Registry = Registry("target", "stcli.losses")
