@@ -48,6 +48,7 @@ class Train(Section):
     out_dir: str | None = None  # default runs/<name>
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
+    channels_last: bool = False  # model and image batches in channels_last memory format
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: NonNegativeInt = 0  # data-loader processes
 

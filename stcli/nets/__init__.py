@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stcli.nets import small  # noqa: F401  (registers unet, mlp)
+from stcli.nets import ncsnpp  # noqa: F401  (registers ncsnpp, ddpmpp)
 from stcli.sdes import LinearSDE, _bcast
 
 

@@ -78,7 +78,8 @@ class GaussianFourierEmbedding(nn.Module):
         if dim < 2 or dim % 2:
             raise ValueError(f"Fourier embedding dim must be even and >= 2, got {dim}")
         gen = torch.Generator().manual_seed(FOURIER_SEED)
-        self.register_buffer("W", torch.randn(dim // 2, generator=gen) * scale)
+        w = torch.randn(dim // 2, generator=gen, device="cpu") * scale  # no meta RNG (it is slow)
+        self.register_buffer("W", w.to(torch.get_default_device()))
 
     def forward(self, eta: torch.Tensor) -> torch.Tensor:
         args = 2 * math.pi * eta[:, None] * self.W.to(eta.dtype)[None]
@@ -86,21 +87,23 @@ class GaussianFourierEmbedding(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """eta (B,) -> (B, 4*dim): a Fourier or positional embedding, then Linear-SiLU-Linear.
+    """eta (B,) -> (B, out_dim): a Fourier or positional embedding, then Linear-SiLU-Linear.
 
-    The embedding is computed in eta's dtype (float64 keeps large arguments exact) and cast to
-    the parameter dtype before the MLP.  The output has no final activation: consumers apply one.
+    ``out_dim`` defaults to 4*dim (NCSN++/DDPM++ use 4*nf with dim = 2*nf Fourier features or
+    dim = nf sinusoids).  The embedding is computed in eta's dtype (float64 keeps large
+    arguments exact) and cast to the parameter dtype before the MLP.  The output has no final
+    activation: consumers apply one.
     """
 
     def __init__(self, dim: int, kind: Literal["fourier", "positional"] = "positional",
-                 fourier_scale: float = 16.0):
+                 fourier_scale: float = 16.0, out_dim: int | None = None):
         super().__init__()
         if kind not in ("fourier", "positional"):
             raise ValueError(f"unknown time embedding {kind!r}; use 'fourier' or 'positional'")
-        self.dim, self.kind = dim, kind
+        self.dim, self.kind, self.out_dim = dim, kind, out_dim or 4 * dim
         self.fourier = GaussianFourierEmbedding(dim, fourier_scale) if kind == "fourier" else None
-        self.mlp = nn.Sequential(linear(dim, 4 * dim), nn.SiLU(), linear(4 * dim, 4 * dim))
-        self.out_dim = 4 * dim
+        self.mlp = nn.Sequential(linear(dim, self.out_dim), nn.SiLU(),
+                                 linear(self.out_dim, self.out_dim))
 
     def embed(self, eta: torch.Tensor) -> torch.Tensor:
         """The raw (B, dim) embedding, before the MLP."""
@@ -142,14 +145,16 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels: x + proj(softmax(q k^T / sqrt(C)) v).
 
-    q, k, v come from one 1x1 conv of GroupNorm(x); the output projection is zero-initialised.
+    q, k, v come from one 1x1 conv of GroupNorm(x) (NCSN++'s NIN_0..2 stacked); the output
+    projection is initialised with ``init_scale`` (default 0: zero).
     """
 
-    def __init__(self, ch: int, groups: int | None = None, skip_rescale: bool = False):
+    def __init__(self, ch: int, groups: int | None = None, skip_rescale: bool = False,
+                 init_scale: float = 0.0):
         super().__init__()
         self.norm = group_norm(ch, groups)
         self.qkv = conv1x1(ch, 3 * ch)
-        self.proj = conv1x1(ch, ch, scale=0.0)
+        self.proj = conv1x1(ch, ch, scale=init_scale)
         self.scale = 1 / math.sqrt(2) if skip_rescale else 1.0
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Images/s and peak memory of one training step of NCSN++ and DDPM++, for each speed option.
+
+One step is what ``stcli.train.Trainer`` does per batch: the Soft Truncation loss (likelihood
+weighting, importance-sampled t) forward and backward, gradient clipping, Adam, and the EMA
+update.  Every option runs in this one process and is compared with the plain fp32 eager run of
+the same net and width (``ratio`` = its images/s over the baseline's):
+
+    fp32 eager       the default
+    channels_last    ``train.channels_last: true`` (model and batch in NHWC)
+    bf16 autocast    ``train.precision: bf16``
+    torch.compile    ``train.compile: true`` (the forward; compile time is reported apart)
+    fused Adam       ``torch.optim.Adam(fused=True)`` (not a recipe option; see docs/performance.md)
+
+Peak memory: on CUDA the allocator's peak above the memory held before the step; on CPU the
+growth of the resident set during the step (the kernel's high-water mark, reset before it).
+
+    python benchmarks/train_step.py                       # CIFAR-10 width (nf 128) and nf 32
+    python benchmarks/train_step.py --nf 32 --batch 8 --skip-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stcli.losses import ScoreMatchingLoss
+from stcli.nets import ScoreModel
+from stcli.registry import NETS, SDES
+
+OPTIONS = ("fp32 eager", "channels_last", "bf16 autocast", "torch.compile", "fused Adam")
+
+
+@dataclass
+class Result:
+    net: str
+    nf: int
+    option: str
+    images_per_s: float
+    peak_mib: float
+    compile_s: float = 0.0
+
+
+class PeakRSS:
+    """Peak growth of the resident set while the context is open (CPU memory, Linux).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``), so no polling thread
+    competes with the OpenMP workers; a lower bound when freed memory is reused.
+    """
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    def __enter__(self):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        self.base, self.peak = self._status("VmRSS"), 0
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = self._status("VmHWM") - self.base
+
+
+class Step:
+    """One optimisation step of a fresh ScoreModel, as train.py performs it."""
+
+    def __init__(self, name: str, nf: int, batch: int, option: str, device: torch.device):
+        torch.manual_seed(0)
+        spec = NETS.validate(name, nf=nf)
+        self.sde = SDES.build("vp") if name == "ddpmpp" else SDES.build("ve", sigma_max=50.0)
+        self.model = ScoreModel(spec.create(shape=(3, 32, 32)), self.sde, spec.time_input)
+        self.model.to(device).train()
+        self.x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+        if option == "channels_last":
+            self.model.to(memory_format=torch.channels_last)
+            self.x0 = self.x0.contiguous(memory_format=torch.channels_last)
+        self.params = list(self.model.parameters())
+        self.ema = [p.detach().clone() for p in self.params]
+        self.optimizer = torch.optim.Adam(self.params, lr=2e-4, fused=option == "fused Adam")
+        self.forward = torch.compile(self.model) if option == "torch.compile" else self.model
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=option == "bf16 autocast")
+        self.loss = ScoreMatchingLoss(reduce="sum")
+        self.generator = torch.Generator(device).manual_seed(0)
+
+    def __call__(self) -> None:
+        with self.autocast:
+            losses = self.loss(self.forward, self.sde, self.x0, 1e-5, generator=self.generator)
+            (losses.sum() / len(self.x0)).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(self.ema, self.params, 1 - 0.999)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(step: Step, device: torch.device) -> tuple[float, int]:
+    """Seconds and peak memory (bytes) of one step."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else rss.peak
+    return seconds, peak
+
+
+def measure(name: str, nf: int, batch: int, options: list[str], reps: int, device) -> list[Result]:
+    """Every option of one net and width; repetitions interleaved across options, so that load
+    from other processes on a shared machine hits all of them alike (medians are kept)."""
+    steps, compile_s = {}, {}
+    for option in options:
+        steps[option] = Step(name, nf, batch, option, device)
+        t0 = time.perf_counter()
+        steps[option]()  # warm-up: primitive caches, compilation, Adam state
+        sync(device)
+        compile_s[option] = time.perf_counter() - t0 if option == "torch.compile" else 0.0
+    times, peaks = {o: [] for o in options}, {o: 0 for o in options}
+    for _ in range(reps):
+        for option in options:
+            seconds, peak = timed_step(steps[option], device)
+            times[option].append(seconds)
+            peaks[option] = max(peaks[option], peak)
+    return [Result(name, nf, o, batch / statistics.median(times[o]), peaks[o] / 2**20, compile_s[o])
+            for o in options]
+
+
+def table(results: list[Result]) -> str:
+    base = {(r.net, r.nf): r.images_per_s for r in results if r.option == "fp32 eager"}
+    lines = ["| net | nf | option | images/s | ratio | peak MiB | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r.images_per_s / base[(r.net, r.nf)]
+        comp = f"{r.compile_s:.0f}" if r.compile_s else ""
+        lines.append(f"| {r.net} | {r.nf} | {r.option} | {r.images_per_s:.2f} | {ratio:.2f} | "
+                     f"{r.peak_mib:.0f} | {comp} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=["ddpmpp", "ncsnpp"])
+    parser.add_argument("--nf", nargs="+", type=int, default=[128, 32],
+                        help="widths: 128 is the CIFAR-10 configuration")
+    parser.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 128 on CUDA")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps (the median is kept)")
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
+    parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (128 if device.type == "cuda" else 2)
+    options = [o for o in args.options if not (args.skip_compile and o == "torch.compile")]
+    threads = torch.get_num_threads()
+    print(f"# {device} ({threads} threads), batch {batch}, torch {torch.__version__}")
+    options = ["fp32 eager"] + [o for o in options if o != "fp32 eager"]
+    results = []
+    for name in args.nets:
+        for nf in args.nf:
+            results += measure(name, nf, batch, options, args.reps, device)
+            print(f"# {name} nf {nf}: done", flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
