@@ -46,6 +46,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def is_initialized() -> bool:
+    return dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op when running alone)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -79,3 +89,18 @@ def relaunch(procs: int, argv: list[str]) -> int:
 def is_launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows of `t` from every rank, rank 0's first (lengths may differ; alone: `t` itself)."""
+    if not dist.is_initialized():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])

@@ -88,10 +88,12 @@ class Trainer:
         self.sde = recipe.sde
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape).to(self.device)
+        if self.cfg.channels_last:  # converts the 4-D (conv) weights only
+            self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         o = recipe.optim
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                          eps=o.eps, weight_decay=o.weight_decay)
+                                          eps=o.eps, weight_decay=o.weight_decay, fused=True)
         self.step = 0
         torch.manual_seed(seed_for(recipe.seed, "global", ctx.rank))
         self._prepare_out_dir(resume)
@@ -159,6 +161,8 @@ class Trainer:
         for i, xb in enumerate(micro):
             g = generator(self.device, seed, "noise", step, self.ctx.rank, i)
             x0 = self.data.transform(xb, g)
+            if cfg.channels_last and x0.dim() == 4:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             sync = i == len(micro) - 1 or self.ctx.world_size == 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
                 losses = self.recipe.loss(self.forward, self.sde, x0, tau, generator=g)
@@ -171,7 +175,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * min(1.0, (self.step + 1) / o.warmup) if o.warmup else o.lr
         clip = o.grad_clip if o.grad_clip > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -250,7 +254,7 @@ class Trainer:
         g = generator(self.device, self.recipe.seed, "grid")
         shape = (self.cfg.grid_size, *self.data.shape)
         x = self.sde.prior_sample(shape, generator=g, device=self.device)
-        x = self.recipe.sample(self.ema.score, self.sde, x, generator=g)
+        x, _ = self.recipe.sample(self.ema.score, self.sde, x, generator=g)
         save_grid(self.data.picture(x), path)
 
     def _fail_non_finite(self, loss: float, gnorm: float) -> None:

@@ -1,3 +1,5 @@
-"""Samplers: registry entries with one call signature, sampler(score_fn, sde, x_T, generator=...)."""
+"""Samplers: registry entries with one call signature,
+``sampler(score_fn, sde, x_T, generator=None) -> (x, nfe)`` (see `stcli.samplers.base`)."""
 
-from stcli.samplers import euler_maruyama  # noqa: F401
+from stcli.samplers import ode, pc  # noqa: F401  (register pc, euler_maruyama, ode, euler, heun)
+from stcli.samplers.base import Sampler, randn_like, time_grid, tweedie  # noqa: F401

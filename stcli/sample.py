@@ -1,0 +1,251 @@
+"""`st sample CKPT -n N`: draw N samples from a checkpoint, sharded across ranks and resumable.
+
+Image i is a function of (seed, i) alone: its prior draw and every noise draw of every step
+come from its own generator, seeded by (seed, "sample", i), and the samplers keep samples
+independent of their batch (per-sample Langevin norms, per-sample ODE step sizes).  So image
+i is the same whatever the batch size or the number of processes, a crashed run resumes by
+skipping the images already on disk, and ranks simply split the missing indices.
+
+Images go to ``out/<first index of its 1,000>/<index>.png`` (EDM's layout), each written to a
+temporary file and renamed.  ``fmt="npz"`` writes one ``samples.npz`` instead (``arr_0``:
+uint8 (N, H, W, C), the layout of OpenAI's evaluator; float32 (N, ...) for non-image data);
+it is written once at the end, so it resumes only when complete.  ``grid.png`` shows the
+first 64 images (for non-image data: the picture of all samples).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stcli import distributed
+from stcli.console import StepProgress, fmt_eta, info
+from stcli.errors import UserError
+from stcli.images import save_grid
+from stcli.loading import load_model
+from stcli.registry import SAMPLERS
+from stcli.samplers import Sampler
+from stcli.train import seed_for
+
+PER_FOLDER = 1000
+GRID = 64
+MIN_ROWS = 16  # network batches are padded to at least this many rows (see Job.score)
+NPZ = "samples.npz"
+
+
+def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None = None,
+             batch_size: int = 256, seed: int = 0, weights: str = "ema", fmt: str = "png",
+             device: str = "auto", precision: str = "fp32") -> Path:
+    """Write n samples of checkpoint `ckpt` into folder `out` and return `out`.
+
+    `sampler` overrides the recipe's `sample:` section (e.g. {"name": "ode", "rtol": 1e-3}).
+    Under torchrun every rank takes its share of the missing indices.
+    """
+    out = Path(out)
+    _check(n, batch_size, weights, fmt, precision, out)
+    owns_group = not distributed.is_initialized()
+    ctx = distributed.setup(device)
+    try:
+        loaded = load_model(ckpt, weights, ctx.device)
+        spec = resolve_sampler(loaded.recipe.sample, sampler or {})
+        Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision).run()
+    finally:
+        if owns_group:
+            distributed.teardown()
+    return out
+
+
+def _check(n: int, batch_size: int, weights: str, fmt: str, precision: str, out: Path) -> None:
+    choices = {"weights": (weights, ("ema", "raw")), "format": (fmt, ("png", "npz")),
+               "precision": (precision, ("fp32", "bf16"))}
+    for option, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"--{option} must be one of {', '.join(allowed)}, got {value!r}")
+    if n <= 0:
+        raise UserError(f"the number of samples -n must be positive, got {n}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"the output path {out} exists and is not a folder")
+
+
+def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sampler:
+    """The recipe's sampler with `overrides`; switching sampler keeps the fields they share."""
+    base = recipe_sample.model_dump()
+    name = overrides.get("name", base["name"])
+    fields = SAMPLERS.spec(name).model_fields
+    unknown = sorted(k for k in overrides if k not in fields)
+    if unknown:
+        raise UserError(f"sampler {name!r} has no option {', '.join(unknown)}; its options: "
+                        f"{', '.join(k for k in fields if k != 'name')}")
+    params = {k: v for k, v in {**base, **overrides}.items() if k in fields and k != "name"}
+    return SAMPLERS.validate(name, **params)
+
+
+def image_path(out: Path, i: int) -> Path:
+    return out / f"{i - i % PER_FOLDER:06d}" / f"{i:06d}.png"
+
+
+def image_generators(seed: int, indices: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per image, seeded by (seed, "sample", i)."""
+    return [torch.Generator(device=device).manual_seed(seed_for(seed, "sample", i)) for i in indices]
+
+
+def write_png(array: np.ndarray, path: Path) -> None:
+    """Atomically write a uint8 (H, W, C) array as PNG (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    loaded: Any
+    spec: Sampler
+    ctx: distributed.Context
+    out: Path
+    n: int
+    batch_size: int
+    seed: int
+    fmt: str
+    precision: str
+
+    def __post_init__(self):
+        self.data, self.sde, self.model = (self.loaded.recipe.data, self.loaded.recipe.sde,
+                                           self.loaded.model)
+        self.images = hasattr(self.data, "to_uint8")
+        self.per_file = self.images and self.fmt == "png"  # else: collected into one file
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's score, batches of fewer than MIN_ROWS padded with copies of their first
+        row: CPU BLAS switches kernels (and summation order) for a few rows (gemv for one), so
+        unpadded, a sample's float output would depend on the size of its batch."""
+        k = x.shape[0]
+        if k < MIN_ROWS:
+            x = torch.cat([x, x[:1].expand(MIN_ROWS - k, *x.shape[1:])])
+            t = torch.cat([t, t[:1].expand(MIN_ROWS - k)])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model.score(x, t).float()[:k]
+
+    def sample(self, indices: list[int]) -> tuple[torch.Tensor, int]:
+        """Samples of `indices` (x_T drawn first from each image's generator) and the NFE."""
+        gens = image_generators(self.seed, indices, self.ctx.device)
+        x = torch.stack([self.sde.prior_sample(self.data.shape, generator=g, device=self.ctx.device)
+                         for g in gens])
+        return self.spec(self.score, self.sde, x, generator=gens)
+
+    def missing(self) -> list[int]:
+        if self.per_file:
+            return [i for i in range(self.n) if not image_path(self.out, i).exists()]
+        final = self.out / (NPZ if self.fmt == "npz" else "grid.png")
+        return [] if final.exists() and self._complete(final) else list(range(self.n))
+
+    def _complete(self, path: Path) -> bool:
+        if path.suffix != ".npz":
+            return False  # a picture of all samples cannot tell how many it holds: redo it
+        with np.load(path) as f:
+            return f["arr_0"].shape[0] == self.n
+
+    def run(self) -> None:
+        ctx, t0 = self.ctx, time.perf_counter()
+        if ctx.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot write to the output folder {self.out}: {err}") from None
+        distributed.barrier()
+        todo = self.missing()
+        distributed.barrier()  # every rank has listed the missing images before any is written
+        mine = todo[ctx.rank::ctx.world_size]
+        if ctx.is_main:
+            info(f"sampling {len(todo)} of {self.n} images ({self.n - len(todo)} already in "
+                 f"{self.out}) with {self.spec.name} on {ctx.device} x {ctx.world_size} "
+                 f"process(es)")
+        done, nfe, batches, collected = 0, 0, 0, []
+        with StepProgress("sample", len(todo), enabled=ctx.is_main) as progress:
+            for lo in range(0, len(mine), self.batch_size):
+                batch = mine[lo:lo + self.batch_size]
+                x, batch_nfe = self.sample(batch)
+                self.store(batch, x, collected)
+                done, nfe, batches = done + len(batch), nfe + batch_nfe, batches + 1
+                self.report(progress, done, len(mine), batch_nfe, time.perf_counter() - t0)
+        totals = distributed.all_reduce_sum(torch.tensor([done, nfe, batches], dtype=torch.float64))
+        if not self.per_file:
+            self.merge(collected)
+        distributed.barrier()
+        if ctx.is_main:
+            self.write_grid()
+            wall = time.perf_counter() - t0
+            images, calls, batches = (int(v) for v in totals.tolist())
+            per_image = f" ({calls / batches:.1f} per image)" if batches else ""
+            info(f"done: {images} images written to {self.out} in {wall:.1f} s "
+                 f"({images / wall:.2f} images/s); total NFE {calls} batched network "
+                 f"evaluations{per_image}")
+
+    def report(self, progress: StepProgress, done: int, total: int, nfe: int, elapsed: float):
+        world, rate = self.ctx.world_size, done * self.ctx.world_size / elapsed
+        stats = {"images/s": f"{rate:.2f}", "NFE": str(nfe)}
+        if not progress.live:
+            stats["eta"] = fmt_eta((total - done) * world / rate)
+        progress.update(min(done * world, progress.total), stats, force=done == total)
+
+    def store(self, indices: list[int], x: torch.Tensor, collected: list) -> None:
+        if not self.images:
+            collected.append((indices, x.float().cpu().numpy()))
+            return
+        pixels = self.data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        if not self.per_file:
+            collected.append((indices, pixels))
+            return
+        for i, array in zip(indices, pixels):
+            path = image_path(self.out, i)
+            path.parent.mkdir(exist_ok=True)
+            write_png(array, path)
+
+    def merge(self, collected: list) -> None:
+        """Each rank writes its part; rank 0 orders them by index into the final file."""
+        part = self.out / f".part-{self.ctx.rank}.npz"
+        idx = np.array([i for ids, _ in collected for i in ids], dtype=np.int64)
+        arrays = [a for _, a in collected]
+        write_npz(part, idx=idx, x=np.concatenate(arrays) if arrays else np.zeros((0,)))
+        distributed.barrier()
+        if not self.ctx.is_main:
+            return
+        parts = [self.out / f".part-{r}.npz" for r in range(self.ctx.world_size)]
+        loaded = [np.load(p) for p in parts]
+        idx = np.concatenate([f["idx"] for f in loaded])
+        xs = np.concatenate([f["x"] for f in loaded if f["idx"].size])
+        samples = xs[np.argsort(idx)]
+        if self.fmt == "npz":
+            write_npz(self.out / NPZ, arr_0=samples)
+        if not self.images:
+            save_grid(self.data.picture(torch.from_numpy(samples)), self.out / "grid.png")
+        for f, p in zip(loaded, parts):
+            f.close()
+            p.unlink()
+
+    def write_grid(self) -> None:
+        if not self.images:
+            return
+        k = min(self.n, GRID)
+        if self.per_file:
+            arrays = [np.asarray(Image.open(image_path(self.out, i))) for i in range(k)]
+            arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+        else:
+            with np.load(self.out / NPZ) as f:
+                arrays = list(f["arr_0"][:k])
+        save_grid(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), self.out / "grid.png")

@@ -1,0 +1,128 @@
+"""`st sample` end to end on a checkpoint of the tiny recipe: files, grid, resume, per-image
+seeds across batch sizes and processes, npz, and the bad-input messages."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stcli.sample as sample_mod
+from conftest import run_st
+from stcli.cli import main
+from stcli.distributed import Context
+from stcli.loading import load_model
+from stcli.recipe import load_recipe
+from stcli.sample import Job, generate, image_path, resolve_sampler
+from stcli.train import train
+
+PC = {"name": "pc", "steps": 4}
+
+
+@pytest.fixture
+def ckpt(tiny_recipe) -> Path:
+    return train(load_recipe(tiny_recipe("ckpt"), ["train.steps=2"])).out_dir / "ckpt.safetensors"
+
+
+def pngs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("0*/*.png"))}
+
+
+def test_image_i_is_bit_identical_for_batch_sizes_1_and_7(ckpt, tmp_path):
+    loaded = load_model(ckpt, device="cpu")
+    for overrides in ({}, PC, {"name": "ode", "rtol": 1e-3}, {"name": "heun", "steps": 3}):
+        job = Job(loaded, resolve_sampler(loaded.recipe.sample, overrides),
+                  Context(0, 1, torch.device("cpu")), tmp_path, 7, 7, 5, "png", "fp32")
+        together, _ = job.sample(list(range(7)))
+        alone = torch.cat([job.sample([i])[0] for i in range(7)])
+        assert torch.equal(together, alone), overrides  # float outputs, not only pixels
+    a = generate(ckpt, 7, tmp_path / "b1", sampler=PC, batch_size=1, device="cpu")
+    b = generate(ckpt, 7, tmp_path / "b7", sampler=PC, batch_size=7, device="cpu")
+    assert pngs(a) == pngs(b) and len(pngs(a)) == 7
+
+
+def test_layout_grid_and_resume_after_a_crash(ckpt, tmp_path, monkeypatch):
+    full = generate(ckpt, 9, tmp_path / "full", sampler=PC, batch_size=2, device="cpu")
+    assert sorted(pngs(full)) == [f"000000/{i:06d}.png" for i in range(9)]
+    assert (full / "grid.png").is_file() and image_path(full, 1234).parts[-2:] == ("001000", "001234.png")
+    real, written = sample_mod.write_png, []
+
+    def crash_after_four(array, path):
+        if len(written) == 4:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        real(array, path)
+
+    monkeypatch.setattr(sample_mod, "write_png", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        generate(ckpt, 9, tmp_path / "part", sampler=PC, batch_size=2, device="cpu")
+    assert len(pngs(tmp_path / "part")) == 4 and not list((tmp_path / "part").rglob("*.tmp"))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "part").glob("0*/*.png")}
+    written.clear()
+    monkeypatch.setattr(sample_mod, "write_png", lambda a, p: (written.append(p.name), real(a, p)))
+    generate(ckpt, 9, tmp_path / "part", sampler=PC, batch_size=2, device="cpu")
+    assert sorted(written) == [f"{i:06d}.png" for i in range(4, 9)]  # exactly the missing ones
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert pngs(tmp_path / "part") == pngs(full)
+
+
+def test_npz_holds_the_same_images(ckpt, tmp_path):
+    png = generate(ckpt, 5, tmp_path / "png", batch_size=2, device="cpu")
+    npz = generate(ckpt, 5, tmp_path / "npz", batch_size=3, device="cpu", fmt="npz")
+    with np.load(npz / "samples.npz") as f:
+        images = f["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
+    from PIL import Image
+
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(image_path(png, i))), images[i, ..., 0])
+    assert (npz / "grid.png").is_file() and not list(npz.glob(".part-*"))
+
+
+def test_two_gloo_processes_write_the_same_images_as_one(ckpt, tmp_path):
+    res = run_st("sample", ckpt, "-n", 5, "--out", tmp_path / "two", "--procs", 2,
+                 "--batch-size", 2, "--sampler", "pc", "--steps", 4, "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x 2 process(es)" in res.stdout and "total NFE" in res.stdout
+    one = generate(ckpt, 5, tmp_path / "one", sampler=PC, batch_size=1, device="cpu")
+    assert pngs(tmp_path / "two") == pngs(one) and len(pngs(one)) == 5
+    assert (tmp_path / "two" / "grid.png").is_file()
+
+
+def test_cli_writes_a_grid_and_reports_nfe(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(ckpt), "-n", "4", "--out", str(tmp_path / "s"), "--sampler", "heun",
+              "--steps", "2", "--no-denoise", "--device", "cpu"])
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "total NFE 4 " in out and "images/s" in out  # heun: 2 NFE per step, no denoising
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "grid.png").size == (22, 22)  # 2x2 grid of 8px + padding
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"), ("corrupt", "corrupt or truncated"),
+    ("sampler", "unknown sampler 'dpm'; available: euler, euler_maruyama, heun, ode, pc"),
+    ("n", "-n must be positive, got 0"), ("outfile", "exists and is not a folder"),
+    ("option", "sampler 'ode' has no option steps")])
+def test_bad_input_is_one_message_and_exit_code_2(ckpt, tmp_path, capsys, case, message):
+    path, n, out, extra = ckpt, "3", tmp_path / "out", []
+    if case == "missing":
+        path = tmp_path / "nope.safetensors"
+    elif case == "corrupt":
+        path = tmp_path / "cut.safetensors"
+        path.write_bytes(ckpt.read_bytes()[:1000])
+    elif case == "sampler":
+        extra = ["--sampler", "dpm"]
+    elif case == "n":
+        n = "0"
+    elif case == "outfile":
+        out.write_text("x")
+    else:
+        extra = ["--sampler", "ode", "--steps", "10"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(path), "-n", n, "--out", str(out), "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

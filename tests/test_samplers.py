@@ -1,0 +1,237 @@
+"""Solvers and samplers against closed forms: linear ODEs (matrix exponential, scipy's NFE),
+and Gaussian data N(m, s^2 I) whose score is exact, so that every sampler's output moments
+and the probability-flow map are known."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import torch
+
+from stcli import solvers
+from stcli.errors import UserError
+from stcli.registry import SAMPLERS, SDES
+from stcli.samplers import time_grid
+from stcli.samplers.pc import langevin
+from stcli.sdes import _bcast
+
+M, S = 0.5, 0.4  # the data: N(M, S^2 I)
+MAT = torch.tensor([[-1.0, 2.0], [-3.0, -0.5]], dtype=torch.float64)
+
+
+def linear(t, y):
+    return y @ MAT.T
+
+
+class Gaussian:
+    """The exact score of p_t = N(mu m, a^2 I), a^2 = mu^2 s^2 + sigma^2, and the closed-form
+    probability-flow map x_t = mu_t m + (a_t / a_T)(x_T - mu_T m)."""
+
+    def __init__(self, sde):
+        self.sde = sde
+
+    def a2(self, t):
+        return self.sde.mean_coef(t) ** 2 * S**2 + self.sde.var(t)
+
+    def __call__(self, x, t):
+        mu = _bcast(self.sde.mean_coef(t), x)
+        return -(x - mu * M) / _bcast(self.a2(t), x)
+
+    def flow(self, x_T, t):
+        T, t = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, t))
+        mu_T, mu_t = self.sde.mean_coef(T).item(), self.sde.mean_coef(t).item()
+        return mu_t * M + math.sqrt(self.a2(t) / self.a2(T)) * (x_T - mu_T * M)
+
+    def prior_bias(self):
+        """|E x_out - m| from starting at N(0, prior_std^2) instead of p_T: the prior lacks
+        the mean mu_T m, which the flow carries to eps scaled by a_eps / a_T."""
+        T, eps = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, self.sde.eps))
+        return math.sqrt(self.a2(eps) / self.a2(T)) * self.sde.mean_coef(T).item() * M
+
+
+def draw(sde, n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return sde.prior_sample((n, d), generator=g, dtype=torch.float64), g
+
+
+# --- solvers -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rtol", [1e-3, 1e-6])
+def test_dopri5_matches_the_matrix_exponential_with_scipys_nfe(rtol):
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    y1, nfe = solvers.dopri5(linear, y0, 0.0, 2.0, rtol=rtol, atol=rtol)
+    exact = torch.linalg.matrix_exp(2 * MAT) @ y0
+    ref = scipy.integrate.solve_ivp(lambda t, y: MAT.numpy() @ y, (0, 2), y0.numpy(),
+                                    method="RK45", rtol=rtol, atol=rtol)
+    assert nfe == ref.nfev
+    assert np.allclose(y1.numpy(), ref.y[:, -1], rtol=1e-9, atol=1e-12)
+    assert (y1 - exact).abs().max() < 20 * rtol
+
+
+def test_dopri5_backwards_tuple_state_and_independent_rows():
+    y0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y1, _ = solvers.dopri5(linear, y0, 1.0, 0.0, rtol=1e-8, atol=1e-8, per_sample=True)
+    assert torch.allclose(y1, y0 @ torch.linalg.matrix_exp(-MAT).T, atol=1e-7)
+    alone, _ = solvers.dopri5(linear, y0[2:3], 1.0, 0.0, rtol=1e-8, atol=1e-8, per_sample=True)
+    assert torch.equal(alone[0], y1[2])  # a row's steps depend on that row only
+    (y, logp), _ = solvers.dopri5(lambda t, s: (s[0] @ MAT.T, torch.ones_like(s[1]) * t),
+                                  (y0, torch.zeros(5, dtype=torch.float64)), 0.0, 2.0)
+    assert torch.allclose(logp, torch.full((5,), 2.0, dtype=torch.float64))  # int_0^2 t dt
+
+
+def test_dopri5_step_is_fifth_order_with_a_fourth_order_error_estimate():
+    y = (torch.tensor([1.0, 0.5], dtype=torch.float64),)
+    f = lambda t, s: (linear(t, s[0]),)  # noqa: E731
+    errs, ests = [], []
+    for h in (0.1, 0.05, 0.025):
+        h64 = torch.tensor(h, dtype=torch.float64)
+        y_new, _, est = solvers.dopri5_step(f, h64 * 0, y, h64, f(0.0, y))
+        exact = torch.linalg.matrix_exp(h * MAT) @ y[0]
+        errs.append((y_new[0] - exact).norm().item())
+        ests.append(est[0].norm().item())
+    for r in (errs[0] / errs[1], errs[1] / errs[2]):
+        assert 2**6 * 0.75 < r < 2**6 * 1.3  # local error O(h^6)
+    for r in (ests[0] / ests[1], ests[1] / ests[2]):
+        assert 2**5 * 0.75 < r < 2**5 * 1.3  # embedded estimate O(h^5)
+
+
+def test_fixed_step_solvers_on_a_linear_ode():
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    exact = torch.linalg.matrix_exp(MAT) @ y0
+    for method, order in ((solvers.euler, 1), (solvers.heun, 2)):
+        errs = [(method(linear, y0, np.linspace(0, 1, n + 1).tolist())[0] - exact).norm().item()
+                for n in (100, 200, 400)]
+        for r in (errs[0] / errs[1], errs[1] / errs[2]):
+            assert 2**order * 0.85 < r < 2**order * 1.15
+    assert solvers.heun(linear, y0, [0.0, 0.5, 1.0])[1] == 4
+
+
+# --- time grids ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["uniform", "log_snr", "edm"])
+@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+def test_time_grids_run_from_T_to_eps(schedule, sde_name):
+    sde = SDES.validate(sde_name)
+    ts = time_grid(sde, 20, schedule)
+    assert len(ts) == 21 and ts[0] == sde.T and ts[-1] == sde.eps
+    assert all(a > b for a, b in zip(ts[:-1], ts[1:]))
+    if schedule == "log_snr":  # equal steps in A(t) = log(sigma^2 / mu^2)
+        steps = np.diff(sde.antiderivative(torch.tensor(ts, dtype=torch.float64)).numpy())
+        assert np.allclose(steps, steps[0], rtol=1e-6)
+
+
+# --- samplers on Gaussian data -------------------------------------------------------------------
+SDE_CASES = {"vp": {}, "ve": {"sigma_max": 400.0}, "subvp": {}, "rve": {"sigma_max": 400.0,
+                                                                     "eps": 1e-3}}
+SAMPLER_CASES = [
+    ("vp", "euler_maruyama", {"steps": 1000}),
+    ("ve", "euler_maruyama", {"steps": 1000}),
+    ("vp", "pc", {"predictor": "euler_maruyama", "corrector": "none", "steps": 1000}),
+    ("vp", "pc", {"predictor": "reverse_diffusion", "corrector": "none", "steps": 1000}),
+    ("ve", "pc", {"predictor": "reverse_diffusion", "corrector": "none", "steps": 1000}),
+    ("subvp", "pc", {"predictor": "reverse_diffusion", "corrector": "none", "steps": 1000}),
+    ("vp", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000}),
+    ("ve", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000}),
+    ("rve", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000,
+                   "schedule": "log_snr"}),
+    ("vp", "pc", {"predictor": "euler_maruyama", "corrector": "langevin", "snr": 0.02,
+                  "steps": 500}),
+    ("ve", "pc", {"predictor": "euler_maruyama", "corrector": "langevin", "snr": 0.02,
+                  "steps": 500}),
+    ("vp", "ode", {}), ("ve", "ode", {}), ("rve", "ode", {}),
+    ("vp", "euler", {"steps": 500}), ("ve", "euler", {"steps": 500}),
+    ("vp", "heun", {"steps": 60}), ("ve", "heun", {"steps": 60}),
+]
+
+
+@pytest.mark.parametrize("sde_name,name,params", SAMPLER_CASES,
+                         ids=[f"{s}-{n}-{'-'.join(map(str, p.values()))}" for s, n, p in SAMPLER_CASES])
+def test_sampler_reproduces_gaussian_data_moments(sde_name, name, params):
+    """Mean and variance of n·d draws within 4.5 standard errors: SE(mean) = s/sqrt(nd),
+    SE(var/s^2) = sqrt(2/(nd)); the mean may also be off by the known prior mismatch.
+
+    The Langevin corrector is unadjusted and its per-sample step 2 (snr ||z|| / ||s||)^2
+    depends on the state: its variance bias grows with snr and shrinks with the dimension
+    (+8% at snr 0.16, d = 64; see docs/sampling.md), so it is checked at snr 0.02, d = 128."""
+    n, d = (64, 128) if params.get("corrector") == "langevin" else (250, 32)
+    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    score = Gaussian(sde)
+    x, g = draw(sde, n, d)
+    y, nfe = SAMPLERS.validate(name, **params)(score, sde, x, generator=g)
+    assert nfe >= 1 and torch.isfinite(y).all()
+    assert abs(y.mean().item() - M) < 4.5 * S / math.sqrt(n * d) + score.prior_bias()
+    assert abs(y.var().item() / S**2 - 1) < 4.5 * math.sqrt(2 / (n * d))
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+def test_ode_sampler_follows_the_closed_form_probability_flow(sde_name):
+    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    score = Gaussian(sde)
+    x, _ = draw(sde, 64, 8)
+    y, nfe = SAMPLERS.validate("ode", rtol=1e-5, atol=1e-5, denoise=False)(score, sde, x.float())
+    assert (y.double() - score.flow(x, sde.eps)).abs().max() <= 1e-3
+    assert nfe > 10
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2)])
+def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
+    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    score = Gaussian(sde)
+    x, _ = draw(sde, 16, 4)
+    exact = score.flow(x, sde.eps)
+    errs = [(SAMPLERS.validate(name, steps=k, denoise=False)(score, sde, x)[0] - exact)
+            .abs().max().item() for k in (64, 128, 256)]
+    for r in (errs[0] / errs[1], errs[1] / errs[2]):
+        assert 2**order * 0.8 < r < 2**order * 1.25, errs
+
+
+def test_langevin_corrector_keeps_the_marginal_at_small_snr():
+    sde = SDES.validate("ve", sigma_max=400.0)
+    t = 0.3
+    a = math.sqrt(Gaussian(sde).a2(torch.tensor(t, dtype=torch.float64)).item())
+    g = torch.Generator().manual_seed(1)
+    x = M + a * torch.randn(200, 64, generator=g, dtype=torch.float64)
+    for _ in range(200):
+        x = langevin(Gaussian(sde), sde, x, t, t - 1e-3, g, snr=0.05)
+    n = x.numel()
+    assert abs(x.mean().item() - M) < 4.5 * a / math.sqrt(n)
+    assert abs(x.var().item() / a**2 - 1) < 4.5 * math.sqrt(2 / n) + 0.01  # + ULA bias ~snr^2
+
+
+def test_pc_with_em_predictor_and_no_corrector_is_euler_maruyama():
+    sde = SDES.validate("vp")
+    x, _ = draw(sde, 8, 6)
+    em = SAMPLERS.validate("euler_maruyama", steps=50)
+    pc = SAMPLERS.validate("pc", predictor="euler_maruyama", corrector="none", steps=50)
+    a, nfe_a = em(Gaussian(sde), sde, x, generator=torch.Generator().manual_seed(3))
+    b, nfe_b = pc(Gaussian(sde), sde, x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and nfe_a == nfe_b == 51
+
+
+def test_ancestral_is_refused_for_subvp():
+    sde = SDES.validate("subvp")
+    with pytest.raises(UserError, match="ancestral predictor is defined for the ve, rve and vp"):
+        SAMPLERS.validate("pc", predictor="ancestral")(Gaussian(sde), sde, draw(sde, 2, 2)[0])
+
+
+def test_nfe_counts():
+    sde = SDES.validate("vp")
+    x, _ = draw(sde, 4, 2)
+    cases = {("pc", 10, 2): 10 * 3 + 1, ("euler", 10, 1): 11, ("heun", 10, 1): 21}
+    for (name, steps, corr), expected in cases.items():
+        params = {"steps": steps} | ({"n_corrector": corr} if name == "pc" else {})
+        assert SAMPLERS.validate(name, **params)(Gaussian(sde), sde, x)[1] == expected
+
+
+@pytest.mark.parametrize("name,params", [("euler_maruyama", {"steps": 20}),
+                                         ("pc", {"steps": 20}), ("ode", {"rtol": 1e-3}),
+                                         ("pc", {"steps": 20, "predictor": "ancestral"})])
+def test_per_sample_generators_make_samples_batch_independent(name, params):
+    sde = SDES.validate("vp")
+    sampler = SAMPLERS.validate(name, **params)
+    gens = lambda ids: [torch.Generator().manual_seed(100 + i) for i in ids]  # noqa: E731
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    together, _ = sampler(Gaussian(sde), sde, x, generator=gens(range(7)))
+    for i in (0, 4, 6):
+        alone, _ = sampler(Gaussian(sde), sde, x[i:i + 1], generator=gens([i]))
+        assert torch.equal(alone[0], together[i])
