@@ -1,0 +1,140 @@
+"""Likelihood against closed forms: Gaussian data N(m, s^2 I) has an exact time-t score and an
+exact density p_t = N(mu_t m, (mu_t^2 s^2 + sigma_t^2) I)."""
+
+import math
+
+import pytest
+import torch
+
+from stcli.likelihood import bits_per_dim, nelbo, nll
+from stcli.registry import SDES
+
+EPS = 1e-3
+SDE_PARAMS = {"vp": {}, "ve": {"sigma_min": 0.01, "sigma_max": 50.0},
+              "rve": {"sigma_min": 0.01, "sigma_max": 50.0}}
+
+
+class Gaussian:
+    """Data N(m, Sigma), Sigma = Q diag(lam) Q^T, diffused by `sde`: p_t = N(mu_t m, V_t) with
+    V_t = mu_t^2 Sigma + sigma_t^2 I, whose eigenvalues are v_i(t) = mu_t^2 lam_i + sigma_t^2."""
+
+    def __init__(self, sde, d, m=0.3, s=0.5, rotate=False):
+        self.sde, self.d, self.m = sde, d, m
+        g = torch.Generator().manual_seed(d)
+        self.lam = torch.full((d,), s**2, dtype=torch.float64)
+        self.Q = torch.eye(d, dtype=torch.float64)
+        if rotate:  # a random rotation and spread eigenvalues: Hutchinson then has variance
+            self.Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+            self.lam = torch.linspace(0.05, 1.0, d, dtype=torch.float64)
+
+    def _eig(self, t):  # mu_t (B, 1) and v_i(t) (B, d)
+        mu, var = self.sde.mean_coef(t)[:, None], self.sde.var(t)[:, None]
+        return mu, mu**2 * self.lam + var
+
+    def _white(self, x, t):  # eigen-coordinates of x - mu_t m, and v(t)
+        mu, v = self._eig(t)
+        return (x - mu * self.m) @ self.Q, v
+
+    def score(self, x, t):
+        y, v = self._white(x, t)
+        return -(y / v) @ self.Q.T
+
+    def logp(self, x, t):
+        y, v = self._white(x, t)
+        return (-0.5 * y**2 / v - 0.5 * torch.log(2 * math.pi * v)).sum(1)
+
+    def model_nll(self, x, t0):
+        """-log p^theta_t0(x) of the exact-score flow started from the prior: in eigen-coordinates
+        the probability flow scales y_i by k_i = sqrt(v_i(T)/v_i(t0)) (d/dt log y_i =
+        -beta/2 + g^2/(2 v_i) = d/dt log sqrt(v_i)), so -log p = -log pi(phi(x)) - sum log k_i."""
+        n = x.shape[0]
+        y, v0 = self._white(x, torch.full((n,), t0, dtype=x.dtype))
+        mu1, v1 = self._eig(torch.full((n,), self.sde.T, dtype=x.dtype))
+        k = torch.sqrt(v1 / v0)
+        x_T = mu1 * self.m + (k * y) @ self.Q.T
+        return -self.sde.prior_logp(x_T) - torch.log(k).sum(1)
+
+    def sample(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.d, generator=g, dtype=torch.float64)
+        return self.m + (z * self.lam.sqrt()) @ self.Q.T
+
+
+def eps_t(n):
+    return torch.full((n,), EPS, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", SDE_PARAMS)
+@pytest.mark.parametrize("d", [2, 64])
+def test_exact_divergence_ode_nll_equals_the_closed_form(name, d):
+    sde = SDES.build(name, eps=EPS, **SDE_PARAMS[name])
+    data = Gaussian(sde, d)
+    x = data.sample(8, seed=d)
+    got, nfe = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact")
+    assert nfe > 10
+    assert (got - data.model_nll(x, EPS)).abs().max() / d < 1e-3
+    # and the model density is the data density up to the prior's mismatch with p_T
+    assert (got + data.logp(x, eps_t(8))).abs().max() / d < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_within_its_standard_error(kind):
+    sde = SDES.build("vp", eps=EPS)
+    data = Gaussian(sde, 16, rotate=True)
+    x = data.sample(4, seed=1)
+    exact, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact")
+    assert (exact - data.model_nll(x, EPS)).abs().max() < 16e-3
+    runs = torch.stack([nll(data.score, sde, x, eps=EPS, correction="before", divergence=kind,
+                            rtol=1e-4, atol=1e-4, generator=torch.Generator().manual_seed(r))[0]
+                        for r in range(30)])
+    mean, se = runs.mean(0), runs.std(0) / math.sqrt(len(runs))
+    assert (se > 1e-3).all()  # the probes really are random and do not cancel
+    assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
+    averaged, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence=kind, probes=8,
+                      rtol=1e-4, atol=1e-4, generator=torch.Generator().manual_seed(99))
+    assert ((averaged - exact).abs() < 4 * runs.std(0) / math.sqrt(8)).all()
+
+
+def test_before_and_after_differ_as_the_closed_form_predicts():
+    sde = SDES.build("vp", eps=EPS)
+    data = Gaussian(sde, 2)
+    x = data.sample(16, seed=2)
+    before, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact")
+    after, _ = nll(data.score, sde, x, eps=EPS, correction="after", divergence="exact",
+                   generator=torch.Generator().manual_seed(5))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    t = eps_t(16)
+    mu, sigma = sde.mean_coef(t)[:, None], sde.std(t)[:, None]
+    x_eps = mu * x + sigma * z
+    N = torch.distributions.Normal
+    decoder_mean = (x_eps + sigma**2 * data.score(x_eps, t)) / mu
+    r = (N(mu * x, sigma).log_prob(x_eps) - N(decoder_mean, sigma / mu).log_prob(x)).sum(1)
+    expected = (-data.logp(x_eps, t) + r) - (-data.logp(x, t))
+    torch.testing.assert_close(after - before, expected, atol=2e-3, rtol=0)
+
+
+def test_nelbo_bounds_nll_and_is_tight_for_the_exact_score():
+    sde = SDES.build("vp", eps=EPS)
+    data = Gaussian(sde, 2)
+    x = data.sample(4000, seed=3)
+    g = torch.Generator().manual_seed(4)
+    bound = nelbo(data.score, sde, x, eps=EPS, generator=g)
+    z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    t = eps_t(len(x))
+    exact = -data.logp(sde.mean_coef(t)[:, None] * x + sde.std(t)[:, None] * z, t)
+    diff = bound.mean() - exact.mean()
+    se = math.hypot(bound.std() / math.sqrt(len(x)), exact.std() / math.sqrt(len(x)))
+    assert abs(diff) < 4 * se, (diff, se)
+    # a wrong score loosens the bound: with common random numbers the NELBO rises significantly
+    wrong = nelbo(lambda y, tt: 0.7 * data.score(y, tt), sde, x, eps=EPS,
+                  generator=torch.Generator().manual_seed(4))
+    gap = wrong - bound
+    assert gap.mean() > 5 * gap.std() / math.sqrt(len(x)), (gap.mean(), gap.std())
+
+
+def test_uniform_model_on_the_unit_cube_is_8_bits_per_dim():
+    """A uniform density on [0,1]^d has log p = 0: exactly 8 bits/dim for 8-bit data in [0,1],
+    and the same model on [-1,1] (density 2^-d) also gives 8."""
+    d = 3072
+    assert float(bits_per_dim(torch.tensor(0.0), d, offset=8)) == 8.0
+    assert float(bits_per_dim(torch.tensor(d * math.log(2)), d, offset=7)) == pytest.approx(8.0)

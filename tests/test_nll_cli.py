@@ -1,0 +1,68 @@
+"""`st nll` end to end on a tiny checkpoint: numbers, JSON, two gloo processes, bad input."""
+
+import json
+
+import pytest
+
+from conftest import run_st
+from stcli import checkpoint
+from stcli.cli import main
+from stcli.recipe import load_recipe
+from stcli.train import train
+
+FAST = ["--limit", "6", "--batch-size", "4", "--rtol", "1e-3", "--atol", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from conftest import TINY
+    import yaml
+
+    root = tmp_path_factory.mktemp("nll")
+    data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": 2}}
+    (root / "r.yaml").write_text(yaml.safe_dump(data))
+    return train(load_recipe(root / "r.yaml")).out_dir / "ckpt.safetensors"
+
+
+def st(capsys, *argv):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_nll_and_nelbo_with_json(ckpt, tmp_path, capsys):
+    code, out, err = st(capsys, "nll", ckpt, *FAST, "--nelbo", "--repeats", "2",
+                        "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "nll_after" in out and "nelbo_residual" in out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["settings"]["correction"] == "after" and res["settings"]["repeats"] == 2
+    assert len(res["per_sample_bpd"]["nll_after"]) == 12  # 6 items x 2 repeats
+    assert set(res["summary"]) == {"nll_after", "nelbo", "nelbo_residual"}
+    assert 0 < res["summary"]["nll_after"]["mean"] < 50 and res["summary"]["nll_after"]["stderr"] > 0
+    assert len(res["nfe_per_batch"]) == 4 and min(res["nfe_per_batch"]) > 5
+
+
+def test_two_processes_give_exactly_the_one_process_numbers(ckpt, tmp_path):
+    one = run_st("nll", ckpt, *FAST, "--correction", "before", "--json", tmp_path / "1.json")
+    two = run_st("nll", ckpt, *FAST, "--correction", "before", "--json", tmp_path / "2.json",
+                 "--procs", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("1", "2"))
+    assert a["per_sample_bpd"] == b["per_sample_bpd"]
+    assert a["nfe_per_batch"] == b["nfe_per_batch"]
+
+
+def test_bad_input(ckpt, tmp_path, capsys):
+    code, _, err = st(capsys, "nll", ckpt, "--split", "validation")
+    assert code == 2 and "no split 'validation'" in err
+    code, _, err = st(capsys, "nll", ckpt, "--correction", "later")
+    assert code == 2 and "--correction must be one of" in err
+    tensors, meta = checkpoint.load(ckpt)
+    checkpoint.save(tmp_path / "raw.safetensors",
+                    {k: v for k, v in tensors.items() if not k.startswith("ema.")}, meta)
+    code, _, err = st(capsys, "nll", tmp_path / "raw.safetensors", *FAST)
+    assert code == 2 and "no ema weights" in err
+    code, _, err = st(capsys, "nll", tmp_path / "missing.safetensors")
+    assert code == 2 and "does not exist" in err
