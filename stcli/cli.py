@@ -14,11 +14,14 @@ import typer
 from stcli.console import error, info
 from stcli.errors import TrainingStopped, UserError
 
+_ARGV: list[str] = []  # this invocation's arguments, for the --procs relaunch
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and evaluate score-based diffusion models with Soft Truncation.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect and check recipes.")
 app.add_typer(recipe_app, name="recipe")
 
+Procs = Annotated[int, typer.Option(
+    "--procs", min=1, help="Processes on this node (relaunches itself through torchrun).")]
 RecipeArg = Annotated[str, typer.Argument(help="Path of a YAML recipe.", metavar="RECIPE")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(  # noqa: UP007  (typer needs Optional)
     help="Dotted overrides key.path=value (values parsed as YAML), e.g. train.steps=100.",
@@ -31,17 +34,13 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in train.out_dir from its ckpt.safetensors.")] = False,
-    procs: Annotated[int, typer.Option(
-        "--procs", min=1, help="Processes on this node (relaunches through torchrun).")] = 1,
+    procs: Procs = 1,
 ):
     """Train a score model from RECIPE (Soft Truncation, EMA, checkpoints, sample grids)."""
-    from stcli import distributed
     from stcli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides)  # validate before spawning anything
-    if procs > 1 and not distributed.is_launched():
-        argv = ["train", recipe, *(overrides or []), *(["--resume"] if resume else [])]
-        raise typer.Exit(distributed.relaunch(procs, argv))
+    _relaunch_if_asked(procs)
     from stcli.train import train as run_training
 
     result = run_training(spec, resume=resume)
@@ -74,6 +73,209 @@ def recipe_validate(recipe: RecipeArg, overrides: Overrides = None):
     info(f"{recipe}: valid ({spec.name})")
 
 
+FidDevice = Annotated[str, typer.Option(
+    "--device", help="Where features are computed (and samples drawn): auto, cpu or cuda.")]
+FidBatch = Annotated[int, typer.Option(
+    "--batch-size", min=1, help="Images per batch of the feature extractor (and the sampler).")]
+FidCache = Annotated[str, typer.Option(
+    "--cache-dir", help="Cache of reference statistics, torch-fidelity datasets and the "
+    "Inception weights.")]
+FidWeights = Annotated[Optional[str], typer.Option(  # noqa: UP007
+    "--inception-weights", envvar="ST_INCEPTION_WEIGHTS", show_default=False,
+    help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
+    "6726825d.pth) for machines without network; see docs/evaluation.md.")]
+FidExtractor = Annotated[str, typer.Option(
+    "--feature-extractor", help="inception-v3-compat (the standard), or st-random-64: a tiny "
+    "random network for tests, whose numbers mean nothing.")]
+
+
+def _fid_settings(device: str, batch_size: int, cache_dir: str, weights: str | None,
+                  extractor: str):
+    from pathlib import Path
+
+    from stcli.metrics import Settings
+
+    return Settings(extractor=extractor, device=device, batch_size=batch_size, weights=weights,
+                    cache_dir=Path(cache_dir).expanduser())
+
+
+@app.command()
+def fid(
+    samples: Annotated[str, typer.Argument(
+        help="Images to measure: a folder of PNG/JPG (recursive), an .npz from `st sample`, or a "
+        "checkpoint (.safetensors) to sample from first.", metavar="SAMPLES")],
+    ref: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--ref", show_default=False, help="Reference: a torch-fidelity dataset (cifar10-train, "
+        "...), a folder, an .npz, a recipe (train split) or statistics from `st fid-ref`. "
+        "Default for a checkpoint: its recipe's eval.fid.ref.")] = None,
+    n: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "-n", min=1, show_default=False,
+        help="Samples to draw from a checkpoint (default: its recipe's eval.fid.n).")] = None,
+    isc: Annotated[bool, typer.Option("--isc", help="Also the Inception Score.")] = False,
+    kid: Annotated[bool, typer.Option("--kid", help="Also the Kernel Inception Distance "
+                                      "(subsets shrink to fit small sets, with a warning).")] = False,
+    prc: Annotated[bool, typer.Option("--prc", help="Also precision, recall and F-score.")] = False,
+    json_path: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--json", show_default=False, help="Also write the results to this JSON file.")] = None,
+    samples_dir: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--samples-dir", show_default=False, help="Keep the samples drawn from a checkpoint in "
+        "this (new or empty) folder; default: a temporary folder, deleted afterwards.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the samples drawn.")] = 0,
+    sampler: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--sampler", show_default=False,
+        help="Sampler to draw with (default: the checkpoint's recipe's).")] = None,
+    weights: Annotated[str, typer.Option(
+        "--weights", help="Checkpoint weights to sample with: ema or raw.")] = "ema",
+    device: FidDevice = "auto",
+    batch_size: FidBatch = 64,
+    cache_dir: FidCache = "~/.cache/st/fidelity",
+    inception_weights: FidWeights = None,
+    feature_extractor: FidExtractor = "inception-v3-compat",
+):
+    """FID of SAMPLES against --ref (plus IS, KID, precision/recall on request)."""
+    from pathlib import Path
+
+    from stcli.fid import run_fid
+    from stcli.registry import METRICS
+
+    wanted = ["fid"] + [name for name, on in (("isc", isc), ("kid", kid), ("prc", prc)) if on]
+    run_fid(samples, ref, metrics=[METRICS.validate(name) for name in wanted],
+            settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
+                                   feature_extractor),
+            n=n, samples_dir=Path(samples_dir) if samples_dir else None,
+            json_path=Path(json_path) if json_path else None, seed=seed, weights=weights,
+            sampler=sampler)
+
+
+@app.command("fid-ref")
+def fid_ref(
+    source: Annotated[str, typer.Argument(
+        help="A recipe (.yaml: its data section), a folder of PNG/JPG, an .npz or a "
+        "torch-fidelity dataset name.", metavar="DATA_RECIPE_OR_FOLDER")],
+    out: Annotated[str, typer.Option("--out", help="Statistics file to write (.safetensors).")],
+    split: Annotated[str, typer.Option("--split", help="Split of a recipe's dataset.")] = "train",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace --out even if it holds statistics of another source.")] = False,
+    device: FidDevice = "auto",
+    batch_size: FidBatch = 64,
+    cache_dir: FidCache = "~/.cache/st/fidelity",
+    inception_weights: FidWeights = None,
+    feature_extractor: FidExtractor = "inception-v3-compat",
+):
+    """Reference statistics (mean, covariance, pool features) of a data set, computed once."""
+    from pathlib import Path
+
+    from stcli.fid import fid_ref as compute
+
+    compute(source, Path(out).expanduser(), split=split, overwrite=overwrite,
+            settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
+                                   feature_extractor))
+
+
+@app.command()
+def sample(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train (.safetensors).",
+                                        metavar="CKPT")],
+    n: Annotated[int, typer.Option("-n", help="Number of samples to draw.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder.")] = "samples",
+    sampler: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--sampler", help="pc | ode | euler | heun | euler_maruyama (default: the recipe's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "--steps", help="Grid steps of pc / euler / heun / euler_maruyama.")] = None,
+    predictor: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--predictor", help="pc predictor: euler_maruyama | reverse_diffusion | ancestral.")] = None,
+    corrector: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--corrector", help="pc corrector: langevin | none.")] = None,
+    snr: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        "--snr", help="Signal-to-noise ratio of the Langevin corrector.")] = None,
+    rtol: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        "--rtol", help="Relative tolerance of the ode sampler.")] = None,
+    atol: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        "--atol", help="Absolute tolerance of the ode sampler.")] = None,
+    denoise: Annotated[Optional[bool], typer.Option(  # noqa: UP007
+        "--denoise/--no-denoise", help="Final Tweedie denoising step (default: the recipe's).",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch and process.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Image i uses a seed derived from (seed, i).")] = 0,
+    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
+    fmt: Annotated[str, typer.Option("--format", help="png (one file per image) | npz.")] = "png",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (autocast).")] = "fp32",
+    procs: Procs = 1,
+):
+    """Draw N samples from CKPT into --out (resumable; image i depends only on --seed and i)."""
+    from stcli.sample import generate
+
+    options = {"name": sampler, "steps": steps, "predictor": predictor, "corrector": corrector,
+               "snr": snr, "rtol": rtol, "atol": atol, "denoise": denoise}
+    overrides = {k: v for k, v in options.items() if v is not None}
+    _relaunch_if_asked(procs)
+    generate(ckpt, n, out, sampler=overrides, batch_size=batch_size, seed=seed, weights=weights,
+             fmt=fmt, device=device, precision=precision)
+
+
+@app.command()
+def nll(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
+    correction: Annotated[str, typer.Option(
+        "--correction", help="after: -log p_eps(x_eps) + R_eps (the paper's); before: "
+        "-log p_eps(x0).")] = "after",
+    divergence: Annotated[str, typer.Option(
+        "--divergence", help="rademacher | gaussian (Hutchinson) | exact (low dimension).")] = "rademacher",
+    probes: Annotated[int, typer.Option("--probes", min=1, help="Hutchinson probes averaged.")] = 1,
+    split: Annotated[str, typer.Option("--split", help="Data split evaluated.")] = "test",
+    limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "--limit", min=1, help="Evaluate only the first N items.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    repeats: Annotated[int, typer.Option(
+        "--repeats", min=1, help="Passes over the split with fresh dequantisation noise.")] = 1,
+    rtol: Annotated[float, typer.Option("--rtol", help="ODE relative tolerance.")] = 1e-5,
+    atol: Annotated[float, typer.Option("--atol", help="ODE absolute tolerance.")] = 1e-5,
+    nelbo: Annotated[bool, typer.Option(
+        "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
+    nelbo_samples: Annotated[int, typer.Option(
+        "--nelbo-samples", min=1, help="Monte Carlo draws of (t, z) per datum.")] = 1,
+    json_path: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--json", help="Write every number and the settings here.", show_default=False)] = None,
+    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    procs: Procs = 1,
+):
+    """Bits/dim of CKPT by the probability-flow ODE (and the NELBO), mean and standard error."""
+    from pathlib import Path
+
+    from stcli.nll import NllOptions, evaluate, report
+
+    choices = {"correction": ("before", "after"), "divergence": ("rademacher", "gaussian", "exact"),
+               "weights": ("ema", "raw")}
+    for opt, value in (("correction", correction), ("divergence", divergence), ("weights", weights)):
+        if value not in choices[opt]:
+            raise UserError(f"--{opt} must be one of {', '.join(choices[opt])}, not {value!r}")
+    _relaunch_if_asked(procs)
+    opts = NllOptions(split=split, limit=limit, batch_size=batch_size, repeats=repeats,
+                      correction=correction, divergence=divergence, probes=probes, rtol=rtol,
+                      atol=atol, nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
+                      seed=seed, device=device)
+    result = evaluate(ckpt, opts)
+    if _is_rank0():
+        report(result, opts, ckpt, Path(json_path) if json_path else None)
+
+
+def _relaunch_if_asked(procs: int) -> None:
+    """With --procs N > 1 outside torchrun: run this same command in N processes, then exit."""
+    from stcli import distributed
+
+    if procs > 1 and not distributed.is_launched():
+        argv, rest = [], iter(_ARGV)
+        for arg in rest:
+            if arg == "--procs":
+                next(rest, None)
+            elif not arg.startswith("--procs="):
+                argv.append(arg)
+        raise typer.Exit(distributed.relaunch(procs, argv))
+
+
 def count_parameters(spec) -> int:
     """Parameters of the recipe's net, built on the meta device (no memory, instant)."""
     import torch
@@ -89,8 +291,10 @@ def _is_rank0() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer handles usage errors (exit 2); ours are turned into one message."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="st")
+        app(args=_ARGV, prog_name="st")
     except UserError as err:
         rank = os.environ.get("RANK")
         error(f"[rank {rank}] {err}" if rank not in (None, "0") else str(err))
