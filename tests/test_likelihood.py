@@ -138,3 +138,19 @@ def test_uniform_model_on_the_unit_cube_is_8_bits_per_dim():
     d = 3072
     assert float(bits_per_dim(torch.tensor(0.0), d, offset=8)) == 8.0
     assert float(bits_per_dim(torch.tensor(d * math.log(2)), d, offset=7)) == pytest.approx(8.0)
+
+
+def test_non_finite_values_name_the_samples_and_the_time():
+    from stcli.likelihood import NonFiniteError
+
+    sde = SDES.build("vp", eps=EPS)
+    data = Gaussian(sde, 2)
+
+    def broken(x, t):  # sample 1 blows up once t passes 0.5
+        s = data.score(x, t)
+        s[1] = torch.where(t[1] > 0.5, float("nan"), s[1])
+        return s
+
+    with pytest.raises(NonFiniteError) as info:
+        nll(broken, sde, data.sample(3, seed=0), eps=EPS, correction="before", divergence="exact")
+    assert info.value.samples == [1] and 0.5 < info.value.t <= 1.0
