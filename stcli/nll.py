@@ -21,7 +21,7 @@ from stcli.console import StepProgress, console
 from stcli.errors import UserError
 from stcli.likelihood import NonFiniteError, bits_per_dim, nelbo, nll
 from stcli.loading import load_model
-from stcli.train import generator
+from stcli.seeding import generator
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from stcli.images import save_grid
 from stcli.loading import load_model
 from stcli.registry import SAMPLERS
 from stcli.samplers import Sampler
-from stcli.train import seed_for
+from stcli.seeding import seed_for
 
 PER_FOLDER = 1000
 GRID = 64

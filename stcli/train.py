@@ -11,7 +11,6 @@ global RNG (dropout) needs saving, and the checkpoint holds it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import signal
@@ -30,20 +29,11 @@ from stcli.errors import TrainingStopped, UserError
 from stcli.images import save_grid
 from stcli.nets import build_score_model
 from stcli.recipe import Recipe, parse_recipe
+from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
              "workers", "device", "out_dir"}
-
-
-def seed_for(*keys) -> int:
-    """A 63-bit seed derived from `keys`, stable across processes and Python versions."""
-    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def generator(device: torch.device, *keys) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed_for(*keys))
 
 
 class StepBatches:
