@@ -38,6 +38,15 @@ class InMemory(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.data[i]
 
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        """A whole batch by one indexing op (the DataLoader's batched fetch)."""
+        return self.data[torch.as_tensor(indices, dtype=torch.long)]
+
+
+def collate(items) -> torch.Tensor:
+    """A batch as one tensor: as fetched by ``__getitems__``, or stacked from single items."""
+    return items if torch.is_tensor(items) else torch.stack(items)
+
 
 class ImageFiles(Dataset):
     """Items are image files, read and preprocessed by ``load(path)`` on access."""

@@ -91,6 +91,15 @@ def is_launched() -> bool:
 
 
 
+def all_gather_equal(t: torch.Tensor) -> torch.Tensor:
+    """Rows of `t` from every rank, rank 0's first, when every rank holds as many rows."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Rows of `t` from every rank, rank 0's first (lengths may differ; alone: `t` itself)."""
     if not dist.is_initialized():

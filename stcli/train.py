@@ -3,7 +3,8 @@ logs, sample grids and exact resume.
 
 Every random draw of step k comes from generators seeded by (seed, k, ...): tau from
 (seed, "tau", k) — identical on every rank and micro-batch — and t, z, flips and
-dequantisation from (seed, "noise", k, rank, micro).  The data order is a function of the
+dequantisation from (seed, "noise", k, rank, micro); the Stable Target Field reference images
+from (seed, "reference", k[, rank]).  The data order is a function of the
 step, so a resumed run replays exactly what an uninterrupted one would have done; only the
 global RNG (dropout) needs saving, and the checkpoint holds it.
 """
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from stcli import checkpoint, distributed
 from stcli.console import StepProgress, fmt_eta, info
+from stcli.data import collate
 from stcli.errors import TrainingStopped, UserError
 from stcli.images import save_grid
 from stcli.nets import build_score_model
@@ -45,16 +47,58 @@ class StepBatches:
             raise UserError(f"the dataset has {n} items, fewer than train.batch_size={batch}")
         self.n, self.batch, self.ctx, self.seed, self.start = n, batch, ctx, seed, start
 
-    def __iter__(self) -> Iterator[list[int]]:
-        step, per_rank = self.start, self.batch // self.ctx.world_size
+    def global_batches(self) -> Iterator[torch.Tensor]:
+        """The batch of every step from `start` on, all ranks' rows."""
+        step = self.start
         while True:
             epoch, i = divmod(step, self.per_epoch)
             perm = torch.randperm(self.n, generator=generator(torch.device("cpu"), self.seed,
                                                                 "data", epoch))
             for j in range(i, self.per_epoch):
-                lo = j * self.batch + self.ctx.rank * per_rank
-                yield perm[lo:lo + per_rank].tolist()
+                yield perm[j * self.batch:(j + 1) * self.batch]
             step = (epoch + 1) * self.per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.batch // self.ctx.world_size
+        for batch in self.global_batches():
+            yield batch[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank].tolist()
+
+
+class ReferenceBatches:
+    """The STF reference images of each step beyond the minibatch (seed 002): `extra` distinct
+    indices per rank, none in the batch.  With `gather`, the ranks draw one common set (keyed
+    by the step alone) that excludes the global batch and take disjoint slices of it, so the
+    gathered reference holds `world x (per-rank batch + extra)` distinct images."""
+
+    def __init__(self, batches: StepBatches, extra: int, gather: bool):
+        self.batches, self.extra, self.gather = batches, extra, gather
+
+    def __iter__(self) -> Iterator[list[int]]:
+        b, ctx = self.batches, self.batches.ctx
+        per_rank = b.batch // ctx.world_size
+        for step, batch in enumerate(b.global_batches(), start=b.start):
+            if self.gather:
+                g = generator(torch.device("cpu"), b.seed, "reference", step)
+                chosen = distinct_indices(b.n, self.extra * ctx.world_size, batch.tolist(), g)
+                yield chosen[ctx.rank * self.extra:(ctx.rank + 1) * self.extra]
+            else:
+                g = generator(torch.device("cpu"), b.seed, "reference", step, ctx.rank)
+                own = batch[ctx.rank * per_rank:(ctx.rank + 1) * per_rank].tolist()
+                yield distinct_indices(b.n, self.extra, own, g)
+
+
+def distinct_indices(n: int, k: int, exclude: list[int], g: torch.Generator) -> list[int]:
+    """k distinct indices of range(n), none in `exclude`, uniformly at random (by rejection:
+    O(k) when k is small against n, never a permutation of all n)."""
+    chosen, seen = [], set(exclude)
+    while len(chosen) < k:
+        for i in torch.randint(n, (2 * (k - len(chosen)) + 16,), generator=g).tolist():
+            if i not in seen:
+                seen.add(i)
+                chosen.append(i)
+                if len(chosen) == k:
+                    break
+    return chosen
 
 
 @dataclass
@@ -76,6 +120,8 @@ class Trainer:
         self.data = recipe.data
         self.dataset = self.data.create("train")
         self.sde = recipe.sde
+        self.reference_extra = self._reference_extra()
+        self.ess = EssBins(self.sde, recipe.truncation.eps, self.device)
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape).to(self.device)
         if self.cfg.channels_last:  # converts the 4-D (conv) weights only
@@ -92,6 +138,24 @@ class Trainer:
         self.ddp = distributed.wrap(self.model, ctx)
         self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
         self._stop_signal = 0
+
+    def _reference_extra(self) -> int | None:
+        """Reference images per rank beyond the rank's batch (None without the stf target)."""
+        target, world = self.recipe.loss.target, self.ctx.world_size
+        if target.name != "stf":
+            return None
+        n, per_rank = target.reference_batch, self.cfg.batch_size // world
+        if target.all_gather and n % world:
+            raise UserError(f"loss.target.reference_batch={n} must be divisible by the number of "
+                            f"processes ({world}) when loss.target.all_gather is true")
+        n_rank = n // world if target.all_gather else n
+        if n_rank < per_rank:
+            raise UserError(f"loss.target.reference_batch={n} is smaller than the batch it must "
+                            f"contain ({per_rank * (world if target.all_gather else 1)} images)")
+        if n > len(self.dataset):
+            raise UserError(f"loss.target.reference_batch={n} exceeds the {len(self.dataset)} "
+                            "images of the training set")
+        return n_rank - per_rank
 
     # --- run directory and checkpoints ------------------------------------------------------
     def _prepare_out_dir(self, resume: bool) -> None:
@@ -140,25 +204,46 @@ class Trainer:
         self.step = int(meta["step"])
 
     # --- one optimisation step ---------------------------------------------------------------
-    def train_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Forward/backward over micro-batches with one tau; returns (loss sum, grad norm)."""
+    def train_step(self, batch: torch.Tensor, extra: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, float]:
+        """Forward/backward over micro-batches with one tau; returns (loss sum, tau).
+        `extra`: the STF reference images beyond the batch (uint8, as loaded)."""
         seed, step, cfg = self.recipe.seed, self.step, self.cfg
         tau = self.recipe.truncation.sample(generator(torch.device("cpu"), seed, "tau", step))
         micro = batch.to(self.device, non_blocking=True).chunk(cfg.micro_batches)
+        gens = [generator(self.device, seed, "noise", step, self.ctx.rank, i)
+                for i in range(len(micro))]
+        inputs = [self.data.transform(xb, g) for xb, g in zip(micro, gens)]
+        reference = self._reference(inputs, extra)
+        stats = [] if reference is not None else None
         loss_sum = torch.zeros((), device=self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
-        for i, xb in enumerate(micro):
-            g = generator(self.device, seed, "noise", step, self.ctx.rank, i)
-            x0 = self.data.transform(xb, g)
+        for i, (x0, g) in enumerate(zip(inputs, gens)):
             if cfg.channels_last and x0.dim() == 4:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             sync = i == len(micro) - 1 or self.ctx.world_size == 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
-                losses = self.recipe.loss(self.forward, self.sde, x0, tau, generator=g)
+                losses = self.recipe.loss(self.forward, self.sde, x0, tau, generator=g,
+                                          reference=reference, stats=stats)
                 (losses.sum() / batch.shape[0]).backward()
             loss_sum += losses.detach().sum()
+        for sigma, ess in stats or ():
+            self.ess.add(sigma, ess)
         return loss_sum, tau
+
+    def _reference(self, inputs: list[torch.Tensor], extra: torch.Tensor | None):
+        """The STF reference batch: this rank's batch, then its extra images transformed like
+        the batch (seed, "reference", step, rank); gathered from every rank if asked."""
+        if self.reference_extra is None:
+            return None
+        parts = list(inputs)
+        if extra is not None and len(extra):
+            g = generator(self.device, self.recipe.seed, "reference", self.step, self.ctx.rank)
+            parts.append(self.data.transform(extra.to(self.device, non_blocking=True), g))
+        reference = torch.cat(parts)
+        return distributed.all_gather_equal(reference) if self.recipe.loss.target.all_gather \
+            else reference
 
     def optimizer_step(self) -> torch.Tensor:
         o = self.recipe.optim
@@ -177,10 +262,11 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
-        loader = DataLoader(self.dataset, num_workers=cfg.workers, generator=torch.Generator(),
-                            batch_sampler=StepBatches(len(self.dataset), cfg.batch_size, ctx,
-                                                      self.recipe.seed, self.step),
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        steps = StepBatches(len(self.dataset), cfg.batch_size, ctx, self.recipe.seed, self.step)
+        loader = self._loader(steps)
+        extras = self._loader(ReferenceBatches(steps, self.reference_extra,
+                                               self.recipe.loss.target.all_gather)) \
+            if self.reference_extra else None
         log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
         handlers = self._install_signal_handlers()
         t0, s0, loss_avg = time.perf_counter(), self.step, float("nan")
@@ -188,9 +274,10 @@ class Trainer:
         self.model.train()
         try:
             with StepProgress("train", cfg.steps, self.step, enabled=ctx.is_main) as progress:
-                batches = iter(loader)
+                batches, references = iter(loader), iter(extras) if extras is not None else None
                 while self.step < cfg.steps:
-                    loss_sum, tau = self.train_step(next(batches))
+                    loss_sum, tau = self.train_step(next(batches),
+                                                    next(references) if references is not None else None)
                     grad_norm = self.optimizer_step()
                     stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
                     summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
@@ -210,6 +297,8 @@ class Trainer:
                                   "grad_norm": gnorm, "lr": self.optimizer.param_groups[0]["lr"],
                                   "steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
                                   "elapsed_s": time.perf_counter() - t0}
+                        if self.reference_extra is not None:
+                            record["stf_ess"] = self.ess.flush()
                         if log:
                             log.write(record)
                         progress.update(self.step, {
@@ -229,6 +318,11 @@ class Trainer:
             if log:
                 log.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
+
+    def _loader(self, batch_sampler) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=batch_sampler, collate_fn=collate,
+                          num_workers=self.cfg.workers, generator=torch.Generator(),
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _periodic(self) -> None:
         cfg, s = self.cfg, self.step
@@ -268,6 +362,30 @@ class Trainer:
     def _restore_signal_handlers(handlers) -> None:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+class EssBins:
+    """Mean STF effective sample size per sigma bin (8 log-spaced bins from sigma(eps) to
+    sigma(T)), summed over the ranks since the last flush; accumulated on the device."""
+
+    def __init__(self, sde, eps: float, device: torch.device, bins: int = 8):
+        lo, hi = (float(sde.std(torch.tensor([t], dtype=torch.float64))) for t in (eps, sde.T))
+        self.edges = torch.logspace(math.log10(lo), math.log10(hi), bins + 1, dtype=torch.float64)
+        self.inner = self.edges[1:-1].to(device)
+        self.sums = torch.zeros(2, bins, dtype=torch.float64, device=device)
+
+    def add(self, sigma: torch.Tensor, ess: torch.Tensor) -> None:
+        i = torch.bucketize(sigma.double(), self.inner)
+        self.sums[0].index_add_(0, i, ess.double())
+        self.sums[1].index_add_(0, i, torch.ones_like(ess, dtype=torch.float64))
+
+    def flush(self) -> dict:
+        """{"sigma": bin edges, "ess": mean per bin (None where empty), "count": samples}."""
+        total, count = distributed.all_reduce_sum(self.sums).tolist()
+        self.sums.zero_()
+        return {"sigma": [round(e, 6) for e in self.edges.tolist()],
+                "ess": [s / c if c else None for s, c in zip(total, count)],
+                "count": [int(c) for c in count]}
 
 
 class LogWriter:

@@ -1,5 +1,7 @@
 """Run by torchrun in test_ddp.py: trains a tiny recipe and records, per rank, every tau drawn
-and the final parameters, through a truncation registered here (the public registry API)."""
+(through a truncation registered here, the public registry API), every STF reference batch
+with the micro-batch it served, and the final parameters.  Extra arguments after the output
+folder are recipe overrides."""
 
 import json
 import sys
@@ -8,6 +10,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
+from stcli.losses import STF
 from stcli.registry import TRUNCATIONS
 from stcli.truncation import Power
 
@@ -22,14 +25,23 @@ class RecordedPower(Power):
         return tau
 
 
+def recorded_noise_target(self, x_t, x0, z, mean, std, reference=None, stats=None):
+    REFERENCES.append((reference.clone(), x0.clone()))
+    return STF_NOISE_TARGET(self, x_t, x0, z, mean, std, reference, stats)
+
+
+STF_NOISE_TARGET, STF.noise_target = STF.noise_target, recorded_noise_target
+
+
 DRAWN: list[float] = []
+REFERENCES: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 if __name__ == "__main__":
     from stcli import train as train_mod
     from stcli.recipe import load_recipe
 
     recipe_path, out = sys.argv[1], sys.argv[2]
-    recipe = load_recipe(recipe_path, ["truncation.name=recorded_power"])
+    recipe = load_recipe(recipe_path, ["truncation.name=recorded_power", *sys.argv[3:]])
     trainer_box = {}
     real_init = train_mod.Trainer.__init__
 
@@ -43,5 +55,7 @@ if __name__ == "__main__":
     rank = t.ctx.rank
     save_file({k: v.contiguous() for k, v in t.model.state_dict().items()},
               f"{out}/params-{rank}.safetensors")
+    save_file({f"{kind}.{i}": t.contiguous() for i, pair in enumerate(REFERENCES)
+               for kind, t in zip(("reference", "x0"), pair)}, f"{out}/references-{rank}.safetensors")
     with open(f"{out}/tau-{rank}.json", "w") as f:
         json.dump({"tau": DRAWN, "world": t.ctx.world_size}, f)

@@ -11,13 +11,17 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_st
 
 
-def test_two_gloo_processes_stay_in_lockstep(tiny_recipe, tmp_path):
-    path = tiny_recipe("ddp", train={"steps": 4, "micro_batches": 2})
+def run_probe(path, out, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "tests" / "ddp_probe.py"), str(path), str(tmp_path)]
+           str(ROOT / "tests" / "ddp_probe.py"), str(path), str(out), *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_two_gloo_processes_stay_in_lockstep(tiny_recipe, tmp_path):
+    path = tiny_recipe("ddp", train={"steps": 4, "micro_batches": 2})
+    run_probe(path, tmp_path)
     taus = [json.loads((tmp_path / f"tau-{r}.json").read_text()) for r in (0, 1)]
     assert taus[0]["world"] == taus[1]["world"] == 2
     assert len(taus[0]["tau"]) == 4 and taus[0]["tau"] == taus[1]["tau"]
@@ -25,6 +29,28 @@ def test_two_gloo_processes_stay_in_lockstep(tiny_recipe, tmp_path):
     p0, p1 = (load_file(str(tmp_path / f"params-{r}.safetensors")) for r in (0, 1))
     for k in p0:
         assert torch.equal(p0[k], p1[k]), k
+
+
+def test_stf_reference_gathered_across_ranks(tiny_recipe, tmp_path):
+    """all_gather: both ranks see the same 32-image reference: rank r's rows 16r..16r+8 are its
+    own two micro-batches, then 8 extra images; without it each rank keeps its own 16."""
+    path = tiny_recipe("stf", train={"steps": 2, "micro_batches": 2})
+    target = "loss.target={name: stf, reference_batch: 32, all_gather: true}"
+    run_probe(path, tmp_path, target)
+    refs = [load_file(str(tmp_path / f"references-{r}.safetensors")) for r in (0, 1)]
+    for call in range(4):  # 2 steps x 2 micro-batches
+        ref0, ref1 = refs[0][f"reference.{call}"], refs[1][f"reference.{call}"]
+        assert ref0.shape[0] == 32 and torch.equal(ref0, ref1)
+        for rank in (0, 1):
+            step = call // 2
+            own = torch.cat([refs[rank][f"x0.{2 * step + i}"] for i in (0, 1)])
+            assert torch.equal(ref0[16 * rank:16 * rank + 8], own)
+    (tmp_path / "local").mkdir()
+    run_probe(path, tmp_path / "local", target.replace("true", "false"),
+              f"train.out_dir={tmp_path / 'local' / 'run'}")
+    local = [load_file(str(tmp_path / "local" / f"references-{r}.safetensors")) for r in (0, 1)]
+    assert local[0]["reference.0"].shape[0] == 32
+    assert not torch.equal(local[0]["reference.0"], local[1]["reference.0"])
 
 
 def test_cli_procs_relaunches_through_torchrun(tiny_recipe):

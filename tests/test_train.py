@@ -15,7 +15,8 @@ from conftest import ROOT, run_st
 from stcli import checkpoint
 from stcli.errors import UserError
 from stcli.recipe import load_recipe
-from stcli.train import Trainer, train
+from stcli.distributed import Context
+from stcli.train import ReferenceBatches, StepBatches, Trainer, train
 
 
 def tensors(path):
@@ -75,8 +76,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, monkeypatch):
     path = tiny_recipe("nan")
     real, ckpt, good = Trainer.train_step, path.parent / "nan" / "ckpt.safetensors", {}
 
-    def poisoned(self, batch):
-        loss, tau = real(self, batch)
+    def poisoned(self, *batches):
+        loss, tau = real(self, *batches)
         if self.step == 4:
             good["bytes"] = ckpt.read_bytes()  # the checkpoint of step 3
             loss = loss * float("nan")
@@ -163,3 +164,54 @@ def test_load_model_rebuilds_from_the_checkpoint_alone(tiny_recipe):
         load_model(path.parent / "bad.safetensors")
     with pytest.raises(UserError, match="no ema weights; use --weights raw"):
         load_model(path.parent / "noema.safetensors")
+
+
+STF = {"target": {"name": "stf", "reference_batch": 40}}
+
+
+def test_stf_training_logs_ess_and_resumes_bit_exactly(tiny_recipe):
+    full = train(load_recipe(tiny_recipe("full", loss=STF)))
+    part = tiny_recipe("part", loss=STF)
+    train(load_recipe(part, ["train.steps=4"]))
+    train(load_recipe(part), resume=True)
+    assert_same_tensors(tensors(full.out_dir / "ckpt.safetensors"),
+                        tensors(part.parent / "part" / "ckpt.safetensors"))
+    log = [json.loads(line) for line in (full.out_dir / "log.jsonl").open()]
+    for record in log:
+        ess = record["stf_ess"]
+        assert len(ess["sigma"]) == 9 and sum(ess["count"]) == 16  # log_every 1, batch 16
+        assert all(1 <= e <= 40 for e in ess["ess"] if e is not None)
+    dsm = tensors(train(load_recipe(tiny_recipe("dsm"))).out_dir / "ckpt.safetensors")
+    stf = tensors(full.out_dir / "ckpt.safetensors")
+    assert not all(torch.equal(dsm[k], stf[k]) for k in dsm if k.startswith("model."))
+
+
+def test_stf_reference_batch_must_hold_the_batch_and_fit_the_data(tiny_recipe):
+    with pytest.raises(UserError, match="reference_batch=8 is smaller than the batch"):
+        Trainer(load_recipe(tiny_recipe("small", loss={"target": {"name": "stf",
+                                                                   "reference_batch": 8}})),
+                Context(0, 1, torch.device("cpu")))
+    with pytest.raises(UserError, match="exceeds the .* images of the training set"):
+        Trainer(load_recipe(tiny_recipe("big", loss={"target": {"name": "stf",
+                                                                 "reference_batch": 10**6}})),
+                Context(0, 1, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_reference_indices_are_distinct_and_exclude_the_batch(gather):
+    n, batch, extra, world = 50, 8, 9, 2
+    drawn = {}
+    for rank in range(world):
+        steps = StepBatches(n, batch, Context(rank, world, torch.device("cpu")), seed=1, start=3)
+        pairs = zip(steps.global_batches(), ReferenceBatches(steps, extra, gather))
+        drawn[rank] = [(b.tolist(), r) for b, r in (next(pairs) for _ in range(10))]
+    for step in range(10):
+        full = drawn[0][step][0]
+        assert full == drawn[1][step][0]
+        for rank in range(world):
+            ref = drawn[rank][step][1]
+            own = full[rank * batch // world:(rank + 1) * batch // world]
+            assert len(ref) == extra and len(set(ref)) == extra
+            assert not set(ref) & set(full if gather else own)
+        if gather:  # the ranks' extras are disjoint: the gathered reference has no repeats
+            assert not set(drawn[0][step][1]) & set(drawn[1][step][1])
