@@ -10,6 +10,7 @@ download (through torchvision); every other dataset reads local files and nothin
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -81,6 +82,13 @@ def read_image(path: Path, size: int, pre_crop: int | None = None) -> torch.Tens
     return torch.from_numpy(np.array(_center_crop(img, size))).permute(2, 0, 1).contiguous()
 
 
+def decode_all(data: Dataset, batch: int = 256) -> torch.Tensor:
+    """Every item of a file-backed dataset in one uint8 tensor, decoded by parallel workers."""
+    workers = min(8, os.cpu_count() or 1) if len(data) > 4 * batch else 0
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers)
+    return torch.cat(list(loader))
+
+
 def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     """uint8 (N, C, H, W) -> uint8 (N, C, size, size): antialiased bilinear, rounded, chunked."""
     if x.shape[-2:] == (size, size):
@@ -112,7 +120,10 @@ class DataSpec(Component):
         if split not in self.splits:
             raise UserError(f"dataset {self.name!r} has no split {split!r}; "
                             f"valid splits: {', '.join(self.splits)}")
-        return self.load(split)
+        data = self.load(split)
+        if getattr(self, "in_memory", False) and not isinstance(data, InMemory):
+            data = InMemory(decode_all(data))
+        return data
 
     def load(self, split: str) -> Dataset:
         raise NotImplementedError
@@ -131,6 +142,7 @@ class ImageData(DataSpec):
     random_flip: bool = False
     dequantization: Literal["none", "uniform"] = "none"
     download: bool = False
+    in_memory: bool = False  # decode every image file once, at start (fast STF reference batches)
 
     @model_validator(mode="after")
     def _check_size_and_download(self):

@@ -111,6 +111,8 @@ def test_folder_reads_nested_rgb_and_gray_images(tmp_path):
     assert items[0][0].float().std() > 10  # the gray ramp survives as a ramp
     with pytest.raises(UserError, match="only has a 'train' split"):
         Folder(root=str(tmp_path)).create("test")
+    cached = Folder(root=str(tmp_path), image_size=16, in_memory=True).create("train")
+    assert torch.equal(cached.data, torch.stack(items))  # decoded once, same pixels
 
 
 def test_folder_train_test_subfolders(tmp_path):
