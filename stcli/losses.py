@@ -8,7 +8,9 @@ weighting lambda and time density p(t) on [tau, T] gives the per-sample Monte Ca
 an unbiased estimate of L(theta; lambda, tau) = 1/2 int_tau^T lambda E||s_theta - grad log p_0t||^2 dt.
 p(t) = q(t)/N with q = g^2/sigma^2, N = Z_tau for importance sampling (Eq. 9) and q = 1,
 N = T - tau for uniform sampling.  Soft Truncation draws tau ~ P once per step (Sec. 4.2);
-`g2_P` is lambda = F_P(t) g^2(t), its expectation (Eq. 10).
+`g2_P` is lambda = F_P(t) g^2(t), its expectation (Eq. 10).  `lognormal` time sampling draws
+log(sigma/mu) ~ N(m, s^2) restricted to [tau, T] (Karras et al. 2022); with it, weighting `edm`
+is their objective E_sigma[lambda(sigma) ||D - x0||^2] = E[(s^2 + sd^2)/sd^2 ||eps - z||^2].
 
 The denoising target is z itself (`dsm`) or the Stable Target Field target (`stf`, seed 002),
 which replaces x0 by a self-normalised importance-weighted average over a reference batch.
@@ -16,10 +18,11 @@ which replaces x0 by a self-normalised importance-weighted average over a refere
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
 
 from stcli import truncation  # noqa: F401  (registers the truncation specs used below)
 from stcli.registry import TARGETS, TRUNCATIONS, Component
@@ -107,9 +110,12 @@ class ScoreMatchingLoss(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weighting: Literal["likelihood", "variance", "g2_P"] = "likelihood"
+    weighting: Literal["likelihood", "variance", "g2_P", "edm"] = "likelihood"
     weighting_P: TruncationSpec | None = None  # P of lambda = g^2_P (Eq. 10)
-    time_sampling: Literal["importance", "uniform"] = "importance"
+    time_sampling: Literal["importance", "uniform", "lognormal"] = "importance"
+    lognormal_mean: float = -1.2  # of log(sigma/mu) under lognormal time sampling (EDM P_mean)
+    lognormal_std: PositiveFloat = 1.2  # (EDM P_std)
+    sigma_data: PositiveFloat = 0.5  # of the edm weighting
     reduce: Literal["mean", "sum"] = "sum"
     reconstruction: bool = False  # add R_tau (Eq. 7) at the step's tau
     scale_by_Z: bool = True  # multiply by the normaliser N (Eq. 9); RVE reproductions set false
@@ -119,10 +125,14 @@ class ScoreMatchingLoss(BaseModel):
     def _needs_P(self):
         if (self.weighting == "g2_P") != (self.weighting_P is not None):
             raise ValueError("weighting g2_P needs weighting_P (and weighting_P needs g2_P)")
+        if self.weighting == "edm" and self.time_sampling != "lognormal":
+            raise ValueError("weighting edm is defined with time_sampling lognormal")
         return self
 
     def weight(self, sde: LinearSDE, t: torch.Tensor, tau: float) -> torch.Tensor:
         """lambda / (sigma^2 p) as a function of t, for the chosen weighting and sampler."""
+        if self.time_sampling == "lognormal":
+            return self._lognormal_weight(sde, t, tau).to(t.dtype)
         if self.time_sampling == "importance":  # lambda / (sigma^2 q) = lambda / g^2
             ratio = {
                 "likelihood": lambda: torch.ones_like(t),
@@ -139,9 +149,35 @@ class ScoreMatchingLoss(BaseModel):
             norm = (sde.T - tau) if self.scale_by_Z else 1.0
         return torch.as_tensor(norm, dtype=t.dtype, device=t.device) * ratio.to(t.dtype)
 
+    def _lognormal_bounds(self, sde: LinearSDE, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised log(sigma/mu) = A(t)/2 at tau and T, and their normal CDFs' gap."""
+        a = sde.antiderivative(torch.tensor([tau, sde.T], dtype=torch.float64)) / 2
+        lo, hi = (a - self.lognormal_mean) / self.lognormal_std
+        return lo, torch.special.ndtr(hi) - torch.special.ndtr(lo)
+
+    def _lognormal_weight(self, sde: LinearSDE, t: torch.Tensor, tau: float) -> torch.Tensor:
+        t64 = t.double()
+        if self.weighting == "edm":  # lambda sigma~^2 = (s^2 + sd^2)/sd^2 (Karras et al. Eq. 8)
+            s2 = torch.exp(sde.antiderivative(t64))
+            return (s2 + self.sigma_data**2) / self.sigma_data**2
+        # p(t) = phi(u)/(s mass) d(A/2)/dt with u the standardised A(t)/2 and dA/dt = g^2/sigma^2
+        u = (sde.antiderivative(t64) / 2 - self.lognormal_mean) / self.lognormal_std
+        mass = self._lognormal_bounds(sde, tau)[1]
+        q = sde.g2(t64) / sde.var(t64)
+        p = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi) / (self.lognormal_std * mass) * q / 2
+        lam = {"likelihood": lambda: sde.g2(t64), "variance": lambda: sde.var(t64),
+               "g2_P": lambda: self.weighting_P.cdf(t64) * sde.g2(t64)}[self.weighting]()
+        return lam / (sde.var(t64) * p)
+
     def sample_time(self, sde: LinearSDE, n: int, tau: float, generator, device) -> torch.Tensor:
         if self.time_sampling == "importance":
             return sde.sample_time(n, tau, generator=generator, device=device)[0]
+        if self.time_sampling == "lognormal":  # inverse CDF of the normal restricted to [tau, T]
+            lo, mass = self._lognormal_bounds(sde, tau)
+            u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+            z = torch.special.ndtri(torch.special.ndtr(lo).to(device) + u * mass.to(device))
+            a = 2 * (self.lognormal_mean + self.lognormal_std * z)
+            return sde.antiderivative_inv(a).clamp(tau, sde.T).float()
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
         return (tau + u * (sde.T - tau)).float()
 

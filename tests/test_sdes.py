@@ -16,6 +16,7 @@ SPECS = {
     "vp": dict(beta_min=0.1, beta_max=20.0),
     "subvp": dict(beta_min=0.1, beta_max=20.0),
     "rve": dict(sigma_min=1e-3, sigma_max=90.0),
+    "edm": dict(sigma_max=80.0),
 }
 
 
@@ -33,7 +34,7 @@ def test_mean_and_variance_solve_eqs_13_14(name):
     sde = build(name)
     # start: t=0 with mu=1 and var=0 (VE starts at sigma_min^2 by its convention; RVE's var and
     # g^2 vanish faster than any power at 0, so it starts where var is ~1e-14 of sigma_min^2)
-    t0 = {"ve": 0.0, "vp": 0.0, "subvp": 0.0, "rve": EPS / 4}[name]
+    t0 = {"ve": 0.0, "vp": 0.0, "subvp": 0.0, "rve": EPS / 4, "edm": 0.0}[name]
     y0 = [1.0, {"ve": 0.01**2, "rve": f64(sde, "var", t0)}.get(name, 0.0)]
 
     def rhs(t, y):
@@ -155,5 +156,5 @@ def test_bad_parameters_are_user_errors():
 
     with pytest.raises(UserError, match="sigma_max"):
         SDES.build("ve", sigma_min=10.0, sigma_max=1.0)
-    with pytest.raises(UserError, match="available: rve, subvp, ve, vp"):
+    with pytest.raises(UserError, match="available: edm, rve, subvp, ve, vp"):
         SDES.build("vq")

@@ -14,19 +14,34 @@ from stcli.sdes import LinearSDE, _bcast
 
 
 class ScoreModel(nn.Module):
-    """A backbone with its SDE: forward(x, t) is the noise prediction, score(x, t) the score."""
+    """A backbone with its SDE: forward(x, t) is the noise prediction, score(x, t) the score.
 
-    def __init__(self, backbone: nn.Module, sde: LinearSDE, time_input: str):
+    preconditioning "edm" (Karras et al. 2022, Table 1) wraps the backbone F in the scaled
+    variables x~ = x/mu, s = sigma/mu: D(x~) = c_skip x~ + c_out F(c_in x~, eta) with
+    c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), and
+    predicts the noise eps = (x~ - D)/s.  F = 0 is then the exact denoiser of N(0, sd^2 I).
+    """
+
+    def __init__(self, backbone: nn.Module, sde: LinearSDE, time_input: str,
+                 preconditioning: str = "none", sigma_data: float = 0.5):
         super().__init__()
         self.backbone, self.sde, self.time_input = backbone, sde, time_input
+        self.preconditioning, self.sigma_data = preconditioning, sigma_data
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eta = self.sde.time_input(t, self.time_input).to(x.dtype)
-        return self.backbone(x, eta)
+        if self.preconditioning == "none":
+            return self.backbone(x, eta)
+        mu = _bcast(self.sde.mean_coef(t), x)
+        s, sd2 = _bcast(self.sde.std(t), x) / mu, self.sigma_data**2
+        xs, norm = x / mu, torch.rsqrt(s * s + sd2)
+        out = self.backbone(xs * norm, eta)
+        return xs * (s * norm * norm) - (self.sigma_data * norm) * out  # (x~ - D)/s
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -self(x, t) / _bcast(self.sde.std(t), x)
 
 
 def build_score_model(net_spec, sde: LinearSDE, shape: tuple[int, ...]) -> ScoreModel:
-    return ScoreModel(net_spec.create(shape=shape), sde, net_spec.time_input)
+    return ScoreModel(net_spec.create(shape=shape), sde, net_spec.time_input,
+                      net_spec.preconditioning, net_spec.sigma_data)

@@ -36,6 +36,8 @@ class NetSpec(Component):
 
     time_input: TimeInput = "t999"
     fourier_scale: PositiveFloat = 16.0  # std of the Fourier frequencies (embedding "fourier")
+    preconditioning: Literal["none", "edm"] = "none"  # see stcli.nets.ScoreModel
+    sigma_data: PositiveFloat = 0.5  # the data's standard deviation, for preconditioning edm
 
 
 def batch_eta(eta: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
