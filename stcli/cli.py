@@ -262,6 +262,43 @@ def nll(
         report(result, opts, ckpt, Path(json_path) if json_path else None)
 
 
+@app.command()
+def diagnose(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
+    out: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--out", show_default=False,
+        help="Folder for diagnose.png and diagnose.json (default: CKPT's folder/diagnose).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the JSON (as written to diagnose.json) instead of the table.")] = False,
+    split: Annotated[str, typer.Option("--split", help="Data split the x0 come from.")] = "test",
+    limit: Annotated[int, typer.Option("--limit", help="Data points x0 used at every t.")] = 256,
+    points: Annotated[int, typer.Option(
+        "--points", help="Times t on the log-spaced grid from eps to T (Fig. 1a).")] = 40,
+    samples: Annotated[int, typer.Option(
+        "--samples", help="Monte Carlo draws t ~ p_iw,tau per tau (Figs. 6a/6b).")] = 512,
+    tau: Annotated[Optional[list[float]], typer.Option(  # noqa: UP007
+        "--tau", show_default=False, help="Truncation time of Fig. 6b, repeatable (eps is always "
+        "included; default 1e-3, 1e-2, 1e-1).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Network batch size.")] = 256,
+    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+):
+    """The variational bound's integrand and the importance-weighted loss per diffusion time
+    (the paper's Figs. 1a, 6a, 6b), plus Fig. 7's quantiles and Fig. 6c's density, for CKPT."""
+    from pathlib import Path
+
+    from stcli.diagnose import DiagnoseOptions, report, write
+    from stcli.diagnose import diagnose as run_diagnose
+
+    opts = DiagnoseOptions(split=split, limit=limit, points=points, samples=samples,
+                           taus=tuple(tau) if tau else DiagnoseOptions.taus,
+                           batch_size=batch_size, weights=weights, seed=seed, device=device)
+    result = run_diagnose(ckpt, opts)
+    files = write(result, Path(out) if out else Path(ckpt).parent / "diagnose")
+    report(result, files, as_json)
+
+
 def _relaunch_if_asked(procs: int) -> None:
     """With --procs N > 1 outside torchrun: run this same command in N processes, then exit."""
     from stcli import distributed
