@@ -42,7 +42,6 @@ from stcli.registry import METRICS, Component
 
 INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "st-random-64"
-EXTRACTORS = (INCEPTION, TEST_EXTRACTOR)
 WEIGHTS_URL = URL_INCEPTION_V3
 WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 DEFAULT_CACHE = Path("~/.cache/st/fidelity")
@@ -54,20 +53,10 @@ def warn(message: str) -> None:
     err_console.print(message, markup=False)
 
 
-class RandomFeatures(FeatureExtractorBase):
-    """A tiny fixed random network for tests: no download, deterministic, fast on a CPU.
-
-    uint8 (B, 3, H, W) -> resized to 16x16 -> two random 3x3 convolutions (stride 2, ReLU)
-    -> global average pool: 64 features ("64"), and 10 random linear logits of them
-    ("logits").  Its numbers mean nothing outside tests.
-    """
-
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list)
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("w1", torch.randn(32, 3, 3, 3, generator=g) / 27**0.5)
-        self.register_buffer("w2", torch.randn(64, 32, 3, 3, generator=g) / 288**0.5)
-        self.register_buffer("head", torch.randn(10, 64, generator=g))
+class SmallFeatures(FeatureExtractorBase):
+    """Base of small extractors registered with torch-fidelity: subclasses define
+    ``pool(x)`` (uint8 (B, C, H, W) -> (B, 64)) and ``logits(pool)`` (-> (B, 10)); features
+    "64" (FID, KID, PRC) and "logits" (IS)."""
 
     @staticmethod
     def get_provided_features_list():
@@ -86,11 +75,33 @@ class RandomFeatures(FeatureExtractorBase):
         return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
 
     def forward(self, x):
+        pool = self.pool(x)
+        features = {"64": pool, "logits": self.logits(pool)}
+        return tuple(features[k] for k in self.features_list)
+
+
+class RandomFeatures(SmallFeatures):
+    """A tiny fixed random network for tests: no download, deterministic, fast on a CPU.
+
+    uint8 (B, 3, H, W) -> resized to 16x16 -> two random 3x3 convolutions (stride 2, ReLU)
+    -> global average pool: 64 features ("64"), and 10 random linear logits of them
+    ("logits").  Its numbers mean nothing outside tests.
+    """
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w1", torch.randn(32, 3, 3, 3, generator=g) / 27**0.5)
+        self.register_buffer("w2", torch.randn(64, 32, 3, 3, generator=g) / 288**0.5)
+        self.register_buffer("head", torch.randn(10, 64, generator=g))
+
+    def pool(self, x):
         x = F.interpolate(x.float() / 127.5 - 1, size=(16, 16), mode="bilinear")
         h = F.relu(F.conv2d(x, self.w1, stride=2, padding=1))
-        pool = F.relu(F.conv2d(h, self.w2, stride=2, padding=1)).mean((2, 3))
-        features = {"64": pool, "logits": pool @ self.head.T}
-        return tuple(features[k] for k in self.features_list)
+        return F.relu(F.conv2d(h, self.w2, stride=2, padding=1)).mean((2, 3))
+
+    def logits(self, pool):
+        return pool @ self.head.T
 
 
 if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
@@ -119,9 +130,9 @@ class Settings:
 
     def layers(self) -> dict[str, str]:
         """{"pool": layer of FID/KID/PRC, "logits": layer of IS} of the extractor."""
-        if self.extractor not in EXTRACTORS:
-            raise UserError(f"unknown feature extractor {self.extractor!r}; "
-                            f"available: {', '.join(EXTRACTORS)}")
+        if self.extractor not in FEATURE_EXTRACTORS_REGISTRY:  # ours and any registered one
+            raise UserError(f"unknown feature extractor {self.extractor!r}; available: "
+                            f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
         cls = FEATURE_EXTRACTORS_REGISTRY[self.extractor]
         return {role: cls.get_default_feature_layer_for_metric(metric)
                 for role, metric in (("pool", "fid"), ("logits", "isc"))}

@@ -1,0 +1,93 @@
+"""Tables of the reproduction: mean ± standard error over seeds for every (data set, loss), and
+the paired differences to vanilla likelihood weighting L(θ; g², ε) (same seed, same test items).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+COLUMNS = {  # data set -> (result key, header, scale)
+    "digits": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("fid", "FID (digit CNN)", 1)),
+    "toy2d": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("kl", "NLL − H(p) (bpd)", 1),
+              ("mmd2_h0.1", "MMD² h=0.1 (×10³)", 1e3), ("mmd2_h1", "MMD² h=1 (×10³)", 1e3)),
+}
+BASELINE = "g2"
+
+
+def scalar(result: dict, key: str) -> float:
+    """One number per run: the mean of NLL/NELBO rows, or the score itself."""
+    if key == "kl":
+        return result["nll"]["mean"] - result["data_entropy_bpd"]
+    value = result[key]
+    return value["mean"] if isinstance(value, dict) else value
+
+
+def mean_se(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "se": se, "n": len(v)}
+
+
+def aggregate(results: list[dict]) -> dict[str, list[dict]]:
+    """Per data set, one row per loss (in the order met): label, tables, {key: mean_se}."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["data"], r["variant"])].append(r)
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for (data, variant), runs in groups.items():
+        runs.sort(key=lambda r: r["seed"])
+        row = {"variant": variant, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs],
+               "train_s": mean_se([r["train_s"] for r in runs]),
+               "eval_s": mean_se([r["eval_s"] for r in runs])}
+        for key, _, _ in COLUMNS[data]:
+            row[key] = mean_se([scalar(r, key) for r in runs])
+        rows[data].append(row)
+    return dict(rows)
+
+
+def paired(results: list[dict]) -> dict[str, list[dict]]:
+    """Per data set and loss: mean ± s.e. over seeds of (loss − baseline) for every column."""
+    by = {(r["data"], r["variant"], r["seed"]): r for r in results}
+    out: dict[str, list[dict]] = defaultdict(list)
+    for data, variant in dict.fromkeys((r["data"], r["variant"]) for r in results):
+        seeds = sorted(s for (d, v, s) in by if d == data and v == variant
+                       and (d, BASELINE, s) in by)
+        if variant == BASELINE or not seeds:
+            continue
+        row = {"variant": variant, "label": by[(data, variant, seeds[0])]["label"]}
+        for key, _, _ in COLUMNS[data]:
+            row[key] = mean_se([scalar(by[(data, variant, s)], key)
+                                - scalar(by[(data, BASELINE, s)], key) for s in seeds])
+        out[data].append(row)
+    return dict(out)
+
+
+def fmt(stat: dict, scale: float = 1.0) -> str:
+    m, se = stat["mean"] * scale, stat["se"] * scale
+    digits = max(2, 1 - math.floor(math.log10(se))) if se > 0 and math.isfinite(se) else 3
+    digits = min(digits, 5)
+    return f"{m:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{m:.{digits}f}"
+
+
+def markdown(rows: list[dict], data: str, extra: tuple[str, ...] = ("tables", "time")) -> str:
+    cols = COLUMNS[data]
+    head = ["loss", *(h for _, h, _ in cols)] + (["train + eval s"] if "time" in extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"], *(fmt(row[k], s) for k, _, s in cols)]
+        if "time" in extra:
+            cells.append(f"{row['train_s']['mean']:.0f} + {row['eval_s']['mean']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_markdown(rows: list[dict], data: str) -> str:
+    cols = COLUMNS[data]
+    head = ["loss − L(θ; g², ε)", *(f"Δ {h}" for _, h, _ in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["label"], *(fmt(row[k], s) for k, _, s in cols)]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Reproduce the Soft Truncation paper's findings at small scale on 2 CPU cores: Table 4 (and
+Table 7's P_k on toy2d) with several seeds, and Figs. 1a, 6a-c and 7.
+
+    python benchmarks/repro/run.py              # full run (docs/reproduction.md); docs/img/
+    python benchmarks/repro/run.py --quick      # tiny budgets (< 5 min); runs/repro-quick/
+    python benchmarks/repro/run.py --dry-run    # build every recipe and component; train nothing
+
+Jobs run in `--jobs` worker processes (default 2) with one thread each; a job whose
+result.json matches its recipe is not run again (`--force` reruns everything).  Writes
+<out>/results.json (every number), <out>/tables.md, <out>/diagnose/<loss>/ and the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per worker
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import report  # noqa: E402
+from variants import ROOT, Job, Plan  # noqa: E402
+
+DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
+QUALITY = {"digits": ("fid", "FID (digit CNN)"), "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1)")}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in < 5 min")
+    p.add_argument("--dry-run", action="store_true", help="build every recipe/component, no training")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    p.add_argument("--data", nargs="+", default=["digits", "toy2d"], choices=["digits", "toy2d"])
+    p.add_argument("--out", type=Path, help="output folder (default runs/repro or runs/repro-quick)")
+    p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
+    p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
+    args = p.parse_args(argv)
+    args.out = args.out or ROOT / "runs" / ("repro-quick" if args.quick else "repro")
+    args.img = args.img or (args.out / "img" if args.quick else ROOT / "docs" / "img")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    plan = Plan(args.quick, args.out, tuple(args.data))
+    if args.dry_run:
+        return dry_run(plan)
+    torch.set_num_threads(1)
+    os.chdir(ROOT)  # the recipes' train.out_dir are relative to the repository root
+    if args.force:
+        for sub in ("jobs", "classifier"):
+            shutil.rmtree(args.out / sub, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"quick": args.quick, "figures": sde_figures(args.img)}
+    classifier = prepare_classifier(args.out, summary) if "digits" in args.data else None
+    results = run_jobs(plan.jobs, classifier, args.jobs)
+    summary["diagnose"] = diagnose_checkpoints(plan, args)
+    sample_figures(plan, args)
+    summary.update(tables(results, args))
+    summary["wall_s"] = time.perf_counter() - t0
+    (args.out / "results.json").write_text(json.dumps({**summary, "runs": results}, indent=1))
+    print(f"\ntotal wall time {summary['wall_s'] / 60:.1f} min; results in {args.out}")
+    return summary
+
+
+# --- dry run -------------------------------------------------------------------------------------
+def dry_run(plan: Plan) -> dict:
+    """Build each job's recipe, data, net, truncation, loss (one forward, no backward) and
+    sampler, the digit classifier and the mixture; print the equivalent `st train` commands."""
+    from stcli.nets import build_score_model
+    from stcli.sample import resolve_sampler
+
+    import digits_fid
+
+    built = []
+    for job in plan.jobs:
+        recipe = job.recipe()
+        x0 = recipe.data.transform(torch.stack([recipe.data.create("train")[i] for i in range(4)]))
+        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape)
+        tau = recipe.truncation.sample(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0))
+        resolve_sampler(recipe.sample, {"name": "heun", "steps": job.budget.sampler_steps})
+        if job.data.key == "toy2d":
+            recipe.data.gmm_params()
+        assert torch.isfinite(loss).all(), job.command()
+        built.append(job.command())
+        print(job.command())
+    digits_fid.extractor(None)
+    print(f"dry run: {len(built)} jobs built")
+    return {"built": built}
+
+
+# --- the steps -----------------------------------------------------------------------------------
+def sde_figures(img: Path) -> dict:
+    import figures
+
+    quantiles = figures.fig7_quantiles(img / "repro_fig7_quantiles.png")
+    mass = figures.fig6c_lambda_P(img / "repro_fig6c_lambda_P.png")
+    print(f"Fig. 7 quartiles of t_iw (VP): {quantiles}")
+    for label, below in mass.items():
+        print(f"Fig. 6c {label}: " + ", ".join(f"P(t <= {x}) = {p:.3f}" for x, p in below.items()))
+    return {"fig7_quantiles": quantiles, "fig6c_mass_below": mass}
+
+
+def prepare_classifier(out: Path, summary: dict) -> Path:
+    import digits_fid
+
+    path = out / "classifier" / "digits_cnn.safetensors"
+    info = path.with_suffix(".json")
+    if not (path.is_file() and info.is_file()):
+        info.parent.mkdir(parents=True, exist_ok=True)
+        stats = digits_fid.train_classifier(path)
+        ext = digits_fid.extractor(path)
+        feats = {s: digits_fid.features(digits_fid.digit_split(s)[0], ext) for s in ("train", "test")}
+        stats["fid_test_vs_train"] = digits_fid.fid(feats["test"], feats["train"])
+        info.write_text(json.dumps(stats))
+    summary["classifier"] = json.loads(info.read_text())
+    print(f"digit classifier: {summary['classifier']}")
+    return path
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _pool(n: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
+
+
+def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
+    """Every job in n workers, longest (digits) first; one line per finished job."""
+    from evaluate import run_job
+
+    results = []
+    with _pool(n) as pool:
+        futures = {pool.submit(run_job, job, classifier): job for job in jobs}
+        for i, fut in enumerate(as_completed(futures), 1):
+            r = fut.result()
+            score = f"FID {r['fid']:.2f}" if "fid" in r else f"MMD² {r['mmd2_h0.1']:.2e}"
+            print(f"[{i}/{len(jobs)}] {r['data']} {r['variant']} seed {r['seed']}: "
+                  f"NLL {r['nll']['mean']:.4f} NELBO {r['nelbo']['mean']:.4f} {score} "
+                  f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
+            results.append(r)
+    return sorted(results, key=lambda r: (r["data"], r["variant"], r["seed"]))
+
+
+def _diagnose_one(ckpt: Path, out: Path, quick: bool) -> dict:
+    from stcli.diagnose import DiagnoseOptions, diagnose, write
+
+    torch.set_num_threads(1)
+    opts = DiagnoseOptions(limit=16 if quick else 256, points=8 if quick else 40,
+                           samples=32 if quick else 512, device="cpu")
+    result = diagnose(ckpt, opts)
+    write(result, out)
+    return result
+
+
+def diagnose_checkpoints(plan: Plan, args) -> dict:
+    """`st diagnose` on seed 0 of each digits loss; Fig. 1a across losses, Figs. 6a/6b of g²."""
+    import figures
+
+    jobs = [j for j in plan.jobs if j.data.key == "digits" and j.seed == 0
+            and j.variant.key in DIAG_LOSSES]
+    if not jobs:
+        return {}
+    with _pool(args.jobs) as pool:
+        futures = {j: pool.submit(_diagnose_one, j.out_dir / "ckpt.safetensors",
+                                  args.out / "diagnose" / j.variant.key, args.quick) for j in jobs}
+        diag = {j.variant.label: f.result() for j, f in futures.items()}
+    figures.fig1a_by_loss(diag, args.img / "repro_fig1a_integrand.png")
+    shutil.copy(args.out / "diagnose" / "g2" / "diagnose.png", args.img / "repro_diagnose_g2.png")
+    shutil.copy(args.out / "diagnose" / "st_P1" / "diagnose.png", args.img / "repro_diagnose_st_P1.png")
+    return {label: {"t": d["integrand"]["t"], "dsm_bpd": [v / np.log(2) for v in d["integrand"]["dsm"]],
+                    "seconds": d["seconds"]} for label, d in diag.items()}
+
+
+def sample_figures(plan: Plan, args) -> None:
+    """Samples of seed 0 of each loss: digit grids, mixture scatter plots."""
+    import figures
+
+    seed0 = {(j.data.key, j.variant.key): j for j in plan.jobs if j.seed == 0}
+    for data in ("digits", "toy2d"):
+        picked = {j.variant.label: _npz(j) for (d, _), j in seed0.items() if d == data}
+        if not picked:
+            continue
+        if data == "digits":
+            figures.sample_grids(picked, args.img / "repro_samples_digits.png")
+        else:
+            gmm = seed0[("toy2d", "g2")].recipe().data.gmm_params()
+            figures.scatter_samples(picked, gmm, args.img / "repro_samples_toy2d.png")
+
+
+def _npz(job: Job) -> np.ndarray:
+    with np.load(job.out_dir / "samples" / "samples.npz", allow_pickle=False) as z:
+        return z["arr_0"]
+
+
+def tables(results: list[dict], args) -> dict:
+    import figures
+
+    rows, diffs = report.aggregate(results), report.paired(results)
+    text = []
+    for data, data_rows in rows.items():
+        key, label = QUALITY[data]
+        figures.tradeoff(data_rows, key, label, args.img / f"repro_tradeoff_{data}.png",
+                         f"{data}: NLL vs sample quality (mean ± s.e. over seeds)")
+        text += [f"### {data}", "", report.markdown(data_rows, data), "",
+                 report.paired_markdown(diffs.get(data, []), data), ""]
+    (args.out / "tables.md").write_text("\n".join(text))
+    print("\n" + "\n".join(text))
+    return {"tables": rows, "paired": diffs}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""benchmarks/repro: every recipe variant builds (`--quick --dry-run`), and the formulas of the
+reproduction (MMD to a Gaussian mixture, the digit-classifier FID, mean ± s.e. tables) against
+independent references."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from scipy.stats import multivariate_normal
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))
+import digits_fid  # noqa: E402
+import gmm_mmd  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+from variants import DATASETS, TABLE4, TABLE7, Plan  # noqa: E402
+
+MEANS = torch.tensor([[0.0, 0.0], [1.5, -0.5], [-1.0, 2.0]], dtype=torch.float64)
+STD, WEIGHTS = 0.3, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+GMM = (MEANS, STD, WEIGHTS)
+
+
+def gmm_samples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(WEIGHTS, n, replacement=True, generator=g)
+    return MEANS[k] + STD * torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
+    out = run.main(["--quick", "--dry-run", "--out", str(tmp_path)])
+    keys = {v.key for v in TABLE4} | {v.key for v in TABLE7}
+    assert len(out["built"]) == 2 * len(TABLE4) + 2 * (len(TABLE4) + len(TABLE7))
+    assert all(any(f"{k}_s" in c for c in out["built"]) for k in keys)
+    assert "24 jobs built" in capsys.readouterr().out
+    full = Plan(False, tmp_path)  # the full plan: >= 3 seeds, every recipe valid
+    assert all(len(d.full.seeds) >= 3 for d in DATASETS.values())
+    for job in full.jobs:
+        recipe = job.recipe()
+        assert recipe.train.steps == job.budget.steps and recipe.seed == job.seed
+
+
+def test_variants_set_the_papers_losses(tmp_path):
+    jobs = {j.variant.key: j.recipe() for j in Plan(True, tmp_path, ("digits",)).jobs}
+    assert jobs["g2"].truncation.name == "hard" and jobs["g2"].loss.weighting == "likelihood"
+    assert jobs["var"].loss.weighting == "variance" and jobs["var"].loss.time_sampling == "uniform"
+    assert jobs["g2P1"].loss.weighting_P.k == 1.0 and jobs["g2P1"].truncation.name == "hard"
+    assert jobs["st_P0.9"].truncation.k == 0.9 and jobs["st_P1"].truncation.k == 1.0
+
+
+def test_mmd_data_terms_match_monte_carlo():
+    y, y2 = gmm_samples(200000, 1), gmm_samples(200000, 2)
+    x = torch.tensor([[0.1, 0.2], [2.0, 0.0], [-1.0, 1.5]], dtype=torch.float64)
+    for h in (0.2, 1.0):
+        k = torch.exp(-torch.cdist(x, y).pow(2) / (2 * h**2))
+        assert torch.allclose(gmm_mmd.data_kernel_mean(x, *GMM, h), k.mean(1), atol=3e-3)
+        kyy = torch.exp(-(y - y2).pow(2).sum(1) / (2 * h**2))
+        se = float(kyy.std()) / math.sqrt(len(kyy))
+        assert abs(gmm_mmd.data_data_kernel_mean(*GMM, h) - float(kyy.mean())) < 4 * se
+
+
+def test_mmd_is_zero_for_data_and_positive_for_wrong_samples():
+    data = gmm_samples(3000, 3)
+    wrong = data * 1.3  # modes too far apart and too wide
+    for h in (0.2, 1.0):
+        assert abs(gmm_mmd.mmd2(data, GMM, h)) < 2e-3
+        assert gmm_mmd.mmd2(wrong, GMM, h) > 1e-2
+    x = gmm_samples(7, 4)  # the U-statistic: mean of k over the n(n-1) off-diagonal pairs
+    k = torch.exp(-torch.cdist(x, x).pow(2) / 2)
+    assert math.isclose(gmm_mmd.sample_kernel_mean(x, 1.0, chunk=3),
+                        float((k.sum() - 7) / 42), rel_tol=1e-12)
+
+
+def test_mixture_log_density_matches_scipy():
+    x = gmm_samples(5, 5)
+    expected = np.log(sum(w * multivariate_normal(m.numpy(), STD**2 * np.eye(2)).pdf(x.numpy())
+                          for m, w in zip(MEANS, WEIGHTS.numpy())))
+    assert np.allclose(gmm_mmd.data_logp(x, GMM).numpy(), expected, rtol=1e-10)
+
+
+def test_digit_fid_is_torch_fidelitys_frechet_distance_of_registered_features():
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    assert FEATURE_EXTRACTORS_REGISTRY[digits_fid.NAME] is digits_fid.DigitFeatures
+    ext = digits_fid.extractor(None)  # untrained: the shapes and the registry are what matter
+    images, labels = digits_fid.digit_split("test")
+    assert digits_fid.features(images, ext).shape == (297, 64) and len(labels) == 297
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(400, 8, generator=g, dtype=torch.float64) @ mix
+    b = 0.5 + torch.randn(300, 8, generator=g, dtype=torch.float64) @ mix.T
+    mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
+    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert math.isclose(digits_fid.fid(a, b), expected, rel_tol=1e-8)
+    assert abs(digits_fid.fid(a, a)) < 1e-8
+
+
+def test_classifier_training_is_deterministic(tmp_path):
+    first = digits_fid.train_classifier(tmp_path / "a.safetensors", epochs=1)
+    second = digits_fid.train_classifier(tmp_path / "b.safetensors", epochs=1)
+    assert first == second and first["test_accuracy"] > 0.5
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def _result(variant, seed, nll, fid):
+    return {"data": "digits", "variant": variant, "label": variant, "seed": seed,
+            "nll": {"mean": nll}, "nelbo": {"mean": nll + 0.1}, "fid": fid,
+            "train_s": 1.0, "eval_s": 2.0}
+
+
+def test_tables_mean_standard_error_and_paired_differences():
+    runs = [_result("g2", s, n, f) for s, n, f in ((0, 3.0, 10.0), (1, 3.2, 14.0), (2, 3.1, 12.0))]
+    runs += [_result("st_P1", s, n, f) for s, n, f in ((0, 3.0, 8.0), (1, 3.1, 11.0), (2, 3.2, 8.0))]
+    rows = {r["variant"]: r for r in report.aggregate(runs)["digits"]}
+    assert rows["g2"]["fid"]["mean"] == pytest.approx(12.0)
+    assert rows["g2"]["fid"]["se"] == pytest.approx(np.std([10, 14, 12], ddof=1) / np.sqrt(3))
+    (diff,) = report.paired(runs)["digits"]
+    assert diff["fid"]["mean"] == pytest.approx(-3.0)
+    assert diff["fid"]["se"] == pytest.approx(np.std([-2, -3, -4], ddof=1) / np.sqrt(3))
+    assert "12.00 ± 1.15" in report.markdown(report.aggregate(runs)["digits"], "digits")
