@@ -40,6 +40,7 @@ class Train(Section):
     batch_size: PositiveInt = 128  # global: split over ranks, then micro-batches
     micro_batches: PositiveInt = 1
     ema: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # rate min(ema, (1+n)/(10+n)) at update n, as score_sde's EMA
     log_every: PositiveInt = 50
     ckpt_every: PositiveInt = 10000
     snapshot_every: NonNegativeInt = 0  # keep ckpt-<step>.safetensors every this many steps

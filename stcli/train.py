@@ -254,8 +254,13 @@ class Trainer:
 
     @torch.no_grad()
     def update_ema(self) -> None:
+        """ema <- ema + (1 - rate)(theta - ema); with ema_warmup the rate of update n = step + 1
+        is min(ema, (1 + n)/(10 + n)), so early weights do not linger in short runs."""
+        n, rate = self.step + 1, self.cfg.ema
+        if self.cfg.ema_warmup:
+            rate = min(rate, (1 + n) / (10 + n))
         ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.cfg.ema)
+        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - rate)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 

@@ -215,3 +215,19 @@ def test_reference_indices_are_distinct_and_exclude_the_batch(gather):
             assert not set(ref) & set(full if gather else own)
         if gather:  # the ranks' extras are disjoint: the gathered reference has no repeats
             assert not set(drawn[0][step][1]) & set(drawn[1][step][1])
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_rate_warms_up_like_score_sde(tiny_recipe, warmup):
+    """Update n uses rate min(ema, (1 + n)/(10 + n)): from ema = 0 and weights 1, the first
+    update gives 1 - 2/11 with warm-up and 1 - 0.999 without."""
+    recipe = load_recipe(tiny_recipe("ema"), [f"train.ema_warmup={str(warmup).lower()}"])
+    trainer = Trainer(recipe, Context(0, 1, torch.device("cpu")))
+    with torch.no_grad():
+        for p, q in zip(trainer.model.parameters(), trainer.ema.parameters()):
+            p.fill_(1.0)
+            q.zero_()
+    trainer.update_ema()
+    expected = 1 - 2 / 11 if warmup else 1 - 0.999
+    for q in trainer.ema.parameters():
+        torch.testing.assert_close(q, torch.full_like(q, expected))

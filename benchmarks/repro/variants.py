@@ -104,7 +104,7 @@ class Job:
     def overrides(self) -> list[str]:
         out = self.out_dir.relative_to(ROOT) if self.out_dir.is_relative_to(ROOT) else self.out_dir
         return [*self.data.shorten, f"train.steps={self.budget.steps}",
-                f"train.ema={self.budget.ema}", *self.variant.overrides,
+                f"train.ema={self.budget.ema}", "train.ema_warmup=false", *self.variant.overrides,
                 f"seed={self.seed}", f"name={self.data.key}_{self.variant.key}_s{self.seed}",
                 f"train.out_dir={out}"]
 
