@@ -284,8 +284,7 @@ def diagnose(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
 ):
-    """The variational bound's integrand and the importance-weighted loss per diffusion time
-    (the paper's Figs. 1a, 6a, 6b), plus Fig. 7's quantiles and Fig. 6c's density, for CKPT."""
+    """The bound's integrand and the importance-weighted loss per diffusion time (Figs. 1a, 6, 7)."""
     from pathlib import Path
 
     from stcli.diagnose import DiagnoseOptions, report, write
