@@ -42,6 +42,18 @@ def tiny_recipe(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint of the tiny recipe after 2 training steps (one per test module)."""
+    from stcli.recipe import load_recipe
+    from stcli.train import train
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": 2}}
+    (root / "r.yaml").write_text(yaml.safe_dump(data))
+    return train(load_recipe(root / "r.yaml")).out_dir / "ckpt.safetensors"
+
+
 def run_st(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
     """Run `python -m stcli ...` in a subprocess (one thread, no GPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

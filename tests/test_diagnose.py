@@ -6,15 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from scipy.integrate import quad
 
-from conftest import TINY
 from stcli.cli import main
 from stcli.diagnose import bound_integrand, iw_losses, iw_quantiles, lambda_P_density, log_grid
-from stcli.recipe import load_recipe
 from stcli.sdes import RVE, VP
-from stcli.train import train
 from stcli.truncation import Hard, Power
 
 BMIN, BMAX, M, S, D = 0.1, 20.0, 0.3, 0.5, 16  # VP; data N(M, S^2 I) in D dimensions
@@ -113,11 +109,8 @@ def test_fig6c_lambda_P_density_equals_F_P_q_over_E_P_Z():
 
 # --- the command ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("diag")
-    data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": 2}}
-    (root / "r.yaml").write_text(yaml.safe_dump(data))
-    return train(load_recipe(root / "r.yaml")).out_dir / "ckpt.safetensors"
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 def st(capsys, *argv):

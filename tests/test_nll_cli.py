@@ -7,21 +7,13 @@ import pytest
 from conftest import run_st
 from stcli import checkpoint
 from stcli.cli import main
-from stcli.recipe import load_recipe
-from stcli.train import train
 
 FAST = ["--limit", "6", "--batch-size", "4", "--rtol", "1e-3", "--atol", "1e-3"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from conftest import TINY
-    import yaml
-
-    root = tmp_path_factory.mktemp("nll")
-    data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": 2}}
-    (root / "r.yaml").write_text(yaml.safe_dump(data))
-    return train(load_recipe(root / "r.yaml")).out_dir / "ckpt.safetensors"
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 def st(capsys, *argv):
