@@ -45,14 +45,16 @@ def stf_weights(x_t: torch.Tensor, mean_coef: torch.Tensor, std: torch.Tensor,
                 reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """w_ij = softmax_j(-||x_i - mu_i y_j||^2 / (2 sigma_i^2)), float64, shape (B, n).
 
-    ||x_i - mu y_j||^2 = ||x_i||^2 - 2 mu x_i.y_j + mu^2 ||y_j||^2; the first term is constant
-    in j and drops out of the softmax.  One matmul per chunk of the reference (converted to
-    float64 a chunk at a time): memory O(B n + chunk d), never B x n x d.
+    -||x_i - mu y_j||^2/(2 sigma^2) = (mu/sigma^2) x_i.y_j - (mu^2/(2 sigma^2)) ||y_j||^2 + c_i,
+    where c_i does not depend on j and drops out of the softmax: the logits are one matmul of
+    [x_i mu/sigma^2, -mu^2/(2 sigma^2)] with [y_j, ||y_j||^2] per chunk of the reference
+    (converted to float64 a chunk at a time): memory O(B n + chunk d), never B x n x d.
     """
     x = x_t.detach().flatten(1).double()
     mu, var = mean_coef.double()[:, None], std.double().pow(2)[:, None]
+    lhs = torch.cat([x * (mu / var), -0.5 * mu.pow(2) / var], 1)
     logits = torch.cat([
-        (mu * (x @ y.T) - 0.5 * mu.pow(2) * y.pow(2).sum(1)) / var
+        lhs @ torch.cat([y, y.pow(2).sum(1, keepdim=True)], 1).T
         for y in (c.detach().flatten(1).double() for c in reference.split(chunk))
     ], dim=1)
     return torch.softmax(logits, dim=1)
