@@ -37,6 +37,8 @@ def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
     assert len(out["built"]) == 2 * len(TABLE4) + 2 * (len(TABLE4) + len(TABLE7))
     assert all(any(f"{k}_s" in c for c in out["built"]) for k in keys)
     assert "24 jobs built" in capsys.readouterr().out
+    stf = run.main(["--quick", "--dry-run", "--data", "toy2d_stf", "--out", str(tmp_path)])
+    assert len(stf["built"]) == 8 and sum("name: stf" in c for c in stf["built"]) == 4
     full = Plan(False, tmp_path)  # the full plan: >= 3 seeds, every recipe valid
     assert all(len(d.full.seeds) >= 3 for d in DATASETS.values())
     for job in full.jobs:

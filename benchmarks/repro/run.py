@@ -33,7 +33,8 @@ import report  # noqa: E402
 from variants import ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
-QUALITY = {"digits": ("fid", "FID (digit CNN)"), "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1)")}
+QUALITY = {"digits": ("fid", "FID (digit CNN)"), "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1)"),
+           "toy2d_stf": ("mmd2_h0.1", "MMD² (h = 0.1)")}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +42,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in < 5 min")
     p.add_argument("--dry-run", action="store_true", help="build every recipe/component, no training")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--data", nargs="+", default=["digits", "toy2d"], choices=["digits", "toy2d"])
+    p.add_argument("--data", nargs="+", default=["digits", "toy2d"],
+                   choices=["digits", "toy2d", "toy2d_stf"],
+                   help="toy2d_stf: Stable Target Field on the mixture (not in the default run)")
     p.add_argument("--out", type=Path, help="output folder (default runs/repro or runs/repro-quick)")
     p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
@@ -91,9 +94,11 @@ def dry_run(plan: Plan) -> dict:
         model = build_score_model(recipe.net, recipe.sde, recipe.data.shape)
         tau = recipe.truncation.sample(torch.Generator().manual_seed(0))
         with torch.no_grad():
-            loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0))
+            reference = x0 if recipe.loss.target.name == "stf" else None
+            loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0),
+                               reference=reference)
         resolve_sampler(recipe.sample, {"name": "heun", "steps": job.budget.sampler_steps})
-        if job.data.key == "toy2d":
+        if job.data.key.startswith("toy2d"):
             recipe.data.gmm_params()
         assert torch.isfinite(loss).all(), job.command()
         built.append(job.command())
