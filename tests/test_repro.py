@@ -39,6 +39,9 @@ def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
     assert "24 jobs built" in capsys.readouterr().out
     stf = run.main(["--quick", "--dry-run", "--data", "toy2d_stf", "--out", str(tmp_path)])
     assert len(stf["built"]) == 8 and sum("name: stf" in c for c in stf["built"]) == 4
+    sweep = run.main(["--quick", "--dry-run", "--data", "toy2d_eps", "--out", str(tmp_path)])
+    assert len(sweep["built"]) == 16
+    assert all(sum(f"eps: {eps}" in c for c in sweep["built"]) == 4 for eps in (0.01, 1e-05))
     full = Plan(False, tmp_path)  # the full plan: >= 3 seeds, every recipe valid
     assert all(len(d.full.seeds) >= 3 for d in DATASETS.values())
     for job in full.jobs:

@@ -14,7 +14,7 @@ COLUMNS = {  # data set -> (result key, header, scale)
     "toy2d": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("kl", "NLL − H(p) (bpd)", 1),
               ("mmd2_h0.1", "MMD² h=0.1 (×10³)", 1e3), ("mmd2_h1", "MMD² h=1 (×10³)", 1e3)),
 }
-COLUMNS["toy2d_stf"] = COLUMNS["toy2d"]
+COLUMNS["toy2d_stf"] = COLUMNS["toy2d_eps"] = COLUMNS["toy2d"]
 BASELINE = "g2"
 
 

@@ -34,7 +34,7 @@ from variants import ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
 QUALITY = {"digits": ("fid", "FID (digit CNN)"), "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1)"),
-           "toy2d_stf": ("mmd2_h0.1", "MMD² (h = 0.1)")}
+           "toy2d_stf": ("mmd2_h0.1", "MMD² (h = 0.1)"), "toy2d_eps": ("mmd2_h0.1", "MMD² (h = 0.1)")}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -43,8 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="build every recipe/component, no training")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--data", nargs="+", default=["digits", "toy2d"],
-                   choices=["digits", "toy2d", "toy2d_stf"],
-                   help="toy2d_stf: Stable Target Field on the mixture (not in the default run)")
+                   choices=["digits", "toy2d", "toy2d_stf", "toy2d_eps"],
+                   help="not in the default run: toy2d_stf (Stable Target Field on the mixture), "
+                   "toy2d_eps (Table 6, the epsilon sweep)")
     p.add_argument("--out", type=Path, help="output folder (default runs/repro or runs/repro-quick)")
     p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
