@@ -59,7 +59,7 @@ def main():
     else:
         recipe = load_recipe("recipes/quickstart_digits.yaml")
         model = build_score_model(recipe.net, recipe.sde, recipe.data.shape).to(args.device).eval()
-    data = recipe.data.model_copy(update={"dequantization": "uniform"})
+    data = recipe.data.for_evaluation()
     raw = torch.stack([data.create("test")[i] for i in range(args.batch)]).to(args.device)
     g = torch.Generator(args.device).manual_seed(0)
     x = data.transform(raw, g)

@@ -128,6 +128,11 @@ class DataSpec(Component):
     def load(self, split: str) -> Dataset:
         raise NotImplementedError
 
+    def for_evaluation(self) -> DataSpec:
+        """This data set as likelihood evaluation sees it (images: uniform dequantisation, no
+        flips); itself for data without such options."""
+        return self
+
 
 class ImageData(DataSpec):
     """Images as uint8 (C, image_size, image_size) tensors read from ``root``."""
@@ -143,6 +148,9 @@ class ImageData(DataSpec):
     dequantization: Literal["none", "uniform"] = "none"
     download: bool = False
     in_memory: bool = False  # decode every image file once, at start (fast STF reference batches)
+
+    def for_evaluation(self) -> ImageData:
+        return self.model_copy(update={"dequantization": "uniform", "random_flip": False})
 
     @model_validator(mode="after")
     def _check_size_and_download(self):

@@ -129,9 +129,7 @@ def lambda_P_density(sde: LinearSDE, truncation, t: torch.Tensor, nodes: int = 2
 # --- the job -------------------------------------------------------------------------------------
 def _data(recipe, opts: DiagnoseOptions, device) -> torch.Tensor:
     """The first `limit` items of the split, as the model sees them (uniform dequantisation)."""
-    data = recipe.data
-    if hasattr(data, "dequantization"):
-        data = data.model_copy(update={"dequantization": "uniform", "random_flip": False})
+    data = recipe.data.for_evaluation()
     dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit)
     x = torch.stack([dataset[i] for i in range(n)]).to(device)

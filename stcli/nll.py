@@ -71,9 +71,7 @@ def evaluate(ckpt: str | Path, opts: NllOptions) -> NllResult:
 def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
     loaded = load_model(ckpt, opts.weights, ctx.device)
     recipe, model, sde = loaded.recipe, loaded.model, loaded.recipe.sde
-    data = recipe.data
-    if hasattr(data, "dequantization"):  # evaluation always dequantises uniformly, never flips
-        data = data.model_copy(update={"dequantization": "uniform", "random_flip": False})
+    data = recipe.data.for_evaluation()
     dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit or len(dataset))
     batches = [list(range(i, min(i + opts.batch_size, n))) for i in range(0, n, opts.batch_size)]
