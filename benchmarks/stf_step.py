@@ -26,7 +26,7 @@ from PIL import Image
 
 from stcli.distributed import Context
 from stcli.recipe import load_recipe
-from stcli.train import ReferenceBatches, StepBatches, Trainer
+from stcli.train import ReferenceBatches, StepBatches, Trainer, make_loader
 
 
 def step_time(recipe_path, overrides, warm, steps, out) -> float:
@@ -51,12 +51,9 @@ def png_folder(root: Path, count: int) -> Path:
 
 def loader_rate(recipe, extra: int, workers: int, steps: int) -> float:
     """Reference images per second delivered by the reference loader of train.py."""
-    trainer = Trainer.__new__(Trainer)  # only what _loader needs
-    trainer.dataset, trainer.device = recipe.data.create("train"), torch.device("cpu")
-    trainer.cfg = recipe.train.model_copy(update={"workers": workers})
-    ctx = Context(0, 1, torch.device("cpu"))
-    batches = StepBatches(len(trainer.dataset), recipe.train.batch_size, ctx, 0, 0)
-    it = iter(trainer._loader(ReferenceBatches(batches, extra, gather=False)))
+    dataset, cpu = recipe.data.create("train"), torch.device("cpu")
+    batches = StepBatches(len(dataset), recipe.train.batch_size, Context(0, 1, cpu), 0, 0)
+    it = iter(make_loader(dataset, ReferenceBatches(batches, extra, gather=False), workers, cpu))
     next(it)  # start-up of the workers is not counted
     t0 = time.perf_counter()
     for _ in range(steps):

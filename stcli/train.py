@@ -87,6 +87,13 @@ class ReferenceBatches:
                 yield distinct_indices(b.n, self.extra, own, g)
 
 
+def make_loader(dataset, batch_sampler, workers: int, device: torch.device) -> DataLoader:
+    """The DataLoader of training batches (and of STF reference images) for `batch_sampler`."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
+                      num_workers=workers, generator=torch.Generator(),
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
 def distinct_indices(n: int, k: int, exclude: list[int], g: torch.Generator) -> list[int]:
     """k distinct indices of range(n), none in `exclude`, uniformly at random (by rejection:
     O(k) when k is small against n, never a permutation of all n)."""
@@ -121,7 +128,8 @@ class Trainer:
         self.dataset = self.data.create("train")
         self.sde = recipe.sde
         self.reference_extra = self._reference_extra()
-        self.ess = EssBins(self.sde, recipe.truncation.eps, self.device)
+        self.ess = EssBins(self.sde, recipe.truncation.eps, self.device) \
+            if self.reference_extra is not None else None
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape).to(self.device)
         if self.cfg.channels_last:  # converts the 4-D (conv) weights only
@@ -268,10 +276,10 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         steps = StepBatches(len(self.dataset), cfg.batch_size, ctx, self.recipe.seed, self.step)
-        loader = self._loader(steps)
-        extras = self._loader(ReferenceBatches(steps, self.reference_extra,
-                                               self.recipe.loss.target.all_gather)) \
-            if self.reference_extra else None
+        loader = make_loader(self.dataset, steps, cfg.workers, self.device)
+        extras = make_loader(self.dataset, ReferenceBatches(steps, self.reference_extra,
+                                                            self.recipe.loss.target.all_gather),
+                             cfg.workers, self.device) if self.reference_extra else None
         log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
         handlers = self._install_signal_handlers()
         t0, s0, loss_avg = time.perf_counter(), self.step, float("nan")
@@ -323,11 +331,6 @@ class Trainer:
             if log:
                 log.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
-
-    def _loader(self, batch_sampler) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=batch_sampler, collate_fn=collate,
-                          num_workers=self.cfg.workers, generator=torch.Generator(),
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _periodic(self) -> None:
         cfg, s = self.cfg, self.step
