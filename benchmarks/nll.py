@@ -83,7 +83,7 @@ def main():
     base = rows[0]
     print(f"device {args.device}, batch {args.batch}, rtol {args.rtol}, atol {args.atol}, "
           f"threads {torch.get_num_threads()}")
-    print(f"| solver | wall s | NFE | NLL bits/dim | speed-up | dNLL bits/dim |")
+    print("| solver | wall s | NFE | NLL bits/dim | speed-up | dNLL bits/dim |")
     print("|---|---|---|---|---|---|")
     for name, sec, nfe, bpd in rows:
         print(f"| {name} | {sec:.2f} | {nfe} | {bpd:.4f} | {base[1] / sec:.2f}x | "

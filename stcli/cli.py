@@ -23,7 +23,7 @@ app.add_typer(recipe_app, name="recipe")
 Procs = Annotated[int, typer.Option(
     "--procs", min=1, help="Processes on this node (relaunches itself through torchrun).")]
 RecipeArg = Annotated[str, typer.Argument(help="Path of a YAML recipe.", metavar="RECIPE")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(  # noqa: UP007  (typer needs Optional)
+Overrides = Annotated[Optional[list[str]], typer.Argument(
     help="Dotted overrides key.path=value (values parsed as YAML), e.g. train.steps=100.",
     metavar="[KEY=VALUE]...", show_default=False)]
 
@@ -80,7 +80,7 @@ FidBatch = Annotated[int, typer.Option(
 FidCache = Annotated[str, typer.Option(
     "--cache-dir", help="Cache of reference statistics, torch-fidelity datasets and the "
     "Inception weights.")]
-FidWeights = Annotated[Optional[str], typer.Option(  # noqa: UP007
+FidWeights = Annotated[Optional[str], typer.Option(
     "--inception-weights", envvar="ST_INCEPTION_WEIGHTS", show_default=False,
     help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
     "6726825d.pth) for machines without network; see docs/evaluation.md.")]
@@ -104,24 +104,24 @@ def fid(
     samples: Annotated[str, typer.Argument(
         help="Images to measure: a folder of PNG/JPG (recursive), an .npz from `st sample`, or a "
         "checkpoint (.safetensors) to sample from first.", metavar="SAMPLES")],
-    ref: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    ref: Annotated[Optional[str], typer.Option(
         "--ref", show_default=False, help="Reference: a torch-fidelity dataset (cifar10-train, "
         "...), a folder, an .npz, a recipe (train split) or statistics from `st fid-ref`. "
         "Default for a checkpoint: its recipe's eval.fid.ref.")] = None,
-    n: Annotated[Optional[int], typer.Option(  # noqa: UP007
+    n: Annotated[Optional[int], typer.Option(
         "-n", min=1, show_default=False,
         help="Samples to draw from a checkpoint (default: its recipe's eval.fid.n).")] = None,
     isc: Annotated[bool, typer.Option("--isc", help="Also the Inception Score.")] = False,
     kid: Annotated[bool, typer.Option("--kid", help="Also the Kernel Inception Distance "
                                       "(subsets shrink to fit small sets, with a warning).")] = False,
     prc: Annotated[bool, typer.Option("--prc", help="Also precision, recall and F-score.")] = False,
-    json_path: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    json_path: Annotated[Optional[str], typer.Option(
         "--json", show_default=False, help="Also write the results to this JSON file.")] = None,
-    samples_dir: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    samples_dir: Annotated[Optional[str], typer.Option(
         "--samples-dir", show_default=False, help="Keep the samples drawn from a checkpoint in "
         "this (new or empty) folder; default: a temporary folder, deleted afterwards.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the samples drawn.")] = 0,
-    sampler: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    sampler: Annotated[Optional[str], typer.Option(
         "--sampler", show_default=False,
         help="Sampler to draw with (default: the checkpoint's recipe's).")] = None,
     weights: Annotated[str, typer.Option(
@@ -178,21 +178,21 @@ def sample(
                                         metavar="CKPT")],
     n: Annotated[int, typer.Option("-n", help="Number of samples to draw.")],
     out: Annotated[str, typer.Option("--out", help="Output folder.")] = "samples",
-    sampler: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    sampler: Annotated[Optional[str], typer.Option(
         "--sampler", help="pc | ode | euler | heun | euler_maruyama (default: the recipe's).")] = None,
-    steps: Annotated[Optional[int], typer.Option(  # noqa: UP007
+    steps: Annotated[Optional[int], typer.Option(
         "--steps", help="Grid steps of pc / euler / heun / euler_maruyama.")] = None,
-    predictor: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    predictor: Annotated[Optional[str], typer.Option(
         "--predictor", help="pc predictor: euler_maruyama | reverse_diffusion | ancestral.")] = None,
-    corrector: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    corrector: Annotated[Optional[str], typer.Option(
         "--corrector", help="pc corrector: langevin | none.")] = None,
-    snr: Annotated[Optional[float], typer.Option(  # noqa: UP007
+    snr: Annotated[Optional[float], typer.Option(
         "--snr", help="Signal-to-noise ratio of the Langevin corrector.")] = None,
-    rtol: Annotated[Optional[float], typer.Option(  # noqa: UP007
+    rtol: Annotated[Optional[float], typer.Option(
         "--rtol", help="Relative tolerance of the ode sampler.")] = None,
-    atol: Annotated[Optional[float], typer.Option(  # noqa: UP007
+    atol: Annotated[Optional[float], typer.Option(
         "--atol", help="Absolute tolerance of the ode sampler.")] = None,
-    denoise: Annotated[Optional[bool], typer.Option(  # noqa: UP007
+    denoise: Annotated[Optional[bool], typer.Option(
         "--denoise/--no-denoise", help="Final Tweedie denoising step (default: the recipe's).",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch and process.")] = 256,
@@ -224,7 +224,7 @@ def nll(
         "--divergence", help="rademacher | gaussian (Hutchinson) | exact (low dimension).")] = "rademacher",
     probes: Annotated[int, typer.Option("--probes", min=1, help="Hutchinson probes averaged.")] = 1,
     split: Annotated[str, typer.Option("--split", help="Data split evaluated.")] = "test",
-    limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
+    limit: Annotated[Optional[int], typer.Option(
         "--limit", min=1, help="Evaluate only the first N items.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
     repeats: Annotated[int, typer.Option(
@@ -235,7 +235,7 @@ def nll(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
     nelbo_samples: Annotated[int, typer.Option(
         "--nelbo-samples", min=1, help="Monte Carlo draws of (t, z) per datum.")] = 1,
-    json_path: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    json_path: Annotated[Optional[str], typer.Option(
         "--json", help="Write every number and the settings here.", show_default=False)] = None,
     weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -265,7 +265,7 @@ def nll(
 @app.command()
 def diagnose(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
-    out: Annotated[Optional[str], typer.Option(  # noqa: UP007
+    out: Annotated[Optional[str], typer.Option(
         "--out", show_default=False,
         help="Folder for diagnose.png and diagnose.json (default: CKPT's folder/diagnose).")] = None,
     as_json: Annotated[bool, typer.Option(
@@ -276,7 +276,7 @@ def diagnose(
         "--points", help="Times t on the log-spaced grid from eps to T (Fig. 1a).")] = 40,
     samples: Annotated[int, typer.Option(
         "--samples", help="Monte Carlo draws t ~ p_iw,tau per tau (Figs. 6a/6b).")] = 512,
-    tau: Annotated[Optional[list[float]], typer.Option(  # noqa: UP007
+    tau: Annotated[Optional[list[float]], typer.Option(
         "--tau", show_default=False, help="Truncation time of Fig. 6b, repeatable (eps is always "
         "included; default 1e-3, 1e-2, 1e-1).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Network batch size.")] = 256,

@@ -114,7 +114,9 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
 
 def gather(rows, order, nfes, ctx, seconds: float) -> NllResult:
     """Every rank's rows in (repeat, index) order: the numbers one process would give."""
-    cat = lambda parts, **kw: torch.cat(parts) if parts else torch.zeros(0, **kw)  # noqa: E731
+    def cat(parts, **kw):
+        return torch.cat(parts) if parts else torch.zeros(0, **kw)
+
     perm = distributed.all_gather_rows(cat(order, dtype=torch.long, device=ctx.device)).argsort()
     result = NllResult(seconds=seconds)
     for k, parts in rows.items():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stcli.data import CelebA, Cifar10, Digits, Folder, ImageNet32, STL10, Toy2D
+from stcli.data import STL10, CelebA, Cifar10, Digits, Folder, ImageNet32, Toy2D
 from stcli.errors import UserError
 
 

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_st
+from safetensors.torch import load_file
 
 
 def run_probe(path, out, *overrides):

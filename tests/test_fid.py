@@ -7,11 +7,11 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
+from conftest import TINY
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import TINY
 from stcli import metrics
 from stcli.cli import main
 from stcli.recipe import load_recipe

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_st
+
 from stcli import checkpoint
 from stcli.cli import main
 

@@ -1,11 +1,10 @@
 """Recipes: every shipped file validates; bad input gives exit code 2, the dotted field, no traceback."""
 
-from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_st
+
 from stcli.cli import main
 from stcli.errors import UserError
 from stcli.recipe import apply_overrides, load_recipe

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from scipy.stats import multivariate_normal
-
 from conftest import ROOT
+from scipy.stats import multivariate_normal
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))
 import digits_fid  # noqa: E402

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_st
 
 import stcli.sample as sample_mod
-from conftest import run_st
 from stcli.cli import main
 from stcli.distributed import Context
 from stcli.loading import load_model

@@ -54,7 +54,8 @@ def test_mean_and_variance_solve_eqs_13_14(name):
 @pytest.mark.parametrize("tau", [1e-5, 1e-3, 0.1, 0.5])
 def test_importance_Z_equals_quadrature(name, tau):
     sde = build(name)
-    integrand = lambda u: f64(sde, "g2", math.exp(u)) / f64(sde, "var", math.exp(u)) * math.exp(u)
+    def integrand(u):
+        return f64(sde, "g2", math.exp(u)) / f64(sde, "var", math.exp(u)) * math.exp(u)
     ref, _ = integrate.quad(integrand, math.log(tau), 0.0, epsabs=0, epsrel=1e-10, limit=200)
     assert float(sde.importance_Z(tau)) == pytest.approx(ref, rel=1e-7)
     # the closed-form CDF too, at interior points
@@ -73,7 +74,8 @@ def test_sample_time_follows_its_cdf(name, tau):
     t, z = sde.sample_time(4000, tau, generator=g, dtype=torch.float64)
     assert t.min() >= tau and t.max() <= 1.0
     assert float(z) == pytest.approx(float(sde.importance_Z(tau)))
-    cdf = lambda x: sde.importance_cdf(torch.as_tensor(x, dtype=torch.float64), tau).numpy()
+    def cdf(x):
+        return sde.importance_cdf(torch.as_tensor(x, dtype=torch.float64), tau).numpy()
     assert stats.kstest(t.numpy(), cdf).pvalue > 1e-3
 
 
@@ -100,7 +102,8 @@ def test_unbounded_time_input_is_c1_at_sigma0():
     # t0 with sigma(t0) = sigma_0: A = log sigma^2 for mu = 1
     t0 = float(sde.antiderivative_inv(torch.tensor(2 * math.log(SIGMA0), dtype=torch.float64)))
     assert float(sde.std(t0)) == pytest.approx(SIGMA0, rel=1e-10)
-    eta = lambda t: float(sde.time_input(torch.tensor(t, dtype=torch.float64), "unbounded"))
+    def eta(t):
+        return float(sde.time_input(torch.tensor(t, dtype=torch.float64), "unbounded"))
     h = t0 * 1e-6
     left, right = eta(t0 - h), eta(t0 + h)
     assert left == pytest.approx(right, abs=1e-4)

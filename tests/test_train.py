@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, run_st
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_st
 from stcli import checkpoint
+from stcli.distributed import Context
 from stcli.errors import UserError
 from stcli.recipe import load_recipe
-from stcli.distributed import Context
 from stcli.train import ReferenceBatches, StepBatches, Trainer, train
 
 

@@ -27,9 +27,8 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per worker
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import report  # noqa: E402
+import torch  # noqa: E402
 from variants import ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
@@ -83,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
 def dry_run(plan: Plan) -> dict:
     """Build each job's recipe, data, net, truncation, loss (one forward, no backward) and
     sampler, the digit classifier and the mixture; print the equivalent `st train` commands."""
+    import digits_fid
+
     from stcli.nets import build_score_model
     from stcli.sample import resolve_sampler
-
-    import digits_fid
 
     built = []
     for job in plan.jobs:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stcli.nets import small  # noqa: F401  (registers unet, mlp)
-from stcli.nets import ncsnpp  # noqa: F401  (registers ncsnpp, ddpmpp)
+from stcli.nets import (
+    ncsnpp,  # noqa: F401  (registers ncsnpp, ddpmpp)
+    small,  # noqa: F401  (registers unet, mlp)
+)
 from stcli.sdes import LinearSDE, _bcast
 
 

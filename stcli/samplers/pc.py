@@ -17,7 +17,7 @@ from pydantic import PositiveFloat, PositiveInt
 
 from stcli.errors import UserError
 from stcli.registry import SAMPLERS
-from stcli.samplers.base import GridSampler, Generators, ScoreFn, randn_like, times
+from stcli.samplers.base import Generators, GridSampler, ScoreFn, randn_like, times
 from stcli.sdes import LinearSDE, _bcast
 from stcli.solvers import row_sum_squares
 
