@@ -42,7 +42,7 @@ SUFFIXES = (".png", ".jpg", ".jpeg")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 GRID = "grid.png"  # `st sample` writes it beside its images: never measured
 STATS_KIND = "st-fid-reference/1"
-TRAINING_ONLY = ("random_flip", "dequantization", "centered", "download")
+TRAINING_ONLY = ("random_flip", "dequantization", "centered", "download", "train_split")
 
 
 @dataclass

@@ -71,15 +71,30 @@ class Train(Section):
 
 
 class NllEval(Section):
+    """The defaults `st nll` uses for a checkpoint of this recipe (its options override them).
+
+    App. D integrates the probability-flow ODE on [eps = 1e-5, T] "as default, even for
+    ImageNet32", whose vanilla runs train with eps = 5e-5: the evaluation eps is its own
+    setting; None means the training eps (truncation.eps)."""
+
+    eps: PositiveFloat | None = None
     correction: Literal["before", "after"] = "after"
     hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
+    probes: PositiveInt = 1  # Hutchinson probes averaged per datum
+    repeats: PositiveInt = 1  # passes over the split with fresh dequantisation noise
     rtol: PositiveFloat = 1e-5
     atol: PositiveFloat = 1e-5
 
 
 class FidEval(Section):
+    """FID protocol.  resize: how images reach the Inception network's 299x299 input; "tf"
+    is torch-fidelity's TF-compatible bilinear resize inside the network (the TF-Inception
+    protocol of the paper's CIFAR-10 FIDs), "clean" is clean-fid's PIL bicubic resize with
+    antialiasing (Parmar et al. 2022; the paper's other data sets, App. D)."""
+
     ref: str | None = None
     n: PositiveInt = 50000
+    resize: Literal["tf", "clean"] = "tf"
 
 
 class Eval(Section):
@@ -119,6 +134,20 @@ class Recipe(Section):
                              "set only truncation.eps")
         object.__setattr__(self, "sde", self.sde.model_copy(update={"eps": eps}))
         return self
+
+    @model_validator(mode="after")
+    def _eval_eps(self):
+        """eval.nll.eps lies in (0, T), as the integration interval [eps, T] needs."""
+        eps = self.eval.nll.eps
+        if eps is not None and not eps < self.sde.T:
+            raise ValueError(f"eval.nll.eps ({eps}) must lie in (0, T = {self.sde.T})")
+        return self
+
+    @property
+    def nll_eps(self) -> float:
+        """The eps `st nll` integrates from by default: eval.nll.eps, else truncation.eps."""
+        eps = self.eval.nll.eps
+        return self.truncation.eps if eps is None else eps
 
     @property
     def out_dir(self) -> Path:
