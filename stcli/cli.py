@@ -84,19 +84,23 @@ FidWeights = Annotated[Optional[str], typer.Option(
     "--inception-weights", envvar="ST_INCEPTION_WEIGHTS", show_default=False,
     help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
     "6726825d.pth) for machines without network; see docs/evaluation.md.")]
+FidResize = Annotated[Optional[str], typer.Option(
+    "--resize", show_default=False, help="How images reach Inception's 299x299 input: tf "
+    "(torch-fidelity's TF-compatible bilinear resize; the CIFAR-10 protocol) or clean "
+    "(clean-fid's PIL bicubic). Default: a recipe's eval.fid.resize, else tf.")]
 FidExtractor = Annotated[str, typer.Option(
     "--feature-extractor", help="inception-v3-compat (the standard), or st-random-64: a tiny "
     "random network for tests, whose numbers mean nothing.")]
 
 
 def _fid_settings(device: str, batch_size: int, cache_dir: str, weights: str | None,
-                  extractor: str):
+                  extractor: str, resize: str | None = None):
     from pathlib import Path
 
     from stcli.metrics import Settings
 
     return Settings(extractor=extractor, device=device, batch_size=batch_size, weights=weights,
-                    cache_dir=Path(cache_dir).expanduser())
+                    cache_dir=Path(cache_dir).expanduser(), resize=resize).checked()
 
 
 @app.command()
@@ -106,7 +110,8 @@ def fid(
         "checkpoint (.safetensors) to sample from first.", metavar="SAMPLES")],
     ref: Annotated[Optional[str], typer.Option(
         "--ref", show_default=False, help="Reference: a torch-fidelity dataset (cifar10-train, "
-        "...), a folder, an .npz, a recipe (train split) or statistics from `st fid-ref`. "
+        "...), a folder, an .npz, a recipe (train split), statistics from `st fid-ref` or an "
+        ".npz of published mu/sigma statistics (FID only). "
         "Default for a checkpoint: its recipe's eval.fid.ref.")] = None,
     n: Annotated[Optional[int], typer.Option(
         "-n", min=1, show_default=False,
@@ -131,6 +136,7 @@ def fid(
     cache_dir: FidCache = "~/.cache/st/fidelity",
     inception_weights: FidWeights = None,
     feature_extractor: FidExtractor = "inception-v3-compat",
+    resize: FidResize = None,
 ):
     """FID of SAMPLES against --ref (plus IS, KID, precision/recall on request)."""
     from pathlib import Path
@@ -141,7 +147,7 @@ def fid(
     wanted = ["fid"] + [name for name, on in (("isc", isc), ("kid", kid), ("prc", prc)) if on]
     run_fid(samples, ref, metrics=[METRICS.validate(name) for name in wanted],
             settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
-                                   feature_extractor),
+                                   feature_extractor, resize),
             n=n, samples_dir=Path(samples_dir) if samples_dir else None,
             json_path=Path(json_path) if json_path else None, seed=seed, weights=weights,
             sampler=sampler)
@@ -161,6 +167,7 @@ def fid_ref(
     cache_dir: FidCache = "~/.cache/st/fidelity",
     inception_weights: FidWeights = None,
     feature_extractor: FidExtractor = "inception-v3-compat",
+    resize: FidResize = None,
 ):
     """Reference statistics (mean, covariance, pool features) of a data set, computed once."""
     from pathlib import Path
@@ -169,7 +176,7 @@ def fid_ref(
 
     compute(source, Path(out).expanduser(), split=split, overwrite=overwrite,
             settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
-                                   feature_extractor))
+                                   feature_extractor, resize))
 
 
 @app.command()

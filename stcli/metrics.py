@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -108,6 +108,37 @@ if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(TEST_EXTRACTOR, RandomFeatures)
 
 
+# How images reach the extractor's input size (299x299 for Inception): "tf", torch-fidelity's
+# TF1-compatible bilinear resize inside the network (the TF-Inception protocol); "clean", PIL
+# bicubic with antialiasing on the uint8 image to 299x299 first (clean-fid's resize, Parmar
+# et al. 2022), the 299x299 result then passing the network's resize unchanged.
+RESIZE_MODES = ("tf", "clean")
+CLEAN_SIZE = 299
+
+
+def clean_resize(image: torch.Tensor, size: int = CLEAN_SIZE) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size) by PIL's bicubic filter, which widens its
+    kernel by the scale factor when shrinking (antialiasing); rounded to uint8 by PIL."""
+    from PIL import Image
+
+    img = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    out = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+
+
+class CleanResized(Dataset):
+    """A uint8 image dataset seen through ``clean_resize``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return clean_resize(self.dataset[i])
+
+
 @dataclass(frozen=True)
 class Settings:
     """How features are computed: extractor, device, batch size, weights file, cache folder."""
@@ -117,6 +148,22 @@ class Settings:
     batch_size: int = 64
     weights: str | None = None  # a local copy of the Inception weights (WEIGHTS_FILE)
     cache_dir: Path = DEFAULT_CACHE
+    resize: str | None = None  # "tf" | "clean" (see RESIZE_MODES); None: "tf" unless a recipe says
+
+    @property
+    def resize_mode(self) -> str:
+        mode = self.resize or "tf"
+        if mode not in RESIZE_MODES:
+            raise UserError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        return mode
+
+    def with_resize(self, default: str | None) -> Settings:
+        """These settings with the resize mode fixed: --resize, else ``default``, else "tf"."""
+        return replace(self, resize=self.resize or default or "tf").checked()
+
+    def checked(self) -> Settings:
+        self.resize_mode  # noqa: B018  (raises the UserError of an unknown mode)
+        return self
 
     @property
     def torch_device(self) -> str:
@@ -196,6 +243,8 @@ def extract(dataset: Dataset, extractor: FeatureExtractorBase, settings: Setting
     """Features {role: (N, D) float32} of a dataset of uint8 (3, H, W) images."""
     layers = settings.layers()
     device = settings.torch_device
+    if settings.resize_mode == "clean":
+        dataset = CleanResized(dataset)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in extractor.features_list}
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=0)
     done = 0
@@ -215,7 +264,7 @@ class Reference:
 
     mu: np.ndarray
     sigma: np.ndarray
-    features: torch.Tensor
+    features: torch.Tensor | None  # None for published mu/sigma statistics (FID only)
     meta: dict
 
     @classmethod
