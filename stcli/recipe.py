@@ -19,12 +19,14 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from stcli.errors import UserError
 from stcli.losses import ScoreMatchingLoss
 from stcli.registry import DATASETS, NETS, SAMPLERS, SDES, TRUNCATIONS, format_validation_error
+from stcli.sdes import LinearSDE
 from stcli.truncation import Hard
 
 
@@ -85,6 +87,14 @@ class NllEval(Section):
     rtol: PositiveFloat = 1e-5
     atol: PositiveFloat = 1e-5
 
+    @field_validator("eps")
+    @classmethod
+    def _below_T(cls, eps: float | None) -> float | None:
+        """The integration interval [eps, T] needs eps in (0, T) (T = 1 for every SDE)."""
+        if eps is not None and not eps < LinearSDE.T:
+            raise ValueError(f"must lie in (0, T = {LinearSDE.T}), got {eps}")
+        return eps
+
 
 class FidEval(Section):
     """FID protocol.  resize: how images reach the Inception network's 299x299 input; "tf"
@@ -133,14 +143,6 @@ class Recipe(Section):
             raise ValueError(f"sde.eps ({self.sde.eps}) differs from truncation.eps ({eps}); "
                              "set only truncation.eps")
         object.__setattr__(self, "sde", self.sde.model_copy(update={"eps": eps}))
-        return self
-
-    @model_validator(mode="after")
-    def _eval_eps(self):
-        """eval.nll.eps lies in (0, T), as the integration interval [eps, T] needs."""
-        eps = self.eval.nll.eps
-        if eps is not None and not eps < self.sde.T:
-            raise ValueError(f"eval.nll.eps ({eps}) must lie in (0, T = {self.sde.T})")
         return self
 
     @property
