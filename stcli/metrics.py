@@ -304,7 +304,10 @@ class FID(Metric):
             warn(f"{n} samples for {dim} features: the sample covariance is singular and FID is "
                  f"strongly biased upwards; the protocol uses 50,000 samples")
         stats = fid_features_to_statistics(samples["pool"])
-        value = fid_statistics_to_metric(stats, {"mu": ref.mu, "sigma": ref.sigma}, False)
+        # both sides in float64: published statistics (npz) come in either precision
+        as64 = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
+        ref64 = {"mu": np.asarray(ref.mu, np.float64), "sigma": np.asarray(ref.sigma, np.float64)}
+        value = fid_statistics_to_metric(as64, ref64, False)
         return {"fid": next(iter(value.values()))}
 
 

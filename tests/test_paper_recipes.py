@@ -432,3 +432,120 @@ def test_st_nll_refuses_eps_outside_the_interval(capsys, eps_ckpts, eps):
 def test_st_nll_help_shows_eps(capsys):
     code, out, _ = st(capsys, "nll", "--help")
     assert code == 0 and "--eps" in out
+
+
+# ---- FID protocol: clean-fid resize and published statistics -----------------------------------
+@pytest.fixture
+def fid_common(tmp_path, monkeypatch):
+    from stcli import metrics
+
+    def refuse(url, target):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(metrics, "_download", refuse)
+    return ["--feature-extractor", "st-random-64", "--device", "cpu", "--batch-size", "32",
+            "--cache-dir", str(tmp_path / "cache")]
+
+
+def _images(seed: int, n: int = 80, size: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size)[None, None, :, None] * rng.uniform(0.2, 1, (n, 1, 1, 3))
+    return np.clip(ramp + rng.normal(0, 30, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def _features(images: np.ndarray, resize: str) -> np.ndarray:
+    """Test-extractor features computed here, with the resize done by PIL directly."""
+    from stcli import metrics
+
+    if resize == "clean":
+        images = np.stack([np.array(Image.fromarray(x).resize((299, 299), Image.BICUBIC))
+                           for x in images])
+    net = metrics.RandomFeatures(metrics.TEST_EXTRACTOR, ["64"])
+    with torch.no_grad():
+        (f,) = net(torch.from_numpy(images).permute(0, 3, 1, 2))
+    return f.double().numpy()
+
+
+def _frechet(mu1, s1, mu2, s2) -> float:
+    import scipy.linalg
+
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _stats(f: np.ndarray):
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def test_clean_resize_is_pil_bicubic_with_antialiasing():
+    from stcli.metrics import clean_resize
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (3, 20, 24), dtype=np.uint8)
+    expected = np.array(Image.fromarray(small.transpose(1, 2, 0)).resize((299, 299), Image.BICUBIC))
+    out = clean_resize(torch.from_numpy(small))
+    assert out.dtype == torch.uint8 and torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1))
+    # antialiasing: a one-pixel checkerboard shrunk 2x averages to grey (point sampling would
+    # keep the full 0/255 contrast)
+    board = ((np.indices((598, 598)).sum(0) % 2) * 255).astype(np.uint8)
+    grey = clean_resize(torch.from_numpy(np.stack([board] * 3))).float()
+    assert abs(grey.mean().item() - 127.5) < 1 and grey[:, 2:-2, 2:-2].std().item() < 2
+
+
+def test_fid_resize_mode_is_applied_recorded_and_not_mixed(tmp_path, fid_common, capsys):
+    a, b = _images(0), _images(1)
+    np.savez(tmp_path / "a.npz", images=a)
+    np.savez(tmp_path / "b.npz", images=b)
+    report = tmp_path / "r.json"
+    fids = {}
+    for mode in ("tf", "clean"):
+        assert st(capsys, "fid", tmp_path / "a.npz", "--ref", tmp_path / "b.npz", "--resize", mode,
+                  "--json", report, *fid_common)[0] in (0, None)
+        got = json.loads(report.read_text())
+        fids[mode] = got["metrics"]["fid"]
+        assert got["resize"] == mode
+        expected = _frechet(*_stats(_features(a, mode)), *_stats(_features(b, mode)))
+        assert fids[mode] == pytest.approx(expected, rel=1e-4)
+    assert abs(fids["tf"] - fids["clean"]) > 1e-3 * fids["tf"]
+    stats = tmp_path / "b.safetensors"
+    code, _, _ = st(capsys, "fid-ref", tmp_path / "b.npz", "--out", stats, "--resize", "clean",
+                    *fid_common)
+    assert code in (0, None)
+    code, _, err = st(capsys, "fid", tmp_path / "a.npz", "--ref", stats, "--resize", "tf",
+                      *fid_common)
+    assert code == 2 and "resize mode 'clean'" in err and "Traceback" not in err
+    code, _, err = st(capsys, "fid", tmp_path / "a.npz", "--ref", stats, "--resize", "lanczos",
+                      *fid_common)
+    assert code == 2 and "--resize must be one of tf, clean" in err
+
+
+def test_published_mu_sigma_statistics_serve_as_fid_reference(tmp_path, fid_common, capsys):
+    a, b = _images(2), _images(3)
+    np.savez(tmp_path / "a.npz", images=a)
+    mu, sigma = _stats(_features(b, "tf"))
+    np.savez(tmp_path / "published.npz", mu=mu, sigma=sigma)
+    report = tmp_path / "r.json"
+    code, _, err = st(capsys, "fid", tmp_path / "a.npz", "--ref", tmp_path / "published.npz",
+                      "--json", report, *fid_common)
+    assert code in (0, None), err
+    got = json.loads(report.read_text())
+    assert got["n_ref"] is None
+    assert got["metrics"]["fid"] == pytest.approx(_frechet(*_stats(_features(a, "tf")), mu, sigma),
+                                                  rel=1e-4)
+    code, _, err = st(capsys, "fid", tmp_path / "a.npz", "--ref", tmp_path / "published.npz",
+                      "--kid", *fid_common)
+    assert code == 2 and "FID only" in err
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(10), sigma=np.eye(10))
+    code, _, err = st(capsys, "fid", tmp_path / "a.npz", "--ref", tmp_path / "wrong.npz",
+                      *fid_common)
+    assert code == 2 and "10-d" in err and "64-d" in err
+
+
+def test_paper_recipes_choose_the_papers_fid_resize():
+    """App. D: TF-Inception FID on CIFAR-10, clean-FID elsewhere."""
+    for name, path in RECIPES.items():
+        recipe = load_recipe(path)
+        if recipe.eval.fid.ref is None:
+            continue
+        expected = "tf" if recipe.data.name == "cifar10" else "clean"
+        assert recipe.eval.fid.resize == expected, name
