@@ -110,20 +110,24 @@ if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 
 # How images reach the extractor's input size (299x299 for Inception): "tf", torch-fidelity's
 # TF1-compatible bilinear resize inside the network (the TF-Inception protocol); "clean", PIL
-# bicubic with antialiasing on the uint8 image to 299x299 first (clean-fid's resize, Parmar
-# et al. 2022), the 299x299 result then passing the network's resize unchanged.
+# bicubic with antialiasing to 299x299 first (clean-fid's resize, Parmar et al. 2022), the
+# 299x299 result then passing the network's resize unchanged.
 RESIZE_MODES = ("tf", "clean")
 CLEAN_SIZE = 299
 
 
 def clean_resize(image: torch.Tensor, size: int = CLEAN_SIZE) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size) by PIL's bicubic filter, which widens its
-    kernel by the scale factor when shrinking (antialiasing); rounded to uint8 by PIL."""
+    """uint8 (3, H, W) -> uint8 (3, size, size) as clean-fid resizes: each channel a float
+    image resized by PIL's bicubic filter (whose kernel widens by the scale factor when
+    shrinking: antialiasing), clipped to [0, 255]; then rounded, since torch-fidelity's
+    Inception takes uint8 (at most 0.5 from clean-fid's float pixels).  PIL's own uint8 path
+    is not used: it differs from the float one by up to ~12 levels at the image border."""
     from PIL import Image
 
-    img = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    out = img.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+    channels = [np.asarray(Image.fromarray(c.numpy().astype(np.float32), mode="F")
+                           .resize((size, size), Image.BICUBIC)) for c in image]
+    out = np.rint(np.clip(np.stack(channels), 0, 255)).astype(np.uint8)
+    return torch.from_numpy(out)
 
 
 class CleanResized(Dataset):

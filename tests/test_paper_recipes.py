@@ -458,12 +458,19 @@ def _features(images: np.ndarray, resize: str) -> np.ndarray:
     from stcli import metrics
 
     if resize == "clean":
-        images = np.stack([np.array(Image.fromarray(x).resize((299, 299), Image.BICUBIC))
-                           for x in images])
+        images = np.stack([_pil_float_bicubic(x) for x in images])
     net = metrics.RandomFeatures(metrics.TEST_EXTRACTOR, ["64"])
     with torch.no_grad():
         (f,) = net(torch.from_numpy(images).permute(0, 3, 1, 2))
     return f.double().numpy()
+
+
+def _pil_float_bicubic(x: np.ndarray) -> np.ndarray:
+    """clean-fid's resize of one (H, W, 3) uint8 image: per channel a float PIL image, bicubic
+    to 299x299, clipped; rounded to uint8 here."""
+    out = [np.asarray(Image.fromarray(x[..., c].astype(np.float32), mode="F")
+                      .resize((299, 299), Image.BICUBIC)) for c in range(3)]
+    return np.rint(np.clip(np.stack(out, -1), 0, 255)).astype(np.uint8)
 
 
 def _frechet(mu1, s1, mu2, s2) -> float:
@@ -482,7 +489,7 @@ def test_clean_resize_is_pil_bicubic_with_antialiasing():
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (3, 20, 24), dtype=np.uint8)
-    expected = np.array(Image.fromarray(small.transpose(1, 2, 0)).resize((299, 299), Image.BICUBIC))
+    expected = _pil_float_bicubic(small.transpose(1, 2, 0))
     out = clean_resize(torch.from_numpy(small))
     assert out.dtype == torch.uint8 and torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1))
     # antialiasing: a one-pixel checkerboard shrunk 2x averages to grey (point sampling would
