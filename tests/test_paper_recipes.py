@@ -37,9 +37,12 @@ COMMON = dict(lr=2e-4, warmup=5000, clip=1.0, steps=1_300_000, split="train",
               dequantization="none", eval_eps=1e-5)
 # DDPM++ cont. (score_sde vp/cifar10_ddpmpp_continuous): VP beta 0.1..20, eta = 999t, positional
 # embedding, dropout 0.1, reduce_mean = True; App. D: EMA 0.9999, Euler-Maruyama, no corrector.
+# The official mean loss has no factor 1/2 (its sum has one); st's loss always has it, so
+# st's gradients are half the official ones and the official clip at 1 is 0.5 here (Adam is
+# otherwise invariant to the scale).
 DDPMPP = dict(COMMON, sde="vp beta_min=0.1,beta_max=20", net="ddpmpp", time_input="t999",
-              embedding="positional", dropout=0.1, reduce="mean", ema=0.9999, batch=128,
-              sampler="euler_maruyama", sampler_steps=1000, snr=None)
+              embedding="positional", dropout=0.1, reduce="mean", clip=0.5, ema=0.9999,
+              batch=128, sampler="euler_maruyama", sampler_steps=1000, snr=None)
 UDDPMPP = dict(DDPMPP, time_input="int_g2_sigma2")  # App. C.1
 # UNCSN++ (App. C.1/C.2): NCSN++ cont. with the unbounded eta, RVE with sigma_min 1e-3 (App. D),
 # Fourier embedding, dropout 0.1, summed loss (reduce_mean = False), EMA 0.999 (App. D); the
@@ -556,3 +559,24 @@ def test_paper_recipes_choose_the_papers_fid_resize():
             continue
         expected = "tf" if recipe.data.name == "cifar10" else "clean"
         assert recipe.eval.fid.resize == expected, name
+
+
+def test_official_mean_loss_is_twice_st_mean_loss():
+    """score_sde's reduce_mean form, mean_d (s + z/sigma)^2 g^2 with t uniform on [eps, T], is
+    twice st's (which keeps the 1/2): why the VP recipes clip at 0.5 where the paper says 1."""
+    from stcli.losses import ScoreMatchingLoss
+    from stcli.sdes import VP
+
+    sde, eps = VP(eps=1e-5), 1e-5
+    x0 = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    loss = ScoreMatchingLoss(weighting="likelihood", time_sampling="uniform", reduce="mean",
+                             scale_by_Z=False)
+    got = loss(FixedNet(), sde, x0, eps, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = (eps + torch.rand(4, generator=g, dtype=torch.float64) * (sde.T - eps)).float()
+    z = torch.randn(x0.shape, generator=g)
+    std = sde.std(t).view(-1, 1, 1, 1)
+    x_t = sde.mean_coef(t).view(-1, 1, 1, 1) * x0 + std * z
+    score = -FixedNet()(x_t, t) / std
+    official = (score + z / std).pow(2).mean((1, 2, 3)) * sde.g2(t)
+    assert torch.allclose(official, 2 * got, rtol=1e-4)
