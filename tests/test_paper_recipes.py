@@ -25,7 +25,7 @@ from stcli.recipe import load_recipe
 
 RECIPES = {p.stem: p for p in sorted((ROOT / "recipes").glob("*.yaml"))}
 
-COLUMNS = ("data", "sde", "eps", "net", "time_input", "embedding", "dropout", "weighting",
+COLUMNS = ("data", "centered", "sde", "eps", "net", "time_input", "embedding", "dropout", "weighting",
            "time_sampling", "reduce", "scale_by_Z", "truncation", "lr", "warmup", "clip", "batch",
            "ema", "steps", "split", "dequantization", "sampler", "sampler_steps", "snr",
            "eval_eps", "fid")
@@ -35,12 +35,14 @@ COLUMNS = ("data", "sde", "eps", "net", "time_input", "embedding", "dropout", "w
 # [1e-5, T] "as default, even for ImageNet32".
 COMMON = dict(lr=2e-4, warmup=5000, clip=1.0, steps=1_300_000, split="train",
               dequantization="none", eval_eps=1e-5)
+# Data scaling (score_sde's data.centered): VP data in [-1, 1]; VE/RVE data stay in [0, 1] and
+# the network maps its input x -> 2x - 1 itself (score_sde's NCSN++ for uncentred data).
 # DDPM++ cont. (score_sde vp/cifar10_ddpmpp_continuous): VP beta 0.1..20, eta = 999t, positional
 # embedding, dropout 0.1, reduce_mean = True; App. D: EMA 0.9999, Euler-Maruyama, no corrector.
 # The official mean loss has no factor 1/2 (its sum has one); st's loss always has it, so
 # st's gradients are half the official ones and the official clip at 1 is 0.5 here (Adam is
 # otherwise invariant to the scale).
-DDPMPP = dict(COMMON, sde="vp beta_min=0.1,beta_max=20", net="ddpmpp", time_input="t999",
+DDPMPP = dict(COMMON, centered=True, sde="vp beta_min=0.1,beta_max=20", net="ddpmpp", time_input="t999",
               embedding="positional", dropout=0.1, reduce="mean", clip=0.5, ema=0.9999,
               batch=128, sampler="euler_maruyama", sampler_steps=1000, snr=None)
 UDDPMPP = dict(DDPMPP, time_input="int_g2_sigma2")  # App. C.1
@@ -48,7 +50,7 @@ UDDPMPP = dict(DDPMPP, time_input="int_g2_sigma2")  # App. C.1
 # Fourier embedding, dropout 0.1, summed loss (reduce_mean = False), EMA 0.999 (App. D); the
 # official RVE runs draw 1/t uniformly and do not multiply by Z_tau (scale_by_Z false); reverse-
 # diffusion predictor and Langevin corrector (App. D).
-UNCSNPP = dict(COMMON, net="ncsnpp", time_input="unbounded", embedding="fourier", dropout=0.1,
+UNCSNPP = dict(COMMON, centered=False, net="ncsnpp", time_input="unbounded", embedding="fourier", dropout=0.1,
                reduce="sum", ema=0.999, weighting="likelihood", time_sampling="importance",
                scale_by_Z=False, sampler="pc reverse_diffusion+langevin", sampler_steps=1000)
 NCSNPP = dict(UNCSNPP, time_input="log_sigma", weighting="variance", time_sampling="uniform")
@@ -91,7 +93,7 @@ TABLE = {
         DDPMPP, NLL, CIFAR10, eps=1e-5, truncation="P1"),
     "cifar10_ddpmpp_edm_stf": row(
         "EDM (Karras et al. 2022) CIFAR-10 training + STF; no Soft Truncation paper row",
-        COMMON, CIFAR10, data="cifar10", sde="edm sigma_max=80", eps=2.5e-5, net="ddpmpp",
+        COMMON, CIFAR10, data="cifar10", centered=True, sde="edm sigma_max=80", eps=2.5e-5, net="ddpmpp",
         time_input="log_sigma", embedding="positional", dropout=0.13, weighting="edm",
         time_sampling="lognormal", reduce="sum", scale_by_Z=True, truncation="hard", lr=1e-3,
         warmup=19531, clip=0.0, batch=512, ema=0.99929, steps=390625, sampler="heun",
@@ -162,19 +164,22 @@ TABLE = {
         truncation="P2", batch=40, snr=0.075, sampler_steps=2000, fid="celebahq-train clean"),
     # ---- st's own small-scale recipes (no paper row; values as st chose them)
     "quickstart_digits": row(
-        "st's own small-scale recipe", data="digits", sde="vp beta_min=0.1,beta_max=20", eps=1e-5,
+        "st's own small-scale recipe", data="digits", centered=True,
+        sde="vp beta_min=0.1,beta_max=20", eps=1e-5,
         net="unet", time_input="t999", embedding="positional", dropout=0.0, **NLL, reduce="mean",
         truncation="P1", lr=2e-3, warmup=200, clip=1.0, batch=64, ema=0.995, steps=1000,
         split="train", dequantization="uniform", sampler="euler_maruyama", sampler_steps=250,
         snr=None, eval_eps=1e-5, fid="None tf"),
     "toy2d_gmm_mlp_vp_st": row(
-        "st's own small-scale recipe", data="toy2d", sde="vp beta_min=0.1,beta_max=20", eps=1e-5,
+        "st's own small-scale recipe", data="toy2d", centered=None,
+        sde="vp beta_min=0.1,beta_max=20", eps=1e-5,
         net="mlp", time_input="t999", embedding="positional", dropout=None, **NLL, reduce="sum",
         truncation="P1", lr=1e-3, warmup=100, clip=1.0, batch=256, ema=0.999, steps=3000,
         split=None, dequantization=None, sampler="euler_maruyama", sampler_steps=500, snr=None,
         eval_eps=1e-5, fid="None tf"),
     "toy2d_gmm_mlp_vp_stf": row(
-        "st's own small-scale recipe", data="toy2d", sde="vp beta_min=0.1,beta_max=20", eps=1e-5,
+        "st's own small-scale recipe", data="toy2d", centered=None,
+        sde="vp beta_min=0.1,beta_max=20", eps=1e-5,
         net="mlp", time_input="t999", embedding="positional", dropout=None, **NLL, reduce="sum",
         truncation="P1", lr=1e-3, warmup=100, clip=1.0, batch=256, ema=0.999, steps=3000,
         split=None, dequantization=None, sampler="euler_maruyama", sampler_steps=500, snr=None,
@@ -200,6 +205,7 @@ def observed(recipe) -> dict:
     langevin = smp["name"] == "pc" and smp["corrector"] == "langevin"
     return {
         "data": data["name"] + (f" ({data['source']})" if "source" in data else ""),
+        "centered": data.get("centered"),
         "sde": f"{sde['name']} {consts}", "eps": d["truncation"]["eps"], "net": net["name"],
         "time_input": net["time_input"],
         "embedding": net.get("embedding_type", net.get("embedding")), "dropout": net.get("dropout"),
