@@ -83,10 +83,17 @@ def read_image(path: Path, size: int, pre_crop: int | None = None) -> torch.Tens
 
 
 def decode_all(data: Dataset, batch: int = 256) -> torch.Tensor:
-    """Every item of a file-backed dataset in one uint8 tensor, decoded by parallel workers."""
+    """Every item of a file-backed dataset in one uint8 tensor, decoded by parallel workers
+    and copied batch by batch into that tensor (the set is never held twice)."""
     workers = min(8, os.cpu_count() or 1) if len(data) > 4 * batch else 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers)
-    return torch.cat(list(loader))
+    first = data[0]
+    out = torch.empty((len(data), *first.shape), dtype=first.dtype)
+    start = 0
+    for part in loader:
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
