@@ -396,12 +396,13 @@ def test_imagenet32_npz_release_is_read_into_one_preallocated_tensor(tmp_path, m
 @pytest.fixture(scope="module")
 def eps_ckpts(tmp_path_factory):
     """Two 1-step checkpoints of one tiny recipe: without an eval section, and with
-    eval.nll.eps = 1e-2 and probes 2 (identical weights: same seed, same data)."""
+    eval.nll.eps = 1e-2, probes 2 and fid.resize clean (identical weights: same seed, data)."""
     from stcli.recipe import load_recipe as load
     from stcli.train import train
 
     root, out = tmp_path_factory.mktemp("eps_ckpts"), {}
-    for key, evaluation in (("plain", None), ("eval", {"nll": {"eps": 1e-2, "probes": 2}})):
+    settings = {"nll": {"eps": 1e-2, "probes": 2}, "fid": {"resize": "clean"}}
+    for key, evaluation in (("plain", None), ("eval", settings)):
         data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / key), "steps": 1}}
         if evaluation:
             data["eval"] = evaluation
@@ -602,3 +603,22 @@ def test_imagenet32_png_in_memory_is_decoded_into_one_tensor(tmp_path, monkeypat
     data = ImageNet32(root=str(tmp_path), in_memory=True).create("train")
     assert isinstance(data, InMemory) and data.data.shape == (3, 3, 32, 32)
     assert torch.equal(data[1], torch.from_numpy(arrays["train_32x32"][1]).permute(2, 0, 1))
+
+
+def test_st_fid_of_a_checkpoint_uses_its_recipes_resize(tmp_path, fid_common, capsys, eps_ckpts):
+    """Statistics computed with resize tf are refused for a checkpoint whose recipe says
+    clean, before any sampling; --resize overrides the recipe."""
+    np.savez(tmp_path / "ref.npz", images=_images(6, n=8))
+    stats = tmp_path / "ref.safetensors"
+    code, _, err = st(capsys, "fid-ref", tmp_path / "ref.npz", "--out", stats, *fid_common)
+    assert code in (0, None), err
+    code, out, err = st(capsys, "fid", eps_ckpts["eval"], "--ref", stats, "-n", 4, *fid_common)
+    assert code == 2 and "resize mode 'tf', this run uses 'clean'" in err
+    code, _, err = st(capsys, "fid", eps_ckpts["eval"], "--ref", stats, "-n", 4,
+                      "--resize", "lanczos", *fid_common)
+    assert code == 2 and "--resize must be one of" in err
+    report = tmp_path / "r.json"
+    code, _, err = st(capsys, "fid", eps_ckpts["eval"], "--ref", stats, "-n", 4, "--resize", "tf",
+                      "--json", report, *fid_common)
+    assert code in (0, None), err
+    assert json.loads(report.read_text())["resize"] == "tf"
