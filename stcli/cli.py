@@ -84,19 +84,23 @@ FidWeights = Annotated[Optional[str], typer.Option(
     "--inception-weights", envvar="ST_INCEPTION_WEIGHTS", show_default=False,
     help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
     "6726825d.pth) for machines without network; see docs/evaluation.md.")]
+FidResize = Annotated[Optional[str], typer.Option(
+    "--resize", show_default=False, help="How images reach Inception's 299x299 input: tf "
+    "(torch-fidelity's TF-compatible bilinear resize; the CIFAR-10 protocol) or clean "
+    "(clean-fid's PIL bicubic). Default: a recipe's eval.fid.resize, else tf.")]
 FidExtractor = Annotated[str, typer.Option(
     "--feature-extractor", help="inception-v3-compat (the standard), or st-random-64: a tiny "
     "random network for tests, whose numbers mean nothing.")]
 
 
 def _fid_settings(device: str, batch_size: int, cache_dir: str, weights: str | None,
-                  extractor: str):
+                  extractor: str, resize: str | None = None):
     from pathlib import Path
 
     from stcli.metrics import Settings
 
     return Settings(extractor=extractor, device=device, batch_size=batch_size, weights=weights,
-                    cache_dir=Path(cache_dir).expanduser())
+                    cache_dir=Path(cache_dir).expanduser(), resize=resize).checked()
 
 
 @app.command()
@@ -106,7 +110,8 @@ def fid(
         "checkpoint (.safetensors) to sample from first.", metavar="SAMPLES")],
     ref: Annotated[Optional[str], typer.Option(
         "--ref", show_default=False, help="Reference: a torch-fidelity dataset (cifar10-train, "
-        "...), a folder, an .npz, a recipe (train split) or statistics from `st fid-ref`. "
+        "...), a folder, an .npz, a recipe (train split), statistics from `st fid-ref` or an "
+        ".npz of published mu/sigma statistics (FID only). "
         "Default for a checkpoint: its recipe's eval.fid.ref.")] = None,
     n: Annotated[Optional[int], typer.Option(
         "-n", min=1, show_default=False,
@@ -131,6 +136,7 @@ def fid(
     cache_dir: FidCache = "~/.cache/st/fidelity",
     inception_weights: FidWeights = None,
     feature_extractor: FidExtractor = "inception-v3-compat",
+    resize: FidResize = None,
 ):
     """FID of SAMPLES against --ref (plus IS, KID, precision/recall on request)."""
     from pathlib import Path
@@ -141,7 +147,7 @@ def fid(
     wanted = ["fid"] + [name for name, on in (("isc", isc), ("kid", kid), ("prc", prc)) if on]
     run_fid(samples, ref, metrics=[METRICS.validate(name) for name in wanted],
             settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
-                                   feature_extractor),
+                                   feature_extractor, resize),
             n=n, samples_dir=Path(samples_dir) if samples_dir else None,
             json_path=Path(json_path) if json_path else None, seed=seed, weights=weights,
             sampler=sampler)
@@ -161,6 +167,7 @@ def fid_ref(
     cache_dir: FidCache = "~/.cache/st/fidelity",
     inception_weights: FidWeights = None,
     feature_extractor: FidExtractor = "inception-v3-compat",
+    resize: FidResize = None,
 ):
     """Reference statistics (mean, covariance, pool features) of a data set, computed once."""
     from pathlib import Path
@@ -169,7 +176,7 @@ def fid_ref(
 
     compute(source, Path(out).expanduser(), split=split, overwrite=overwrite,
             settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
-                                   feature_extractor))
+                                   feature_extractor, resize))
 
 
 @app.command()
@@ -217,20 +224,31 @@ def sample(
 @app.command()
 def nll(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
-    correction: Annotated[str, typer.Option(
-        "--correction", help="after: -log p_eps(x_eps) + R_eps (the paper's); before: "
-        "-log p_eps(x0).")] = "after",
-    divergence: Annotated[str, typer.Option(
-        "--divergence", help="rademacher | gaussian (Hutchinson) | exact (low dimension).")] = "rademacher",
-    probes: Annotated[int, typer.Option("--probes", min=1, help="Hutchinson probes averaged.")] = 1,
+    eps: Annotated[Optional[float], typer.Option(
+        "--eps", show_default=False, help="Integrate the probability-flow ODE from eps to T "
+        "(default: the recipe's eval.nll.eps, else its training eps).")] = None,
+    correction: Annotated[Optional[str], typer.Option(
+        "--correction", show_default=False, help="after: -log p_eps(x_eps) + R_eps (the "
+        "paper's); before: -log p_eps(x0) (default: the recipe's eval.nll.correction).")] = None,
+    divergence: Annotated[Optional[str], typer.Option(
+        "--divergence", show_default=False, help="rademacher | gaussian (Hutchinson) | exact "
+        "(low dimension) (default: the recipe's eval.nll.hutchinson).")] = None,
+    probes: Annotated[Optional[int], typer.Option(
+        "--probes", min=1, show_default=False,
+        help="Hutchinson probes averaged (default: the recipe's eval.nll.probes).")] = None,
     split: Annotated[str, typer.Option("--split", help="Data split evaluated.")] = "test",
     limit: Annotated[Optional[int], typer.Option(
         "--limit", min=1, help="Evaluate only the first N items.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
-    repeats: Annotated[int, typer.Option(
-        "--repeats", min=1, help="Passes over the split with fresh dequantisation noise.")] = 1,
-    rtol: Annotated[float, typer.Option("--rtol", help="ODE relative tolerance.")] = 1e-5,
-    atol: Annotated[float, typer.Option("--atol", help="ODE absolute tolerance.")] = 1e-5,
+    repeats: Annotated[Optional[int], typer.Option(
+        "--repeats", min=1, show_default=False, help="Passes over the split with fresh "
+        "dequantisation noise (default: the recipe's eval.nll.repeats).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(
+        "--rtol", show_default=False,
+        help="ODE relative tolerance (default: the recipe's eval.nll.rtol).")] = None,
+    atol: Annotated[Optional[float], typer.Option(
+        "--atol", show_default=False,
+        help="ODE absolute tolerance (default: the recipe's eval.nll.atol).")] = None,
     nelbo: Annotated[bool, typer.Option(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
     nelbo_samples: Annotated[int, typer.Option(
@@ -242,7 +260,8 @@ def nll(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
     procs: Procs = 1,
 ):
-    """Bits/dim of CKPT by the probability-flow ODE (and the NELBO), mean and standard error."""
+    """Bits/dim of CKPT by the probability-flow ODE (and the NELBO), mean and standard error.
+    Unset options take the checkpoint recipe's eval.nll section."""
     from pathlib import Path
 
     from stcli.nll import NllOptions, evaluate, report
@@ -250,10 +269,12 @@ def nll(
     choices = {"correction": ("before", "after"), "divergence": ("rademacher", "gaussian", "exact"),
                "weights": ("ema", "raw")}
     for opt, value in (("correction", correction), ("divergence", divergence), ("weights", weights)):
-        if value not in choices[opt]:
+        if value is not None and value not in choices[opt]:
             raise UserError(f"--{opt} must be one of {', '.join(choices[opt])}, not {value!r}")
+    if eps is not None and not eps > 0:
+        raise UserError(f"--eps must be positive, got {eps}")
     _relaunch_if_asked(procs)
-    opts = NllOptions(split=split, limit=limit, batch_size=batch_size, repeats=repeats,
+    opts = NllOptions(split=split, limit=limit, batch_size=batch_size, repeats=repeats, eps=eps,
                       correction=correction, divergence=divergence, probes=probes, rtol=rtol,
                       atol=atol, nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
                       seed=seed, device=device)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch.utils.data import Dataset
 
 from stcli.errors import UserError
@@ -83,10 +83,17 @@ def read_image(path: Path, size: int, pre_crop: int | None = None) -> torch.Tens
 
 
 def decode_all(data: Dataset, batch: int = 256) -> torch.Tensor:
-    """Every item of a file-backed dataset in one uint8 tensor, decoded by parallel workers."""
+    """Every item of a file-backed dataset in one uint8 tensor, decoded by parallel workers
+    and copied batch by batch into that tensor (the set is never held twice)."""
     workers = min(8, os.cpu_count() or 1) if len(data) > 4 * batch else 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers)
-    return torch.cat(list(loader))
+    first = data[0]
+    out = torch.empty((len(data), *first.shape), dtype=first.dtype)
+    start = 0
+    for part in loader:
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
@@ -128,6 +135,11 @@ class DataSpec(Component):
     def load(self, split: str) -> Dataset:
         raise NotImplementedError
 
+    @property
+    def training_split(self) -> str:
+        """The split `st train` learns from."""
+        return "train"
+
     def for_evaluation(self) -> DataSpec:
         """This data set as likelihood evaluation sees it (images: uniform dequantisation, no
         flips); itself for data without such options."""
@@ -145,9 +157,23 @@ class ImageData(DataSpec):
     image_size: PositiveInt = 32
     centered: bool = True
     random_flip: bool = False
+    # "none": x = k/255, as the official runs train; "uniform": x = (k + U)/256 (st nll's)
     dequantization: Literal["none", "uniform"] = "none"
     download: bool = False
     in_memory: bool = False  # decode every image file once, at start (fast STF reference batches)
+    train_split: str = "train"  # the split `st train` learns from (stl10: train+unlabeled)
+
+    @property
+    def training_split(self) -> str:
+        return self.train_split
+
+    @field_validator("train_split")
+    @classmethod
+    def _known_train_split(cls, split: str) -> str:
+        if split not in cls.splits:
+            raise ValueError(f"{split!r} is not a split of this data set; valid splits: "
+                             f"{', '.join(cls.splits)}")
+        return split
 
     def for_evaluation(self) -> ImageData:
         return self.model_copy(update={"dequantization": "uniform", "random_flip": False})
@@ -326,25 +352,48 @@ class CelebA(ImageData):
 
 @DATASETS.register
 class ImageNet32(ImageData):
-    """Downsampled ImageNet 32x32 (npz release): rows of 3072 uint8, the R, G then B plane.
-    Splits train (10 batches) and test (the validation set)."""
+    """Downsampled ImageNet 32x32.  source "png" (default): van den Oord et al.'s release, the
+    one the likelihood literature evaluates on, as PNG folders decoded lazily; source "npz":
+    Chrabaszcz et al.'s release (a different downsampling, hence different NLLs), rows of 3072
+    uint8 (the R, G then B plane) copied batch by batch into one preallocated tensor, so that
+    the train set is never held twice.  Splits train and test (the validation images)."""
 
     name: Literal["imagenet32"] = "imagenet32"
     native_size: ClassVar[int | None] = 32
-    layout: ClassVar[str] = ("<root>/Imagenet32_train_npz/train_data_batch_{1..10}.npz and "
-                             "<root>/Imagenet32_val_npz/val_data.npz, each with key 'data' "
-                             "of shape (N, 3072) uint8")
+    source: Literal["png", "npz"] = "png"
+    layouts: ClassVar[dict[str, str]] = {
+        "png": "<root>/train_32x32/*.png and <root>/valid_32x32/*.png (32x32 RGB)",
+        "npz": ("<root>/Imagenet32_train_npz/train_data_batch_{1..10}.npz and "
+                "<root>/Imagenet32_val_npz/val_data.npz, each with key 'data' "
+                "of shape (N, 3072) uint8")}
 
     def load(self, split: str) -> Dataset:
+        return self._load_png(split) if self.source == "png" else self._load_npz(split)
+
+    def _load_png(self, split: str) -> Dataset:
+        folder = Path(self.root) / ("train_32x32" if split == "train" else "valid_32x32")
+        paths = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        if not paths:
+            raise UserError(f"dataset 'imagenet32': no PNG images in {folder}; expected layout "
+                            f"(data.source png): {self.layouts['png']}; for the npz release set "
+                            f"data.source=npz")
+        return ImageFiles(paths, partial(read_png32, size=self.native_size))
+
+    def _load_npz(self, split: str) -> Dataset:
         files = ([f"Imagenet32_train_npz/train_data_batch_{i}.npz" for i in range(1, 11)]
                  if split == "train" else ["Imagenet32_val_npz/val_data.npz"])
         paths = [Path(self.root) / f for f in files]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"dataset 'imagenet32': missing {', '.join(missing)}; "
-                            f"expected layout: {self.layout}")
-        rows = np.concatenate([self._rows(p) for p in paths])
-        return InMemory(torch.from_numpy(rows).view(-1, 3, 32, 32))
+                            f"expected layout (data.source npz): {self.layouts['npz']}")
+        counts = [npz_rows(p) for p in paths]
+        out = torch.empty(sum(counts), 3, 32, 32, dtype=torch.uint8)
+        start = 0
+        for path, n in zip(paths, counts):
+            out[start:start + n] = torch.from_numpy(self._rows(path)).view(-1, 3, 32, 32)
+            start += n
+        return InMemory(out)
 
     def _rows(self, path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as z:
@@ -352,6 +401,36 @@ class ImageNet32(ImageData):
         if data is None or data.ndim != 2 or data.shape[1] != 3072:
             raise UserError(f"dataset 'imagenet32': {path} has no 'data' array of shape (N, 3072)")
         return data.astype(np.uint8, copy=False)
+
+
+def npz_rows(path: Path) -> int:
+    """Rows of the (N, 3072) array 'data' of an npz, read from its header (no data loaded)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z, z.open("data.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if major == 1
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, _ = read(f)
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        raise UserError(f"dataset 'imagenet32': {path} has no 'data' array of shape "
+                        f"(N, 3072)") from None
+    if len(shape) != 2 or shape[1] != 3072:
+        raise UserError(f"dataset 'imagenet32': {path} has no 'data' array of shape (N, 3072)")
+    return shape[0]
+
+
+def read_png32(path: Path, size: int) -> torch.Tensor:
+    """An RGB image of exactly size x size pixels as uint8 (3, size, size), never resampled."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.size != (size, size):
+            raise UserError(f"dataset 'imagenet32': {path} is {img.size[0]}x{img.size[1]}, "
+                            f"expected {size}x{size}")
+        array = np.array(img.convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 @DATASETS.register

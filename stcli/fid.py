@@ -8,7 +8,13 @@ unreadable files; grayscale is converted to 3 channels, with a warning).
 Reference statistics (the FID mean and covariance, and the pool features that KID and PRC
 need) are written with safetensors by ``st fid-ref``, and cached under the cache folder for
 any other reference.  Their metadata records the source, a sha256 of the pixels the
-extractor saw, and the extractor; a file is never reused for another source or extractor.
+extractor saw, the extractor and the resize mode; a file is never reused for another source,
+extractor or resize mode.  Published statistics (an ``.npz`` with arrays ``mu`` and
+``sigma``, as EDM, ADM and score_sde release them) serve as an FID reference too.
+
+The resize mode (``--resize``, else a checkpoint recipe's ``eval.fid.resize``, else "tf")
+decides how images reach the extractor's 299x299 input: "tf" leaves it to the network's
+TF-compatible bilinear resize, "clean" resizes with PIL bicubic first (clean-fid's protocol).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ SUFFIXES = (".png", ".jpg", ".jpeg")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 GRID = "grid.png"  # `st sample` writes it beside its images: never measured
 STATS_KIND = "st-fid-reference/1"
-TRAINING_ONLY = ("random_flip", "dequantization", "centered", "download")
+TRAINING_ONLY = ("random_flip", "dequantization", "centered", "download", "train_split")
 
 
 @dataclass
@@ -278,9 +284,47 @@ def load_reference(path: Path, settings: Settings) -> Reference:
         raise UserError(f"{path} was computed with the feature extractor "
                         f"{meta['feature_extractor']!r}, this run uses {settings.extractor!r} "
                         f"(--feature-extractor): their distances are not comparable")
+    if meta.get("resize", "tf") != settings.resize_mode:
+        raise UserError(f"{path} was computed with resize mode {meta.get('resize', 'tf')!r}, "
+                        f"this run uses {settings.resize_mode!r} (--resize or the recipe's "
+                        f"eval.fid.resize): their distances are not comparable")
     with safe_open(str(path), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in ("mu", "sigma", "features")}
     return Reference(t["mu"].numpy(), t["sigma"].numpy(), t["features"], meta)
+
+
+def is_stats_npz(path: Path) -> bool:
+    """True for an .npz holding arrays 'mu' and 'sigma' (published FID statistics)."""
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"mu", "sigma"} <= set(z.files)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def load_stats_npz(path: Path, settings: Settings) -> Reference:
+    """Published statistics: 'mu' (D,) and 'sigma' (D, D) of the extractor's pool layer.  No
+    features come with them (FID only), and how they were computed is not recorded: they must
+    be of the same extractor and resize protocol as this run."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot read statistics {path}: {err}") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"{path}: expected mu (D,) and sigma (D, D), found mu {mu.shape} and "
+                        f"sigma {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: mu or sigma holds non-finite values")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    warn(f"{path}: published statistics record neither extractor nor resize protocol; they "
+         f"are used as {settings.extractor} features with resize mode {settings.resize_mode!r}")
+    meta = {"kind": "stats-npz", "source": {"kind": "stats-npz", "path": str(path.resolve())},
+            "content_hash": digest, "feature_extractor": settings.extractor,
+            "resize": settings.resize_mode, "n": None, "shape": None}
+    return Reference(mu, sigma, None, meta)
 
 
 def save_reference(path: Path, ref: Reference) -> None:
@@ -293,7 +337,8 @@ def save_reference(path: Path, ref: Reference) -> None:
 def compute_reference(images: ImageSet, digest: str, extractor, settings: Settings) -> Reference:
     features = extract(images.dataset, extractor, settings, images.label)["pool"]
     meta = {"kind": STATS_KIND, "source": images.source, "content_hash": digest,
-            "feature_extractor": settings.extractor, "layer": settings.layers()["pool"],
+            "feature_extractor": settings.extractor, "resize": settings.resize_mode,
+            "layer": settings.layers()["pool"],
             "n": len(features), "shape": list(images.dataset[0].shape),
             "torch_fidelity": torch_fidelity.__version__}
     return Reference.from_features(features, meta)
@@ -302,7 +347,9 @@ def compute_reference(images: ImageSet, digest: str, extractor, settings: Settin
 def cached_reference(images: ImageSet, extractor, settings: Settings) -> Reference:
     """Reference statistics of an image set, from <cache>/reference when its pixels were seen."""
     digest = content_hash(images)
-    key = hashlib.sha256(f"{digest}/{settings.extractor}/{settings.layers()['pool']}".encode())
+    resize = "" if settings.resize_mode == "tf" else f"/{settings.resize_mode}"  # old keys kept
+    key = hashlib.sha256(
+        f"{digest}/{settings.extractor}/{settings.layers()['pool']}{resize}".encode())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", images.label)[:40]
     name = f"{slug}-{settings.extractor}-{key.hexdigest()[:16]}.safetensors"
     path = settings.cache_dir / "reference" / name
@@ -321,16 +368,26 @@ def _existing_stats(out: Path, images: ImageSet, settings: Settings) -> dict:
     if meta.get("kind") != STATS_KIND:
         raise UserError(f"{out} exists and holds no reference statistics; choose another --out")
     if (source_identity(meta["source"]) != source_identity(images.source)
-            or meta["feature_extractor"] != settings.extractor):
+            or meta["feature_extractor"] != settings.extractor
+            or meta.get("resize", "tf") != settings.resize_mode):
         raise UserError(f"{out} holds statistics of {describe(meta['source'])} "
-                        f"({meta['feature_extractor']}), not of {describe(images.source)} "
-                        f"({settings.extractor}): refusing to reuse it; choose another --out, "
+                        f"({meta['feature_extractor']}, resize {meta.get('resize', 'tf')}), not "
+                        f"of {describe(images.source)} ({settings.extractor}, resize "
+                        f"{settings.resize_mode}): refusing to reuse it; choose another --out, "
                         f"or pass --overwrite to replace it")
     return meta
 
 
 def fid_ref(arg: str, out: Path, *, split: str, settings: Settings, overwrite: bool) -> Reference:
-    """`st fid-ref`: compute reference statistics once (kept if ``out`` is up to date)."""
+    """`st fid-ref`: compute reference statistics once (kept if ``out`` is up to date).  The
+    resize mode defaults to a recipe's eval.fid.resize."""
+    path = Path(arg).expanduser()
+    default = None
+    if settings.resize is None and path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        from stcli.recipe import load_recipe
+
+        default = load_recipe(path).eval.fid.resize
+    settings = settings.with_resize(default)
     images = open_images(arg, split, settings)
     if len(images.dataset) < 2:
         raise UserError(f"reference statistics need at least 2 images, {images.label} has "
@@ -388,10 +445,13 @@ def _sample_folder(keep: Path | None) -> Iterator[Path]:
 def _measure(images: ImageSet, ref: Reference, metrics: list[Metric], extractor,
              settings: Settings) -> dict[str, float]:
     shape = list(images.dataset[0].shape)
-    if shape != ref.meta["shape"]:
+    if ref.meta["shape"] and shape != ref.meta["shape"]:
         warn(f"samples are {shape[1]}x{shape[2]}, reference images {ref.meta['shape'][1]}x"
              f"{ref.meta['shape'][2]}: both are resized by the feature extractor")
     features = extract(images.dataset, extractor, settings, images.label)
+    if features["pool"].shape[1] != len(ref.mu):
+        raise UserError(f"the reference statistics are {len(ref.mu)}-d, the {settings.extractor} "
+                        f"features {features['pool'].shape[1]}-d: they are of another extractor")
     results: dict[str, float] = {}
     for metric in metrics:
         results.update(metric.compute(features, ref))
@@ -408,12 +468,20 @@ def run_fid(samples: str, ref_arg: str | None, *, metrics: list[Metric], setting
     recipe = _checkpoint_recipe(path) if path.suffix == ".safetensors" else None
     if n is not None and recipe is None:
         raise UserError("-n applies to a checkpoint only; SAMPLES is a set of images")
+    settings = settings.with_resize(recipe.eval.fid.resize if recipe else None)
     images = None if recipe else open_images(samples, "train", settings)  # checked first
     ref = _reference(ref_arg or (recipe.eval.fid.ref if recipe else None), settings, recipe)
     if recipe and isinstance(ref, Reference):
         _check_same_data(ref, recipe, path)
     count = len(images.dataset) if images else (n or recipe.eval.fid.n)
-    n_ref = len(ref.features) if isinstance(ref, Reference) else len(ref.dataset)
+    if isinstance(ref, Reference) and ref.features is None:
+        others = [m.name for m in metrics if m.name != "fid"]
+        if others:
+            raise UserError(f"{', '.join(others).upper()} need the reference's features; "
+                            f"published mu/sigma statistics serve FID only")
+        n_ref = count  # unknown for published statistics
+    else:
+        n_ref = len(ref.features) if isinstance(ref, Reference) else len(ref.dataset)
     for metric in metrics:
         metric.check(count, n_ref)
     extractor = build_extractor(settings, tuple({"pool"} | {m.role for m in metrics}))
@@ -425,8 +493,10 @@ def run_fid(samples: str, ref_arg: str | None, *, metrics: list[Metric], setting
         results = _sample_and_measure(path, count, ref, metrics, extractor, settings,
                                       samples_dir, seed, weights, sampler)
     report = {"samples": samples, "ref": ref_arg or recipe.eval.fid.ref, "n_samples": count,
-              "n_ref": len(ref.features), "ref_content_hash": ref.meta["content_hash"],
-              "feature_extractor": settings.extractor, "metrics": results}
+              "n_ref": None if ref.features is None else len(ref.features),
+              "ref_content_hash": ref.meta["content_hash"],
+              "feature_extractor": settings.extractor, "resize": settings.resize_mode,
+              "metrics": results}
     _print_table(report, results)
     if json_path:
         _write_json(json_path, report)
@@ -444,6 +514,8 @@ def _reference(arg: str | None, settings: Settings, recipe) -> Reference | Image
     path = Path(arg).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         return load_reference(path, settings)
+    if is_stats_npz(path):
+        return load_stats_npz(path, settings)
     split = arg.rpartition("-")[2]
     if (recipe and not path.exists() and arg not in DATASETS_REGISTRY
             and split in getattr(recipe.data, "splits", ())):
@@ -473,8 +545,9 @@ ROWS = (("FID", "fid", None), ("IS", "isc_mean", "isc_std"), ("KID", "kid_mean",
 
 
 def _print_table(report: dict, results: dict) -> None:
-    title = (f"{report['n_samples']} samples of {report['samples']} vs {report['n_ref']} of "
-             f"{report['ref']} ({report['feature_extractor']})")
+    n_ref = "statistics" if report["n_ref"] is None else report["n_ref"]
+    title = (f"{report['n_samples']} samples of {report['samples']} vs {n_ref} of "
+             f"{report['ref']} ({report['feature_extractor']}, resize {report['resize']})")
     table = Table(title=Text(title))
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -108,6 +108,41 @@ if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(TEST_EXTRACTOR, RandomFeatures)
 
 
+# How images reach the extractor's input size (299x299 for Inception): "tf", torch-fidelity's
+# TF1-compatible bilinear resize inside the network (the TF-Inception protocol); "clean", PIL
+# bicubic with antialiasing to 299x299 first (clean-fid's resize, Parmar et al. 2022), the
+# 299x299 result then passing the network's resize unchanged.
+RESIZE_MODES = ("tf", "clean")
+CLEAN_SIZE = 299
+
+
+def clean_resize(image: torch.Tensor, size: int = CLEAN_SIZE) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size) as clean-fid resizes: each channel a float
+    image resized by PIL's bicubic filter (whose kernel widens by the scale factor when
+    shrinking: antialiasing), clipped to [0, 255]; then rounded, since torch-fidelity's
+    Inception takes uint8 (at most 0.5 from clean-fid's float pixels).  PIL's own uint8 path
+    is not used: it differs from the float one by up to ~12 levels at the image border."""
+    from PIL import Image
+
+    channels = [np.asarray(Image.fromarray(c.numpy().astype(np.float32), mode="F")
+                           .resize((size, size), Image.BICUBIC)) for c in image]
+    out = np.rint(np.clip(np.stack(channels), 0, 255)).astype(np.uint8)
+    return torch.from_numpy(out)
+
+
+class CleanResized(Dataset):
+    """A uint8 image dataset seen through ``clean_resize``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return clean_resize(self.dataset[i])
+
+
 @dataclass(frozen=True)
 class Settings:
     """How features are computed: extractor, device, batch size, weights file, cache folder."""
@@ -117,6 +152,22 @@ class Settings:
     batch_size: int = 64
     weights: str | None = None  # a local copy of the Inception weights (WEIGHTS_FILE)
     cache_dir: Path = DEFAULT_CACHE
+    resize: str | None = None  # "tf" | "clean" (see RESIZE_MODES); None: "tf" unless a recipe says
+
+    @property
+    def resize_mode(self) -> str:
+        mode = self.resize or "tf"
+        if mode not in RESIZE_MODES:
+            raise UserError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        return mode
+
+    def with_resize(self, default: str | None) -> Settings:
+        """These settings with the resize mode fixed: --resize, else ``default``, else "tf"."""
+        return replace(self, resize=self.resize or default or "tf").checked()
+
+    def checked(self) -> Settings:
+        self.resize_mode  # noqa: B018  (raises the UserError of an unknown mode)
+        return self
 
     @property
     def torch_device(self) -> str:
@@ -196,6 +247,8 @@ def extract(dataset: Dataset, extractor: FeatureExtractorBase, settings: Setting
     """Features {role: (N, D) float32} of a dataset of uint8 (3, H, W) images."""
     layers = settings.layers()
     device = settings.torch_device
+    if settings.resize_mode == "clean":
+        dataset = CleanResized(dataset)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in extractor.features_list}
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=0)
     done = 0
@@ -215,7 +268,7 @@ class Reference:
 
     mu: np.ndarray
     sigma: np.ndarray
-    features: torch.Tensor
+    features: torch.Tensor | None  # None for published mu/sigma statistics (FID only)
     meta: dict
 
     @classmethod
@@ -255,7 +308,10 @@ class FID(Metric):
             warn(f"{n} samples for {dim} features: the sample covariance is singular and FID is "
                  f"strongly biased upwards; the protocol uses 50,000 samples")
         stats = fid_features_to_statistics(samples["pool"])
-        value = fid_statistics_to_metric(stats, {"mu": ref.mu, "sigma": ref.sigma}, False)
+        # both sides in float64: published statistics (npz) come in either precision
+        as64 = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
+        ref64 = {"mu": np.asarray(ref.mu, np.float64), "sigma": np.asarray(ref.sigma, np.float64)}
+        value = fid_statistics_to_metric(as64, ref64, False)
         return {"fid": next(iter(value.values()))}
 
 

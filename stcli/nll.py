@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,15 +26,18 @@ from stcli.seeding import generator
 
 @dataclass(frozen=True)
 class NllOptions:
+    """`st nll`'s settings; None takes the checkpoint recipe's eval.nll value (see resolve)."""
+
     split: str = "test"
     limit: int | None = None
     batch_size: int = 128
-    repeats: int = 1
-    correction: str = "after"
-    divergence: str = "rademacher"
-    probes: int = 1
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    repeats: int | None = None
+    eps: float | None = None
+    correction: str | None = None
+    divergence: str | None = None
+    probes: int | None = None
+    rtol: float | None = None
+    atol: float | None = None
     nelbo: bool = False
     nelbo_samples: int = 1
     weights: str = "ema"
@@ -42,11 +45,26 @@ class NllOptions:
     device: str = "auto"
 
 
+def resolve(opts: NllOptions, recipe) -> NllOptions:
+    """Options left unset (None) filled in from the recipe's eval.nll section; eps defaults to
+    eval.nll.eps, else the training eps.  The integration interval [eps, T] must be valid."""
+    cfg, sde = recipe.eval.nll, recipe.sde
+    given = {k: v for k, v in vars(opts).items() if v is not None}
+    defaults = {"repeats": cfg.repeats, "eps": recipe.nll_eps, "correction": cfg.correction,
+                "divergence": cfg.hutchinson, "probes": cfg.probes, "rtol": cfg.rtol,
+                "atol": cfg.atol}
+    out = replace(opts, **{**defaults, **{k: v for k, v in given.items() if k in defaults}})
+    if not 0 < out.eps < sde.T:
+        raise UserError(f"--eps must lie in (0, T = {sde.T}), got {out.eps}")
+    return out
+
+
 @dataclass
 class NllResult:
     bpd: dict[str, torch.Tensor] = field(default_factory=dict)  # per evaluated sample
     nfe: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    options: NllOptions | None = None  # the settings used (recipe defaults filled in)
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {k: {"mean": float(v.mean()), "stderr": float(v.std() / math.sqrt(len(v))),
@@ -71,12 +89,13 @@ def evaluate(ckpt: str | Path, opts: NllOptions) -> NllResult:
 def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
     loaded = load_model(ckpt, opts.weights, ctx.device)
     recipe, model, sde = loaded.recipe, loaded.model, loaded.recipe.sde
+    opts = resolve(opts, recipe)
     data = recipe.data.for_evaluation()
     dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit or len(dataset))
     batches = [list(range(i, min(i + opts.batch_size, n))) for i in range(0, n, opts.batch_size)]
     mine = batches[ctx.rank::ctx.world_size]
-    eps, offset, dim = recipe.truncation.eps, bpd_offset(data), data.dim
+    eps, offset, dim = opts.eps, bpd_offset(data), data.dim
     keys = [f"nll_{opts.correction}"] + (["nelbo", "nelbo_residual"] if opts.nelbo else [])
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     order, nfes, t0 = [], [], time.perf_counter()  # order: (repeat, index) of every row
@@ -109,7 +128,9 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
                 rate = done * opts.batch_size / (time.perf_counter() - t0)
                 progress.update(done, {"bpd": f"{mean:.4f}", "img/s": f"{rate:.1f}",
                                        "nfe": str(nfe)}, force=done == total)
-    return gather(rows, order, nfes, ctx, time.perf_counter() - t0)
+    result = gather(rows, order, nfes, ctx, time.perf_counter() - t0)
+    result.options = opts
+    return result
 
 
 def gather(rows, order, nfes, ctx, seconds: float) -> NllResult:
@@ -136,6 +157,8 @@ def _check_finite(values: torch.Tensor, idx: list[int], what: str) -> None:
 def report(result: NllResult, opts: NllOptions, ckpt, json_path: Path | None) -> None:
     from rich.table import Table
 
+    opts = result.options or opts
+
     table = Table(title=f"{ckpt} ({opts.split}, {opts.repeats} repeat(s))")
     for col in ("quantity", "bits/dim", "± s.e.", "samples"):
         table.add_column(col, justify="right" if col != "quantity" else "left")
@@ -143,7 +166,8 @@ def report(result: NllResult, opts: NllOptions, ckpt, json_path: Path | None) ->
         table.add_row(k, f"{s['mean']:.4f}", f"{s['stderr']:.4f}", str(s["n"]))
     console.print(table)
     nfe = sum(result.nfe) / max(len(result.nfe), 1)
-    console.print(f"mean NFE per batch {nfe:.0f}; {result.seconds:.1f} s")
+    console.print(f"mean NFE per batch {nfe:.0f}; {result.seconds:.1f} s; integrated from "
+                  f"eps = {opts.eps:g} to T, correction {opts.correction}")
     if json_path:
         payload = {"checkpoint": str(ckpt), "settings": opts.__dict__, "summary": result.summary(),
                    "nfe_per_batch": result.nfe, "seconds": result.seconds,

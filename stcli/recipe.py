@@ -19,12 +19,14 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from stcli.errors import UserError
 from stcli.losses import ScoreMatchingLoss
 from stcli.registry import DATASETS, NETS, SAMPLERS, SDES, TRUNCATIONS, format_validation_error
+from stcli.sdes import LinearSDE
 from stcli.truncation import Hard
 
 
@@ -71,15 +73,38 @@ class Train(Section):
 
 
 class NllEval(Section):
+    """The defaults `st nll` uses for a checkpoint of this recipe (its options override them).
+
+    App. D integrates the probability-flow ODE on [eps = 1e-5, T] "as default, even for
+    ImageNet32", whose vanilla runs train with eps = 5e-5: the evaluation eps is its own
+    setting; None means the training eps (truncation.eps)."""
+
+    eps: PositiveFloat | None = None
     correction: Literal["before", "after"] = "after"
     hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
+    probes: PositiveInt = 1  # Hutchinson probes averaged per datum
+    repeats: PositiveInt = 1  # passes over the split with fresh dequantisation noise
     rtol: PositiveFloat = 1e-5
     atol: PositiveFloat = 1e-5
 
+    @field_validator("eps")
+    @classmethod
+    def _below_T(cls, eps: float | None) -> float | None:
+        """The integration interval [eps, T] needs eps in (0, T) (T = 1 for every SDE)."""
+        if eps is not None and not eps < LinearSDE.T:
+            raise ValueError(f"must lie in (0, T = {LinearSDE.T}), got {eps}")
+        return eps
+
 
 class FidEval(Section):
+    """FID protocol.  resize: how images reach the Inception network's 299x299 input; "tf"
+    is torch-fidelity's TF-compatible bilinear resize inside the network (the TF-Inception
+    protocol of the paper's CIFAR-10 FIDs), "clean" is clean-fid's PIL bicubic resize with
+    antialiasing (Parmar et al. 2022; the paper's other data sets, App. D)."""
+
     ref: str | None = None
     n: PositiveInt = 50000
+    resize: Literal["tf", "clean"] = "tf"
 
 
 class Eval(Section):
@@ -119,6 +144,12 @@ class Recipe(Section):
                              "set only truncation.eps")
         object.__setattr__(self, "sde", self.sde.model_copy(update={"eps": eps}))
         return self
+
+    @property
+    def nll_eps(self) -> float:
+        """The eps `st nll` integrates from by default: eval.nll.eps, else truncation.eps."""
+        eps = self.eval.nll.eps
+        return self.truncation.eps if eps is None else eps
 
     @property
     def out_dir(self) -> Path:

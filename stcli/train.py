@@ -125,7 +125,7 @@ class Trainer:
         self.out_dir = recipe.out_dir
         self.ckpt_path = self.out_dir / "ckpt.safetensors"
         self.data = recipe.data
-        self.dataset = self.data.create("train")
+        self.dataset = self.data.create(self.data.training_split)
         self.sde = recipe.sde
         self.reference_extra = self._reference_extra()
         self.ess = EssBins(self.sde, recipe.truncation.eps, self.device) \

@@ -171,7 +171,7 @@ def test_imagenet32_layout_and_pixel_order(tmp_path):
         np.savez(path, data=rows, labels=np.ones(2))
     val = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
     np.savez(tmp_path / "Imagenet32_val_npz" / "val_data.npz", data=val)
-    spec = ImageNet32(root=str(tmp_path))
+    spec = ImageNet32(root=str(tmp_path), source="npz")
     ds, test = spec.create("train"), spec.create("test")
     assert (len(ds), len(test)) == (20, 3) and ds[0].shape == (3, 32, 32)
     data = np.concatenate(train)
