@@ -302,6 +302,9 @@ def _relaunch_if_asked(procs: int) -> None:
     """With --procs N > 1 outside torchrun: run this same command in N processes, then exit."""
     from stcli import distributed
 
+    if procs > 1 and distributed.slurm_environment(os.environ):
+        raise UserError("--procs starts processes on this node only; under srun start one task "
+                        "per GPU instead (srun --ntasks-per-node=GPUS st ...)")
     if procs > 1 and not distributed.is_launched():
         argv, rest = [], iter(_ARGV)
         for arg in rest:
