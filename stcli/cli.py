@@ -13,6 +13,7 @@ import typer
 
 from stcli.console import error, info
 from stcli.errors import TrainingStopped, UserError
+from stcli.helptext import epilog
 
 _ARGV: list[str] = []  # this invocation's arguments, for the --procs relaunch
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,7 +29,21 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
     metavar="[KEY=VALUE]...", show_default=False)]
 
 
-@app.command()
+def _print_version(value: bool) -> None:
+    if value:
+        from stcli import __version__
+
+        info(f"st {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print st's version and exit.")] = False):
+    pass
+
+
+@app.command(epilog=epilog("train"))
 def train(
     recipe: RecipeArg,
     overrides: Overrides = None,
@@ -99,7 +114,7 @@ def _fid_settings(device: str, batch_size: int, cache_dir: str, weights: str | N
                     cache_dir=Path(cache_dir).expanduser())
 
 
-@app.command()
+@app.command(epilog=epilog("fid"))
 def fid(
     samples: Annotated[str, typer.Argument(
         help="Images to measure: a folder of PNG/JPG (recursive), an .npz from `st sample`, or a "
@@ -172,7 +187,7 @@ def fid_ref(
                                    feature_extractor))
 
 
-@app.command()
+@app.command(epilog=epilog("sample"))
 def sample(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train (.safetensors).",
                                         metavar="CKPT")],
@@ -214,7 +229,7 @@ def sample(
              fmt=fmt, device=device, precision=precision)
 
 
-@app.command()
+@app.command(epilog=epilog("nll"))
 def nll(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
     correction: Annotated[str, typer.Option(
