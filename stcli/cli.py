@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train and evaluate score-based diffusion models with Soft Truncation.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect and check recipes.")
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets from their official releases.")
+app.add_typer(data_app, name="data")
 
 Procs = Annotated[int, typer.Option(
     "--procs", min=1, help="Processes on this node (relaunches itself through torchrun).")]
@@ -86,6 +88,31 @@ def recipe_validate(recipe: RecipeArg, overrides: Overrides = None):
 
     spec = load_recipe(recipe, overrides)
     info(f"{recipe}: valid ({spec.name})")
+
+
+@data_app.command("prepare", epilog=(
+        "Examples:\n  st data prepare celeba --from ~/Downloads --out data/celeba\n"
+        "  st data prepare imagenet32 --from ~/Downloads --out data/imagenet32\n"
+        "  st data prepare celebahq --from ~/celebahq-1024 --out data/celebahq --size 256\n\n"
+        "More: docs/components.md#datasets"))
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="celeba | imagenet32 | celebahq.", metavar="NAME")],
+    source: Annotated[str, typer.Option(
+        "--from", help="The downloaded release: an archive (img_align_celeba.zip, "
+        "train_32x32.tar, ...) or the folder holding it; celebahq: the folder of its images.")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write: the recipe's data.root.")],
+    size: Annotated[Optional[int], typer.Option(
+        "--size", min=1, show_default=False, help="celebahq: side of the written images "
+        "(default 256; must divide the images' side).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="celebahq: threads.")] = 4,
+):
+    """Lay out a data set's official release the way st reads it (nothing is left behind if a
+    check fails)."""
+    from pathlib import Path
+
+    from stcli.prepare import prepare
+
+    prepare(name, Path(source).expanduser(), Path(out).expanduser(), size=size, workers=workers)
 
 
 FidDevice = Annotated[str, typer.Option(
