@@ -37,10 +37,12 @@ def fake_celeba(folder, n=6, partition=True):
     return files
 
 
-def test_celeba_release_is_laid_out_for_the_loader(tmp_path):
+@pytest.mark.parametrize("source", ["dl", "dl/img_align_celeba.zip"])
+def test_celeba_release_is_laid_out_for_the_loader(tmp_path, source):
+    """--from the download folder or the zip itself (the partition file found next to it)."""
     files = fake_celeba(tmp_path / "dl")
     out = tmp_path / "celeba"
-    res = run_st("data", "prepare", "celeba", "--from", tmp_path / "dl", "--out", out)
+    res = run_st("data", "prepare", "celeba", "--from", tmp_path / source, "--out", out)
     assert res.returncode == 0, res.stderr
     assert "train 2, valid 2, test 2" in res.stdout
     for name, data in files.items():
