@@ -12,13 +12,6 @@ import torch.distributed as dist
 
 from stcli.errors import UserError
 
-# Rank 0 alone draws the periodic sample grid and writes checkpoints while the other ranks wait
-# in their next collective.  A full-length sampler on a large grid (e.g. 2000 predictor-corrector
-# evaluations of a 256x256 NCSN++) takes longer than torch's default process-group timeout
-# (10 minutes under NCCL), which would kill a healthy run; so the timeout is 2 hours by default,
-# or ST_DIST_TIMEOUT seconds.
-DEFAULT_TIMEOUT_S = 7200
-
 
 @dataclass(frozen=True)
 class Context:
@@ -32,12 +25,8 @@ class Context:
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """The local rank's GPU; modulo the visible GPUs, so that a task that sees only its own GPU
-    (srun --gpus-per-task=1, or --gpu-bind) uses cuda:0."""
-    if preference in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     if preference == "auto":
-        return torch.device("cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if preference == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(preference)
@@ -131,6 +120,14 @@ def _env_int(env, key: str) -> int:
         raise UserError(f"inconsistent Slurm environment: {key}={value!r} is not an integer") from None
 
 
+# Rank 0 alone draws the periodic sample grid and writes checkpoints while the other ranks wait
+# in their next collective.  A full-length sampler on a large grid (e.g. 2000 predictor-corrector
+# evaluations of a 256x256 NCSN++) takes longer than torch's default process-group timeout
+# (10 minutes under NCCL), which would kill a healthy run; so the timeout is 2 hours by default,
+# or ST_DIST_TIMEOUT seconds.
+DEFAULT_TIMEOUT_S = 7200
+
+
 def timeout() -> timedelta:
     """The process-group timeout: ST_DIST_TIMEOUT seconds, else DEFAULT_TIMEOUT_S."""
     value = os.environ.get("ST_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
@@ -150,7 +147,8 @@ def setup(device: str = "auto") -> Context:
     os.environ.update(slurm_environment(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    # modulo the visible GPUs: a task that sees only its own GPU (srun --gpus-per-task=1) uses cuda:0
+    dev = pick_device(device, local_rank % max(1, torch.cuda.device_count()))
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
