@@ -13,12 +13,15 @@ import typer
 
 from stcli.console import error, info
 from stcli.errors import TrainingStopped, UserError
+from stcli.helptext import epilog
 
 _ARGV: list[str] = []  # this invocation's arguments, for the --procs relaunch
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and evaluate score-based diffusion models with Soft Truncation.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect and check recipes.")
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets from their official releases.")
+app.add_typer(data_app, name="data")
 
 Procs = Annotated[int, typer.Option(
     "--procs", min=1, help="Processes on this node (relaunches itself through torchrun).")]
@@ -28,7 +31,21 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
     metavar="[KEY=VALUE]...", show_default=False)]
 
 
-@app.command()
+def _print_version(value: bool) -> None:
+    if value:
+        from stcli import __version__
+
+        info(f"st {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print st's version and exit.")] = False):
+    pass
+
+
+@app.command(epilog=epilog("train"))
 def train(
     recipe: RecipeArg,
     overrides: Overrides = None,
@@ -73,6 +90,31 @@ def recipe_validate(recipe: RecipeArg, overrides: Overrides = None):
     info(f"{recipe}: valid ({spec.name})")
 
 
+@data_app.command("prepare", epilog=(
+        "Examples:\n  st data prepare celeba --from ~/Downloads --out data/celeba\n"
+        "  st data prepare imagenet32 --from ~/Downloads --out data/imagenet32\n"
+        "  st data prepare celebahq --from ~/celebahq-1024 --out data/celebahq --size 256\n\n"
+        "More: docs/components.md#datasets"))
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="celeba | imagenet32 | celebahq.", metavar="NAME")],
+    source: Annotated[str, typer.Option(
+        "--from", help="The downloaded release: an archive (img_align_celeba.zip, "
+        "train_32x32.tar, ...) or the folder holding it; celebahq: the folder of its images.")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write: the recipe's data.root.")],
+    size: Annotated[Optional[int], typer.Option(
+        "--size", min=1, show_default=False, help="celebahq: side of the written images "
+        "(default 256; must divide the images' side).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="celebahq: threads.")] = 4,
+):
+    """Lay out a data set's official release the way st reads it (nothing is left behind if a
+    check fails)."""
+    from pathlib import Path
+
+    from stcli.prepare import prepare
+
+    prepare(name, Path(source).expanduser(), Path(out).expanduser(), size=size, workers=workers)
+
+
 FidDevice = Annotated[str, typer.Option(
     "--device", help="Where features are computed (and samples drawn): auto, cpu or cuda.")]
 FidBatch = Annotated[int, typer.Option(
@@ -103,7 +145,7 @@ def _fid_settings(device: str, batch_size: int, cache_dir: str, weights: str | N
                     cache_dir=Path(cache_dir).expanduser(), resize=resize).checked()
 
 
-@app.command()
+@app.command(epilog=epilog("fid"))
 def fid(
     samples: Annotated[str, typer.Argument(
         help="Images to measure: a folder of PNG/JPG (recursive), an .npz from `st sample`, or a "
@@ -179,7 +221,7 @@ def fid_ref(
                                    feature_extractor, resize))
 
 
-@app.command()
+@app.command(epilog=epilog("sample"))
 def sample(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train (.safetensors).",
                                         metavar="CKPT")],
@@ -221,7 +263,7 @@ def sample(
              fmt=fmt, device=device, precision=precision)
 
 
-@app.command()
+@app.command(epilog=epilog("nll"))
 def nll(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
     eps: Annotated[Optional[float], typer.Option(
@@ -323,6 +365,9 @@ def _relaunch_if_asked(procs: int) -> None:
     """With --procs N > 1 outside torchrun: run this same command in N processes, then exit."""
     from stcli import distributed
 
+    if procs > 1 and distributed.slurm_environment(os.environ):
+        raise UserError("--procs starts processes on this node only; under srun start one task "
+                        "per GPU instead (srun --ntasks-per-node=GPUS st ...)")
     if procs > 1 and not distributed.is_launched():
         argv, rest = [], iter(_ARGV)
         for arg in rest:

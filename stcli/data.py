@@ -107,6 +107,51 @@ def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     ])
 
 
+# The layout each loader reads (when its own message does not say) and where the data set is
+# published: the missing-data messages end with both.
+SOURCES: dict[str, tuple[str | None, str]] = {
+    "folder": ("image files (png, jpg, jpeg, bmp, webp) anywhere under <root>, or under "
+               "<root>/train and <root>/test for two splits",
+               "for CelebA-HQ 256x256 (the celebahq recipe), "
+               "`st data prepare celebahq --from IMAGES --out ROOT` downscales the 1024x1024 "
+               "images made by the progressive-GAN data set tool "
+               "(https://github.com/tkarras/progressive_growing_of_gans) or CelebAMask-HQ's "
+               "CelebA-HQ-img (https://github.com/switchablenorms/CelebAMask-HQ)"),
+    "cifar10": ("<root>/cifar-10-batches-py/ (data_batch_1..5, test_batch), as extracted from "
+                "cifar-10-python.tar.gz",
+                "CIFAR-10 is published at https://www.cs.toronto.edu/~kriz/cifar.html (or set "
+                "data.download=true)"),
+    "stl10": ("<root>/stl10_binary/ (train_X.bin, test_X.bin, unlabeled_X.bin), as extracted "
+              "from stl10_binary.tar.gz",
+              "STL-10 is published at https://cs.stanford.edu/~acoates/stl10/ (or set "
+              "data.download=true)"),
+    "celeba": (None, "CelebA is published at https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html "
+               "(Align&Cropped Images: img_align_celeba.zip; Eval: list_eval_partition.txt); "
+               "`st data prepare celeba --from DOWNLOADS --out ROOT` lays them out"),
+    "imagenet32": (None, "ImageNet32 is published at https://image-net.org/download-images "
+                   "(Downsampled ImageNet 32x32, free account); `st data prepare imagenet32 "
+                   "--from DOWNLOADS --out ROOT` lays out the PNG tarballs"),
+}
+
+
+def where_to_find(spec: DataSpec, message: str) -> str:
+    """`message` of a failed load, with the absolute root searched, the expected layout (if the
+    message lacks it) and where the data set is published."""
+    root = getattr(spec, "root", None)
+    if root is None:
+        return message
+    resolved = Path(root).expanduser().resolve()
+    parts = [message, f"data.root {root!r} is {resolved}" + (
+        "" if Path(root).expanduser().is_absolute()
+        else f" (relative paths are read from the working directory {Path.cwd()})")]
+    layout, published = SOURCES.get(spec.name, (None, None))
+    if layout and layout not in message:
+        parts.append(f"expected layout: {layout}")
+    if published:
+        parts.append(published)
+    return "; ".join(parts)
+
+
 class DataSpec(Component):
     """What every dataset offers: named splits, ``shape``, ``dim``, ``create(split)``."""
 
@@ -127,7 +172,10 @@ class DataSpec(Component):
         if split not in self.splits:
             raise UserError(f"dataset {self.name!r} has no split {split!r}; "
                             f"valid splits: {', '.join(self.splits)}")
-        data = self.load(split)
+        try:
+            data = self.load(split)
+        except UserError as err:
+            raise UserError(where_to_find(self, str(err))) from None
         if getattr(self, "in_memory", False) and not isinstance(data, InMemory):
             data = InMemory(decode_all(data))
         return data

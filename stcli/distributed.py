@@ -1,12 +1,16 @@
-"""torch.distributed set-up (torchrun / DDP) and the `--procs N` relaunch through torchrun."""
+"""torch.distributed set-up (torchrun, srun / DDP) and the `--procs N` relaunch through torchrun."""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from stcli.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -28,15 +32,127 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(preference)
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list in its compressed form, e.g. "gpu[01-03,7],login5" ->
+    gpu01, gpu02, gpu03, gpu7, login5 (ranges keep their zero padding; several bracket groups
+    in one name multiply out, as "r[1-2]n[1-2]")."""
+    hosts: list[str] = []
+    for name in _split_top_level(nodelist.strip()):
+        if not name or not _NODE_NAME.fullmatch(name):
+            raise UserError(f"cannot read the Slurm node list {nodelist!r}")
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", name):
+            items = _expand_ranges(ranges, nodelist) if ranges else [""]
+            expanded = [h + literal + item for h in expanded for item in items]
+        hosts.extend(expanded)
+    return hosts
+
+
+_NODE_NAME = re.compile(r"(?:[^\[\],]*\[[^\[\]]+\])*[^\[\],]*")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    items = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise UserError(f"cannot read the Slurm node list {nodelist!r} (range {part!r})")
+        items += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+    return items
+
+
+def slurm_environment(env: dict[str, str] | os._Environ) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a task
+    that srun started, from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the step's (else the
+    job's) node list -- rank 0 runs on its first node -- and a port derived from SLURM_JOB_ID.
+    Empty when not under srun with several tasks, or under torchrun (whose variables rule).
+    MASTER_ADDR and MASTER_PORT, when set, are kept."""
+    if "TORCHELASTIC_RUN_ID" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    rank, world, local = (_env_int(env, k) for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"inconsistent Slurm environment: SLURM_PROCID={rank} with "
+                        f"SLURM_NTASKS={world} (a rank must be below the number of tasks)")
+    for key, value in (("WORLD_SIZE", world), ("RANK", rank)):
+        if key in env and env[key] != str(value):
+            raise UserError(f"inconsistent environment: {key}={env[key]} but Slurm says "
+                            f"{value} (SLURM_{'NTASKS' if key == 'WORLD_SIZE' else 'PROCID'}); "
+                            f"unset {key} or launch with a matching srun --ntasks")
+    if world == 1:
+        return {}
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
+    if "MASTER_ADDR" not in env:
+        nodes = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                      if env.get(k)), None)
+        if nodes is None:
+            raise UserError("under srun with several tasks but no SLURM_JOB_NODELIST: set "
+                            "MASTER_ADDR to the host of task 0")
+        out["MASTER_ADDR"] = expand_nodelist(nodes)[0]
+    if "MASTER_PORT" not in env:
+        if "SLURM_JOB_ID" not in env:
+            raise UserError("under srun with several tasks but no SLURM_JOB_ID: set MASTER_PORT")
+        out["MASTER_PORT"] = str(slurm_port(_env_int(env, "SLURM_JOB_ID")))
+    return out
+
+
+def slurm_port(job_id: int) -> int:
+    """A port in 15000..29999 (below Linux's ephemeral range) that every task of a job derives
+    alike and concurrent jobs sharing a node are unlikely to share."""
+    return 15000 + job_id % 15000
+
+
+def _env_int(env, key: str) -> int:
+    value = env.get(key, "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"inconsistent Slurm environment: {key}={value!r} is not an integer") from None
+
+
+# Rank 0 alone draws the periodic sample grid and writes checkpoints while the other ranks wait
+# in their next collective.  A full-length sampler on a large grid (e.g. 2000 predictor-corrector
+# evaluations of a 256x256 NCSN++) takes longer than torch's default process-group timeout
+# (10 minutes under NCCL), which would kill a healthy run; so the timeout is 2 hours by default,
+# or ST_DIST_TIMEOUT seconds.
+DEFAULT_TIMEOUT_S = 7200
+
+
+def timeout() -> timedelta:
+    """The process-group timeout: ST_DIST_TIMEOUT seconds, else DEFAULT_TIMEOUT_S."""
+    value = os.environ.get("ST_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"ST_DIST_TIMEOUT must be a positive number of seconds, not {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def setup(device: str = "auto") -> Context:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
+    """Join the process group when launched by torchrun or srun (several tasks), else run alone.
+    Under srun, torchrun's variables are derived from Slurm's and exported (children and the
+    rank-0 checks of the CLI see them too)."""
+    os.environ.update(slurm_environment(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    # modulo the visible GPUs: a task that sees only its own GPU (srun --gpus-per-task=1) uses cuda:0
+    dev = pick_device(device, local_rank % max(1, torch.cuda.device_count()))
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout())
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Context(rank=rank, world_size=world, device=dev)
 
@@ -87,8 +203,9 @@ def relaunch(procs: int, argv: list[str]) -> int:
 
 
 def is_launched() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
+    """Started by torchrun, or one of several srun tasks (then --procs would start N runs)."""
+    return ("TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+            or bool(slurm_environment(os.environ)))
 
 
 def all_gather_equal(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""Help a person can act on: `st --version`, and examples at the end of `st COMMAND --help`
+that are real command lines (parsed by st's own parser) naming files that exist."""
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import typer
+from conftest import ROOT, run_st
+
+from stcli.cli import app
+from stcli.helptext import DOCS, EXAMPLES
+
+
+def test_version_matches_the_package_metadata():
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    res = run_st("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"st {version}"
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_help_ends_with_examples(command):
+    res = subprocess.run([sys.executable, "-m", "stcli", command, "--help"], capture_output=True,
+                         text=True, env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), "PATH": ""},
+                         cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = [line.strip() for line in res.stdout.splitlines() if line.strip()]
+    tail = lines[-(2 * len(EXAMPLES[command]) + 2):]
+    assert tail[0] == "Examples:" and tail[-1] == f"More: {DOCS[command]}"
+    assert tail[1:-1:2] == [f"# {note}" for _, note in EXAMPLES[command]]
+    assert tail[2:-1:2] == [cmd for cmd, _ in EXAMPLES[command]]  # one line each at 80 columns
+    assert (ROOT / DOCS[command]).is_file()
+
+
+@pytest.mark.parametrize("example", [cmd for cmds in EXAMPLES.values() for cmd, _ in cmds])
+def test_every_example_parses(example):
+    """st's parser accepts each example (options, values, arguments); recipes named exist."""
+    words = shlex.split(example)
+    words = words[words.index("st") + 1:]
+    assert words[0] in EXAMPLES
+    parse(words)  # raises a usage error on anything unknown
+    for word in words:
+        if word.startswith("recipes/"):
+            assert (ROOT / word).is_file(), word
+
+
+def test_a_wrong_example_would_be_caught():
+    with pytest.raises(Exception, match="No such option"):
+        parse(["sample", "x.safetensors", "-n", "4", "--no-such-option"])
+    with pytest.raises(Exception, match="valid integer"):
+        parse(["sample", "x.safetensors", "-n", "four"])
+
+
+def parse(words: list[str]) -> None:
+    """Parse `st WORDS` as the command `words[0]` would, without running it."""
+    command = typer.main.get_command(app).commands[words[0]]
+    command.make_context(words[0], words[1:])
