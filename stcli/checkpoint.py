@@ -7,7 +7,6 @@ renamed over the target, so an interrupted write never damages the last good che
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from stcli.errors import UserError
-from stcli.runlock import TMP_PREFIX
+from stcli.runlock import TMP_PREFIX, is_disk_full
 
 FORMAT = "st-checkpoint/1"
 
@@ -54,13 +53,6 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """An OSError(ENOSPC/EDQUOT), or safetensors' wrapping of one."""
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT)
-    return f"os error {errno.ENOSPC})" in str(err) or "No space left" in str(err)
 
 
 def _write_error(path: Path, err: BaseException, tensors: dict, metadata: dict) -> UserError:

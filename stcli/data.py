@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch.utils.data import Dataset
 
-from stcli.errors import UserError
+from stcli.errors import UserError, plain_message
 from stcli.registry import DATASETS, Component
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -59,7 +59,10 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.load(self.paths[i])
+        try:
+            return self.load(self.paths[i])
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: unreadable, truncated, bad header
+            raise UserError(f"cannot read the image {self.paths[i]}: {err}") from None
 
 
 def _center_crop(img, size: int):
@@ -86,7 +89,10 @@ def decode_all(data: Dataset, batch: int = 256) -> torch.Tensor:
     """Every item of a file-backed dataset in one uint8 tensor, decoded by parallel workers."""
     workers = min(8, os.cpu_count() or 1) if len(data) > 4 * batch else 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers)
-    return torch.cat(list(loader))
+    try:
+        return torch.cat(list(loader))
+    except UserError as err:  # from a worker: its message, not its traceback
+        raise UserError(plain_message(err)) from None
 
 
 def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:

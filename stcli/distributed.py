@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from stcli.errors import UserError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -21,11 +23,22 @@ class Context:
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device of `preference` (auto | cpu | cuda | cuda:N), checked against this machine."""
     if preference == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if preference == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(preference)
+    if preference == "cpu":
+        return torch.device("cpu")
+    kind, _, index = preference.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"device {preference!r} is not one of auto, cpu, cuda, cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        raise UserError(f"device {preference!r}: this machine has no CUDA GPU; use cpu or auto")
+    n = int(index) if index else local_rank
+    if n >= count:
+        raise UserError(f"device {preference!r}: this machine has {count} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{count - 1}")
+    return torch.device(f"cuda:{n}")
 
 
 def setup(device: str = "auto") -> Context:

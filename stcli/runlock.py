@@ -9,11 +9,14 @@ once the lock is held, so `remove_temporaries` deletes them at start and on resu
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stcli.console import info
@@ -111,3 +114,29 @@ def remove_temporaries(folder: Path, depth: int = 1) -> int:
         elif depth > 1 and entry.is_dir() and not entry.is_symlink():
             removed += remove_temporaries(entry, depth - 1)
     return removed
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError(ENOSPC/EDQUOT), or safetensors' wrapping of one."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"os error {errno.ENOSPC})" in str(err) or "No space left" in str(err)
+
+
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary path (``.st-tmp-*``) to write, renamed to `path` on success and removed on
+    failure; a full disk is a UserError naming `path` and the bytes written so far."""
+    tmp = path.with_name(temporary_name(path.name))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        if is_disk_full(err):
+            raise UserError(f"no space left on the device to write {path} (it needs more than "
+                            f"{written / 2**20:.1f} MiB free); what was written before is "
+                            "kept: free some space and run the same command again") from None
+        raise UserError(f"cannot write {path}: {err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)

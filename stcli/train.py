@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from stcli import checkpoint, distributed
 from stcli.console import StepProgress, fmt_eta, info
 from stcli.data import collate
-from stcli.errors import TrainingStopped, UserError
+from stcli.errors import TrainingStopped, UserError, plain_message
 from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
@@ -402,7 +402,7 @@ class Trainer:
         try:
             return next(batches), next(references) if references is not None else None
         except UserError as err:
-            message = loader_message(err)
+            message = plain_message(err)
             if self.step:
                 self.save()
                 message += f"; stopped after step {self.step}, checkpoint saved to {self.ckpt_path}"
@@ -534,15 +534,6 @@ def optimizer_state(tensors: dict, meta: dict, model: torch.nn.Module, step: int
                                 f"{tuple(state[key].shape)}, its parameter {tuple(shape)}")
         states[i] = state
     return {"state": states, "param_groups": groups}
-
-
-def loader_message(err: UserError) -> str:
-    """The message of a UserError, without the traceback a DataLoader worker wraps it in."""
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return last.split(": ", 1)[1] if last.startswith(("stcli.", "UserError")) else last
 
 
 class LogWriter:
