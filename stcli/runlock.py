@@ -33,9 +33,11 @@ class RunLock:
         self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK
         self.fd: int | None = None
+        self.created = False
 
     def acquire(self) -> None:
         try:
+            self.created = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
             while True:  # retry if the file was replaced between open and flock
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -67,6 +69,11 @@ class RunLock:
         self.path.unlink(missing_ok=True)  # while still holding the flock
         os.close(self.fd)
         self.fd = None
+        if self.created:  # a folder made for a run that wrote nothing goes again
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
 
     def __enter__(self) -> RunLock:
         self.acquire()

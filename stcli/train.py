@@ -199,24 +199,15 @@ class Trainer:
         except OSError as err:
             raise UserError(f"cannot write to the output folder {self.out_dir}: {err}") from None
 
-    def _claim_out_dir(self) -> RunLock | None:
-        """Lock and prepare the run folder on rank 0; every rank learns whether it worked."""
-        lock, failure = None, None
+    def _claim_out_dir(self) -> None:
+        """Prepare the run folder on rank 0; every rank learns whether it worked."""
+        failure = None
         if self.ctx.is_main:
-            lock = RunLock(self.out_dir, "st train")
             try:
-                lock.acquire()
                 self._prepare_out_dir()
             except UserError as err:
-                lock.release()
                 failure = err
-        failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)],
-                                                         device=self.device))
-        if failure is not None:
-            raise failure
-        if failed.item():
-            raise UserError("rank 0 could not prepare the run folder")
-        return lock
+        agree(failure, self.ctx, "prepare the run folder")
 
     def _state(self) -> tuple[dict, dict]:
         opt = self.optimizer.state_dict()
@@ -341,7 +332,7 @@ class Trainer:
         extras = make_loader(self.dataset, ReferenceBatches(steps, self.reference_extra,
                                                             self.recipe.loss.target.all_gather),
                              cfg.workers, self.device) if self.reference_extra else None
-        lock = self._claim_out_dir()
+        self._claim_out_dir()
         log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
         handlers = self._install_signal_handlers()
         t0, s0, loss_avg = time.perf_counter(), self.step, float("nan")
@@ -392,8 +383,6 @@ class Trainer:
             self._restore_signal_handlers(handlers)
             if log:
                 log.close()
-            if lock:
-                lock.release()
         return TrainResult(self.step, loss_avg, self.out_dir)
 
     def _next_batch(self, batches, references):
@@ -568,12 +557,32 @@ def _diff(a, b, prefix: str = ""):
         yield prefix.rstrip(".")
 
 
+def agree(failure: UserError | None, ctx: distributed.Context, what: str) -> None:
+    """Raise `failure` on its rank and a UserError on every other rank if any rank failed."""
+    failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=ctx.device))
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise UserError(f"another process could not {what}")
+
+
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end."""
     ctx = distributed.setup(recipe.train.device)
+    lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
+        failure = None
+        if lock:
+            try:
+                lock.acquire()
+            except UserError as err:
+                failure = err
+        agree(failure, ctx, "lock the run folder")
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")
         return Trainer(recipe, ctx, resume).run()
     finally:
+        if lock:
+            lock.release()
         distributed.teardown()
