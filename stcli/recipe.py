@@ -121,17 +121,6 @@ class Recipe(Section):
         return name
 
     @model_validator(mode="after")
-    def _net_fits_data(self):
-        """The net's shape checks (levels against image size, ...), without building it."""
-        check = getattr(self.net, "check_shape", None)
-        if check is not None:
-            try:
-                check(self.data.shape)
-            except UserError as err:
-                raise ValueError(str(err)) from None
-        return self
-
-    @model_validator(mode="after")
     def _share_eps(self):
         """The SDE's eps (RVE, int_g2_sigma2) is the truncation's eps."""
         eps = self.truncation.eps
@@ -221,9 +210,16 @@ def read_yaml(path: str | Path) -> dict:
 
 def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise UserError(f"{source} is invalid:\n" + format_validation_error(err, data=data)) from None
+    check = getattr(recipe.net, "check_shape", None)  # the net's shapes, without building it
+    if check is not None:
+        try:
+            check(recipe.data.shape)
+        except UserError as err:
+            raise UserError(f"{source} is invalid:\nnet: {err}") from None
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
