@@ -69,6 +69,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(failure: Exception | None, ctx: Context, what: str) -> None:
+    """Raise `failure` on its rank, and a UserError on every other rank, if any rank failed
+    (so that no rank waits forever for one that stopped)."""
+    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=ctx.device))
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise UserError(f"another process could not {what}")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

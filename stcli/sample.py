@@ -184,10 +184,14 @@ class Job:
             return f["arr_0"].shape[0] == self.n
 
     def run(self) -> None:
-        lock = RunLock(self.out, "st sample") if self.ctx.is_main else None
+        lock, failure = RunLock(self.out, "st sample") if self.ctx.is_main else None, None
         if lock:
-            lock.acquire()
+            try:
+                lock.acquire()
+            except UserError as err:
+                failure = err
         try:
+            distributed.agree(failure, self.ctx, "lock the output folder")
             self._run()
         finally:
             if lock:

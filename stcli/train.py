@@ -32,7 +32,7 @@ from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
 from stcli.recipe import Recipe
-from stcli.runlock import RunLock, remove_temporaries, temporary_name
+from stcli.runlock import RunLock, is_disk_full, remove_temporaries, temporary_name
 from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
@@ -207,7 +207,7 @@ class Trainer:
                 self._prepare_out_dir()
             except UserError as err:
                 failure = err
-        agree(failure, self.ctx, "prepare the run folder")
+        distributed.agree(failure, self.ctx, "prepare the run folder")
 
     def _state(self) -> tuple[dict, dict]:
         opt = self.optimizer.state_dict()
@@ -250,7 +250,11 @@ class Trainer:
                             "to continue it")
         load_weights(self.model, checkpoint.section("model", tensors), path, "model", assign=False)
         load_weights(self.ema, checkpoint.section("ema", tensors), path, "ema", assign=False)
-        self.optimizer.load_state_dict(optimizer_state(tensors, meta, self.model, opened.step, path))
+        try:
+            self.optimizer.load_state_dict(optimizer_state(tensors, meta, self.model, opened.step, path))
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise UserError(f"checkpoint {path} is damaged: its optimizer state does not fit "
+                            f"({str(err).splitlines()[0]})") from None
         if "rng.cpu" not in tensors:
             raise UserError(f"checkpoint {path} is damaged: it holds no CPU RNG state (rng.cpu)")
         if meta.get("world_size", 1) == self.ctx.world_size:
@@ -529,11 +533,15 @@ class LogWriter:
     """Appends one JSON record per line to log.jsonl, flushed at once."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a")
+        self.path, self.file = path, open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            what = "no space left on the device" if is_disk_full(err) else str(err)
+            raise UserError(f"cannot write the log {self.path}: {what}") from None
 
     def close(self) -> None:
         self.file.close()
@@ -557,15 +565,6 @@ def _diff(a, b, prefix: str = ""):
         yield prefix.rstrip(".")
 
 
-def agree(failure: UserError | None, ctx: distributed.Context, what: str) -> None:
-    """Raise `failure` on its rank and a UserError on every other rank if any rank failed."""
-    failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=ctx.device))
-    if failure is not None:
-        raise failure
-    if failed.item():
-        raise UserError(f"another process could not {what}")
-
-
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end."""
     ctx = distributed.setup(recipe.train.device)
@@ -577,7 +576,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                 lock.acquire()
             except UserError as err:
                 failure = err
-        agree(failure, ctx, "lock the run folder")
+        distributed.agree(failure, ctx, "lock the run folder")
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")

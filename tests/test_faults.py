@@ -263,3 +263,22 @@ def test_disk_full_during_sampling_keeps_the_images_written(tiny_ckpt, tmp_path,
     finally:
         if mounted:
             unmount(disk)
+
+
+def test_a_full_disk_while_logging_is_one_message(tmp_path, monkeypatch):
+    from stcli.errors import UserError
+    from stcli.train import LogWriter
+
+    log = LogWriter(tmp_path / "log.jsonl")
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    log.file.close()
+    log.file = Full()
+    with pytest.raises(UserError, match="cannot write the log .*log.jsonl: no space left on the device"):
+        log.write({"step": 1})
