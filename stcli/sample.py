@@ -16,6 +16,7 @@ first 64 images (for non-image data: the picture of all samples).
 from __future__ import annotations
 
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,8 +181,11 @@ class Job:
     def _complete(self, path: Path) -> bool:
         if path.suffix != ".npz":
             return False  # a picture of all samples cannot tell how many it holds: redo it
-        with np.load(path) as f:
-            return f["arr_0"].shape[0] == self.n
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["arr_0"].shape[0] == self.n
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: draw it again
+            return False
 
     def run(self) -> None:
         lock, failure = RunLock(self.out, "st sample") if self.ctx.is_main else None, None

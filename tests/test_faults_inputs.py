@@ -332,3 +332,14 @@ def test_plain_inception_state_dicts_load_as_tensors_only(tmp_path):
     with pytest.raises(UserError, match="not a state dict of tensors"):
         metrics.load_inception_state(path, check_digest=False)
     assert isinstance(metrics.tensors_only_file(got), io.BytesIO)
+
+
+def test_a_damaged_npz_of_samples_is_drawn_again(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "n"
+    args = ("sample", tiny_ckpt, "-n", 3, "--out", out, "--device", "cpu", "--format", "npz")
+    assert st(capsys, *args)[0] == 0
+    good = (out / "samples.npz").read_bytes()
+    (out / "samples.npz").write_bytes(good[: len(good) // 3])
+    code, _, err = st(capsys, *args)
+    assert code == 0, err
+    assert (out / "samples.npz").read_bytes() == good
