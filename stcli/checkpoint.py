@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,30 +19,48 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from stcli.errors import UserError
+from stcli.runlock import TMP_PREFIX, is_disk_full
 
 FORMAT = "st-checkpoint/1"
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write `tensors` and JSON-encoded `meta` to `path`."""
+    """Atomically write `tensors` and JSON-encoded `meta` to `path`.
+
+    The file is written in a private folder ``.st-tmp-*`` next to `path` (safetensors adds its
+    own temporary file there), fsynced, then renamed over `path`; on any failure the folder is
+    removed and `path` is untouched.  A full disk is a UserError naming the space needed.
+    """
     path = Path(path)
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=TMP_PREFIX))
+    except OSError as err:
+        raise _write_error(path, err, tensors, metadata) from None
+    tmp = tmp_dir / path.name
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except (OSError, SafetensorError) as err:
+        raise _write_error(path, err, tensors, metadata) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_error(path: Path, err: BaseException, tensors: dict, metadata: dict) -> UserError:
+    if is_disk_full(err):
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(metadata))
+        return UserError(f"no space left on the device to write {path} (it needs about "
+                         f"{need / 2**20:.1f} MiB free); the previous file there is untouched")
+    return UserError(f"cannot write {path}: {err}")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,7 +76,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str
         raise UserError(f"checkpoint {path} is corrupt or truncated ({err})") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not an st checkpoint (format {metadata.get('format')!r})")
-    meta = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    meta = {}
+    for k, v in metadata.items():
+        if k != "format":
+            try:
+                meta[k] = json.loads(v)
+            except ValueError:
+                raise UserError(f"checkpoint {path} is damaged: its metadata {k!r} is not valid "
+                                "JSON") from None
     return tensors, meta
 
 

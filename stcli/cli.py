@@ -87,6 +87,7 @@ def recipe_validate(recipe: RecipeArg, overrides: Overrides = None):
     from stcli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides)
+    count_parameters(spec)  # builds the net's shapes (on the meta device, no weights)
     info(f"{recipe}: valid ({spec.name})")
 
 
@@ -350,14 +351,16 @@ def diagnose(
     """The bound's integrand and the importance-weighted loss per diffusion time (Figs. 1a, 6, 7)."""
     from pathlib import Path
 
-    from stcli.diagnose import DiagnoseOptions, report, write
+    from stcli.diagnose import DiagnoseOptions, check_out, report, write
     from stcli.diagnose import diagnose as run_diagnose
 
     opts = DiagnoseOptions(split=split, limit=limit, points=points, samples=samples,
                            taus=tuple(tau) if tau else DiagnoseOptions.taus,
                            batch_size=batch_size, weights=weights, seed=seed, device=device)
+    folder = Path(out) if out else Path(ckpt).parent / "diagnose"
+    check_out(folder)
     result = run_diagnose(ckpt, opts)
-    files = write(result, Path(out) if out else Path(ckpt).parent / "diagnose")
+    files = write(result, folder)
     report(result, files, as_json)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch.utils.data import Dataset
 
-from stcli.errors import UserError
+from stcli.errors import UserError, plain_message
 from stcli.registry import DATASETS, Component
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -59,7 +59,10 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.load(self.paths[i])
+        try:
+            return self.load(self.paths[i])
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: unreadable, truncated, bad header
+            raise UserError(f"cannot read the image {self.paths[i]}: {err}") from None
 
 
 def _center_crop(img, size: int):
@@ -90,9 +93,12 @@ def decode_all(data: Dataset, batch: int = 256) -> torch.Tensor:
     first = data[0]
     out = torch.empty((len(data), *first.shape), dtype=first.dtype)
     start = 0
-    for part in loader:
-        out[start:start + len(part)] = part
-        start += len(part)
+    try:
+        for part in loader:
+            out[start:start + len(part)] = part
+            start += len(part)
+    except UserError as err:  # from a worker: its message, not its traceback
+        raise UserError(plain_message(err)) from None
     return out
 
 

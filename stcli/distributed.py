@@ -25,11 +25,22 @@ class Context:
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device of `preference` (auto | cpu | cuda | cuda:N), checked against this machine."""
     if preference == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if preference == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(preference)
+    if preference == "cpu":
+        return torch.device("cpu")
+    kind, _, index = preference.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"device {preference!r} is not one of auto, cpu, cuda, cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        raise UserError(f"device {preference!r}: this machine has no CUDA GPU; use cpu or auto")
+    n = int(index) if index else local_rank
+    if n >= count:
+        raise UserError(f"device {preference!r}: this machine has {count} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{count - 1}")
+    return torch.device(f"cuda:{n}")
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -170,6 +181,16 @@ def barrier() -> None:
     """Wait for every rank (a no-op when running alone)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def agree(failure: Exception | None, ctx: Context, what: str) -> None:
+    """Raise `failure` on its rank, and a UserError on every other rank, if any rank failed
+    (so that no rank waits forever for one that stopped)."""
+    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=ctx.device))
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise UserError(f"another process could not {what}")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

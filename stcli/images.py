@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+from stcli.runlock import atomic
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
@@ -17,6 +18,5 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     grid = make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=255)
     array = grid.permute(1, 2, 0).numpy()  # make_grid always returns 3 channels
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

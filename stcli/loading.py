@@ -1,4 +1,9 @@
-"""Rebuild a trained score model from a checkpoint alone (its recipe travels inside it)."""
+"""Rebuild a trained score model from a checkpoint alone (its recipe travels inside it).
+
+`open_checkpoint` is the one validation path of every reader of a checkpoint (`st train
+--resume`, `st sample`, `st nll`, `st diagnose`, `st fid`): a damaged or foreign file is one
+UserError naming what is wrong, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,42 @@ from stcli.recipe import Recipe, parse_recipe
 
 
 @dataclass
+class Opened:
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+    recipe: Recipe
+    step: int
+
+
+def open_checkpoint(path: str | Path) -> Opened:
+    """Tensors, metadata, recipe and step of checkpoint `path`, each checked."""
+    tensors, meta = checkpoint.load(path)
+    if "recipe" not in meta:
+        raise UserError(f"checkpoint {path} holds no recipe")
+    if not isinstance(meta["recipe"], dict):
+        raise UserError(f"checkpoint {path} is damaged: its recipe is not a mapping")
+    recipe = parse_recipe(meta["recipe"], f"the recipe inside {path}")
+    step = meta.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"checkpoint {path} is damaged: its step {step!r} is not a "
+                        "non-negative integer")
+    return Opened(tensors, meta, recipe, step)
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path, what: str,
+                 assign: bool = True) -> None:
+    """Load `state` into `model`, or a UserError naming the mismatch (`assign`: take the
+    tensors themselves, for a model built on the meta device)."""
+    try:
+        model.load_state_dict(state, assign=assign)
+    except RuntimeError as err:
+        first = str(err).splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0])
+        raise UserError(f"checkpoint {path} does not match its recipe's net: {what} {detail}"
+                        ) from None
+
+
+@dataclass
 class Loaded:
     recipe: Recipe
     model: ScoreModel  # in eval mode, on the requested device
@@ -24,21 +65,15 @@ class Loaded:
 def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
                device: str | torch.device = "cpu") -> Loaded:
     """The model of checkpoint `path` with its EMA (default) or raw weights."""
-    tensors, meta = checkpoint.load(path)
-    if "recipe" not in meta:
-        raise UserError(f"checkpoint {path} holds no recipe")
-    recipe = parse_recipe(meta["recipe"], f"the recipe inside {path}")
+    opened = open_checkpoint(path)
+    recipe, tensors = opened.recipe, opened.tensors
     state = checkpoint.section("ema" if weights == "ema" else "model", tensors)
     if not state:
         raise UserError(f"checkpoint {path} holds no {weights} weights"
                         + ("; use --weights raw" if weights == "ema" else ""))
     with torch.device("meta"):
         model = build_score_model(recipe.net, recipe.sde, recipe.data.shape)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise UserError(f"checkpoint {path} does not match its recipe's net "
-                        f"({recipe.net.name}): {str(err).splitlines()[0]}") from None
+    load_weights(model, state, path, f"{weights} weights of {recipe.net.name}:")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise UserError(f"checkpoint {path} lacks some tensors of its net ({recipe.net.name})")
-    return Loaded(recipe, model.to(device).eval().requires_grad_(False), int(meta.get("step", 0)))
+    return Loaded(recipe, model.to(device).eval().requires_grad_(False), opened.step)

@@ -110,7 +110,7 @@ class STF(Component):
 class ScoreMatchingLoss(BaseModel):
     """The `loss:` section of a recipe, callable on a batch."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     weighting: Literal["likelihood", "variance", "g2_P", "edm"] = "likelihood"
     weighting_P: TruncationSpec | None = None  # P of lambda = g^2_P (Eq. 10)

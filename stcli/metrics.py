@@ -14,6 +14,8 @@ Inception features rather than VGG-16, so that one weights file serves every met
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import urllib.request
@@ -44,6 +46,8 @@ INCEPTION = "inception-v3-compat"
 TEST_EXTRACTOR = "st-random-64"
 WEIGHTS_URL = URL_INCEPTION_V3
 WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+# The published file's SHA-256 begins with the hex tag of its name (torch hub's convention).
+WEIGHTS_SHA256_PREFIX = WEIGHTS_FILE.rsplit("-", 1)[-1].split(".")[0]
 DEFAULT_CACHE = Path("~/.cache/st/fidelity")
 
 
@@ -235,11 +239,49 @@ def build_extractor(settings: Settings, roles: tuple[str, ...]) -> FeatureExtrac
     if settings.extractor != INCEPTION:
         return build()
     weights = inception_weights(settings)
-    try:
-        return build(feature_extractor_weights_path=str(weights))
-    except Exception as err:  # torch.load of a damaged file raises anything a pickle can
+    state = load_inception_state(weights)
+    try:  # torch-fidelity unpickles what it is given: hand it our tensors-only copy
+        return build(feature_extractor_weights_path=tensors_only_file(state))
+    except Exception as err:  # a state dict of other shapes
         raise UserError(f"cannot load the Inception weights {weights}: {err}; it must be "
                         f"torch-fidelity's {WEIGHTS_FILE} (from {WEIGHTS_URL})") from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_inception_state(path: Path, check_digest: bool = True) -> dict[str, torch.Tensor]:
+    """The Inception state dict of `path`: its SHA-256 checked against the published weights'
+    before anything reads it, then loaded with weights_only=True (tensors only, no code)."""
+    hint = f"it must be torch-fidelity's {WEIGHTS_FILE} (from {WEIGHTS_URL})"
+    if check_digest:
+        digest = sha256(path)
+        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+            raise UserError(f"the Inception weights {path} have SHA-256 {digest}, not that of the "
+                            f"published weights ({WEIGHTS_SHA256_PREFIX}...); refusing to load "
+                            f"them: {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for anything but plain tensors
+        raise UserError(f"cannot load the Inception weights {path} as plain tensors "
+                        f"({str(err).splitlines()[0]}); {hint}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                              for k, v in state.items()):
+        raise UserError(f"the Inception weights {path} are not a state dict of tensors; {hint}")
+    return state
+
+
+def tensors_only_file(state: dict[str, torch.Tensor]) -> io.BytesIO:
+    """An in-memory torch file holding only `state`'s tensors."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def extract(dataset: Dataset, extractor: FeatureExtractorBase, settings: Settings,

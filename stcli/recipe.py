@@ -31,7 +31,7 @@ from stcli.truncation import Hard
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Optim(Section):
@@ -61,7 +61,7 @@ class Train(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     channels_last: bool = False  # model and image batches in channels_last memory format
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
     workers: NonNegativeInt = 0  # data-loader processes
 
     @model_validator(mode="after")
@@ -135,6 +135,15 @@ class Recipe(Section):
                                        **{k: v for k, v in sample.items() if k != "sampler"}}}
         return data
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """The name is the run folder runs/<name>: one path component, not . or .."""
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"{name!r} must be a non-empty name without path separators "
+                             "(it names the run folder runs/<name>), not '.' or '..'")
+        return name
+
     @model_validator(mode="after")
     def _share_eps(self):
         """The SDE's eps (RVE, int_g2_sigma2) is the truncation's eps."""
@@ -170,7 +179,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key or any(not p for p in key.split(".")):
             raise UserError(f"override {item!r} is not of the form key.path=value")
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = safe_load(raw) if raw else None
         except yaml.YAMLError as err:
             raise UserError(f"override {item!r}: value is not valid YAML ({err})") from None
         node = data
@@ -186,12 +195,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (instead of keeping the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str):
+    """yaml.safe_load, refusing repeated keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: builds plain data only
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {err.start}); is it a binary "
+                        "file?") from None
+    except OSError as err:
+        raise UserError(f"cannot read recipe {path}: {err}") from None
+    if "\0" in text:
+        raise UserError(f"recipe {path} is a binary file, not YAML")
+    try:
+        data = safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"recipe {path} is not valid YAML:\n{err}") from None
     if not isinstance(data, dict):
@@ -201,9 +240,16 @@ def read_yaml(path: str | Path) -> dict:
 
 def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise UserError(f"{source} is invalid:\n" + format_validation_error(err, data=data)) from None
+    check = getattr(recipe.net, "check_shape", None)  # the net's shapes, without building it
+    if check is not None:
+        try:
+            check(recipe.data.shape)
+        except UserError as err:
+            raise UserError(f"{source} is invalid:\nnet: {err}") from None
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

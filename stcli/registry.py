@@ -22,7 +22,7 @@ from stcli.errors import UserError
 class Component(BaseModel):
     """Base of every registry entry: strict (unknown fields are errors) and immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
 

@@ -15,8 +15,8 @@ first 64 images (for non-image data: the picture of all samples).
 
 from __future__ import annotations
 
-import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from stcli.errors import UserError
 from stcli.images import save_grid
 from stcli.loading import load_model
 from stcli.registry import SAMPLERS
+from stcli.runlock import TMP_PREFIX, RunLock, atomic, remove_temporaries
 from stcli.samplers import Sampler
 from stcli.seeding import seed_for
 
@@ -100,16 +101,32 @@ def image_generators(seed: int, indices: list[int], device: torch.device) -> lis
 
 def write_png(array: np.ndarray, path: Path) -> None:
     """Atomically write a uint8 (H, W, C) array as PNG (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
+
+
+def read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"sample image {path} is damaged ({err}); delete it and run the same "
+                        "command again to draw it anew") from None
+
+
+def readable_image(path: Path) -> bool:
+    """Whether `path` is a complete, undamaged image (a killed or damaged write is not)."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 @dataclass
@@ -150,23 +167,44 @@ class Job:
 
     def missing(self) -> list[int]:
         if self.per_file:
-            return [i for i in range(self.n) if not image_path(self.out, i).exists()]
+            todo = [i for i in range(self.n) if not image_path(self.out, i).exists()]
+            absent = set(todo)
+            damaged = [i for i in range(self.n)
+                       if i not in absent and not readable_image(image_path(self.out, i))]
+            if damaged and self.ctx.is_main:
+                info(f"warning: {len(damaged)} image(s) in {self.out} are damaged (e.g. "
+                     f"{image_path(self.out, damaged[0])}): drawing them again")
+            return sorted(todo + damaged)
         final = self.out / (NPZ if self.fmt == "npz" else "grid.png")
         return [] if final.exists() and self._complete(final) else list(range(self.n))
 
     def _complete(self, path: Path) -> bool:
         if path.suffix != ".npz":
             return False  # a picture of all samples cannot tell how many it holds: redo it
-        with np.load(path) as f:
-            return f["arr_0"].shape[0] == self.n
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["arr_0"].shape[0] == self.n
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: draw it again
+            return False
 
     def run(self) -> None:
-        ctx, t0 = self.ctx, time.perf_counter()
-        if ctx.is_main:
+        lock, failure = RunLock(self.out, "st sample") if self.ctx.is_main else None, None
+        if lock:
             try:
-                self.out.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"cannot write to the output folder {self.out}: {err}") from None
+                lock.acquire()
+            except UserError as err:
+                failure = err
+        try:
+            distributed.agree(failure, self.ctx, "lock the output folder")
+            self._run()
+        finally:
+            if lock:
+                lock.release()
+
+    def _run(self) -> None:
+        ctx, t0 = self.ctx, time.perf_counter()
+        if ctx.is_main and remove_temporaries(self.out, depth=2):
+            info(f"removed temporary files left in {self.out} by an interrupted run")
         distributed.barrier()
         todo = self.missing()
         distributed.barrier()  # every rank has listed the missing images before any is written
@@ -218,14 +256,14 @@ class Job:
 
     def merge(self, collected: list) -> None:
         """Each rank writes its part; rank 0 orders them by index into the final file."""
-        part = self.out / f".part-{self.ctx.rank}.npz"
+        part = self.out / f"{TMP_PREFIX}part-{self.ctx.rank}.npz"
         idx = np.array([i for ids, _ in collected for i in ids], dtype=np.int64)
         arrays = [a for _, a in collected]
         write_npz(part, idx=idx, x=np.concatenate(arrays) if arrays else np.zeros((0,)))
         distributed.barrier()
         if not self.ctx.is_main:
             return
-        parts = [self.out / f".part-{r}.npz" for r in range(self.ctx.world_size)]
+        parts = [self.out / f"{TMP_PREFIX}part-{r}.npz" for r in range(self.ctx.world_size)]
         loaded = [np.load(p) for p in parts]
         idx = np.concatenate([f["idx"] for f in loaded])
         xs = np.concatenate([f["x"] for f in loaded if f["idx"].size])
@@ -243,7 +281,7 @@ class Job:
             return
         k = min(self.n, GRID)
         if self.per_file:
-            arrays = [np.asarray(Image.open(image_path(self.out, i))) for i in range(k)]
+            arrays = [read_png(image_path(self.out, i)) for i in range(k)]
             arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
         else:
             with np.load(self.out / NPZ) as f:

@@ -27,10 +27,12 @@ from torch.utils.data import DataLoader
 from stcli import checkpoint, distributed
 from stcli.console import StepProgress, fmt_eta, info
 from stcli.data import collate
-from stcli.errors import TrainingStopped, UserError
+from stcli.errors import TrainingStopped, UserError, plain_message
 from stcli.images import save_grid
+from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
-from stcli.recipe import Recipe, parse_recipe
+from stcli.recipe import Recipe
+from stcli.runlock import RunLock, is_disk_full, remove_temporaries, temporary_name
 from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
@@ -140,7 +142,8 @@ class Trainer:
                                           eps=o.eps, weight_decay=o.weight_decay, fused=True)
         self.step = 0
         torch.manual_seed(seed_for(recipe.seed, "global", ctx.rank))
-        self._prepare_out_dir(resume)
+        self.resume, self._ckpt_id = resume, None
+        self._check_out_dir()
         if resume:
             self._load(self.ckpt_path)
         self.ddp = distributed.wrap(self.model, ctx)
@@ -166,19 +169,45 @@ class Trainer:
         return n_rank - per_rank
 
     # --- run directory and checkpoints ------------------------------------------------------
-    def _prepare_out_dir(self, resume: bool) -> None:
-        if resume and not self.ckpt_path.is_file():
+    def _check_out_dir(self) -> None:
+        """What the run folder must (not) hold; writes nothing."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"train.out_dir {self.out_dir} exists and is not a folder")
+        if self.resume and not self.ckpt_path.is_file():
             raise UserError(f"nothing to resume: {self.ckpt_path} does not exist")
-        if not resume and self.ckpt_path.exists():
+        if not self.resume and self.ckpt_path.exists():
             raise UserError(f"{self.out_dir} already holds a run; continue it with --resume or "
                             "choose another train.out_dir")
-        if not self.ctx.is_main:
-            return
+
+    def _prepare_out_dir(self) -> None:
+        """Under the run lock, once every check has passed: the folder as this run needs it."""
+        self._check_out_dir()  # again: another run may have finished since
+        if self.resume and _file_id(self.ckpt_path) != self._ckpt_id:
+            raise UserError(f"{self.ckpt_path} changed while it was being read; run again")
         try:
+            removed = remove_temporaries(self.out_dir)
+            if removed:
+                info(f"removed {removed} temporary file(s) left in {self.out_dir} by an interrupted run")
             (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
+            write_text(self.out_dir / "recipe.yaml", self.recipe.to_yaml())
+            log = self.out_dir / "log.jsonl"
+            if self.resume:
+                trim_log(log, self.step)
+            elif log.exists():
+                old = rotate(log)
+                info(f"{log} held the log of an earlier run (no checkpoint): moved to {old.name}")
         except OSError as err:
             raise UserError(f"cannot write to the output folder {self.out_dir}: {err}") from None
+
+    def _claim_out_dir(self) -> None:
+        """Prepare the run folder on rank 0; every rank learns whether it worked."""
+        failure = None
+        if self.ctx.is_main:
+            try:
+                self._prepare_out_dir()
+            except UserError as err:
+                failure = err
+        distributed.agree(failure, self.ctx, "prepare the run folder")
 
     def _state(self) -> tuple[dict, dict]:
         opt = self.optimizer.state_dict()
@@ -194,22 +223,49 @@ class Trainer:
         return tensors, meta
 
     def save(self, path: Path | None = None) -> None:
+        """Write a checkpoint, never one whose model or EMA weights are not all finite."""
+        bad = [f"{prefix}.{k}" for prefix, module in (("model", self.model), ("ema", self.ema))
+               for k, v in module.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise UserError(f"the weights after step {self.step} are not finite ({len(bad)} tensors, "
+                            f"e.g. {bad[0]}); nothing was written; {self._last_good()}. Try a "
+                            "lower optim.lr, a longer optim.warmup or optim.grad_clip.")
         if self.ctx.is_main:
             checkpoint.save(path or self.ckpt_path, *self._state())
 
+    def _last_good(self) -> str:
+        return f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
+            else "no checkpoint was written yet"
+
     def _load(self, path: Path) -> None:
-        tensors, meta = checkpoint.load(path)
-        check_compatible(parse_recipe(meta["recipe"], f"recipe in {path}"), self.recipe, path)
-        self.model.load_state_dict(checkpoint.section("model", tensors))
-        self.ema.load_state_dict(checkpoint.section("ema", tensors))
-        states = {int(i): checkpoint.section(f"optim.{i}", tensors)
-                  for i in {k.split(".")[1] for k in tensors if k.startswith("optim.")}}
-        self.optimizer.load_state_dict({"state": states, "param_groups": meta["optim_groups"]})
+        """Restore every state of checkpoint `path`, each part checked (a UserError if not)."""
+        self._ckpt_id = _file_id(path)
+        opened = open_checkpoint(path)
+        tensors, meta = opened.tensors, opened.meta
+        check_compatible(opened.recipe, self.recipe, path)
+        if self.cfg.steps <= opened.step:
+            raise UserError(f"train.steps={self.cfg.steps} is not above the step of {path} "
+                            f"({opened.step}): the run has nothing left to do; raise train.steps "
+                            "to continue it")
+        load_weights(self.model, checkpoint.section("model", tensors), path, "model", assign=False)
+        load_weights(self.ema, checkpoint.section("ema", tensors), path, "ema", assign=False)
+        try:
+            self.optimizer.load_state_dict(optimizer_state(tensors, meta, self.model, opened.step, path))
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise UserError(f"checkpoint {path} is damaged: its optimizer state does not fit "
+                            f"({str(err).splitlines()[0]})") from None
+        if "rng.cpu" not in tensors:
+            raise UserError(f"checkpoint {path} is damaged: it holds no CPU RNG state (rng.cpu)")
         if meta.get("world_size", 1) == self.ctx.world_size:
-            torch.set_rng_state(tensors["rng.cpu"])
-            if self.device.type == "cuda" and "rng.cuda" in tensors:
-                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.step = int(meta["step"])
+            try:
+                torch.set_rng_state(tensors["rng.cpu"])
+                if self.device.type == "cuda" and "rng.cuda" in tensors:
+                    torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+            except (RuntimeError, TypeError) as err:
+                raise UserError(f"checkpoint {path} is damaged: its RNG state cannot be restored "
+                                f"({str(err).splitlines()[0]})") from None
+        self.step = opened.step
 
     # --- one optimisation step ---------------------------------------------------------------
     def train_step(self, batch: torch.Tensor, extra: torch.Tensor | None = None
@@ -280,6 +336,7 @@ class Trainer:
         extras = make_loader(self.dataset, ReferenceBatches(steps, self.reference_extra,
                                                             self.recipe.loss.target.all_gather),
                              cfg.workers, self.device) if self.reference_extra else None
+        self._claim_out_dir()
         log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
         handlers = self._install_signal_handlers()
         t0, s0, loss_avg = time.perf_counter(), self.step, float("nan")
@@ -289,8 +346,8 @@ class Trainer:
             with StepProgress("train", cfg.steps, self.step, enabled=ctx.is_main) as progress:
                 batches, references = iter(loader), iter(extras) if extras is not None else None
                 while self.step < cfg.steps:
-                    loss_sum, tau = self.train_step(next(batches),
-                                                    next(references) if references is not None else None)
+                    batch, extra = self._next_batch(batches, references)
+                    loss_sum, tau = self.train_step(batch, extra)
                     grad_norm = self.optimizer_step()
                     stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
                     summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
@@ -332,6 +389,18 @@ class Trainer:
                 log.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
 
+    def _next_batch(self, batches, references):
+        """The next batch (and STF reference images); an unreadable item saves a checkpoint of
+        the steps done so far, then stops with the loader's message."""
+        try:
+            return next(batches), next(references) if references is not None else None
+        except UserError as err:
+            message = plain_message(err)
+            if self.step:
+                self.save()
+                message += f"; stopped after step {self.step}, checkpoint saved to {self.ckpt_path}"
+            raise UserError(message) from None
+
     def _periodic(self) -> None:
         cfg, s = self.cfg, self.step
         if s % cfg.ckpt_every == 0 or s == cfg.steps:
@@ -350,10 +419,9 @@ class Trainer:
         save_grid(self.data.picture(x), path)
 
     def _fail_non_finite(self, loss: float, gnorm: float) -> None:
-        last = f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
-            else "no checkpoint was written yet"
         raise UserError(f"non-finite training signal at step {self.step + 1} (loss {loss}, "
-                        f"gradient norm {gnorm}); stopped without updating the weights; {last}. "
+                        f"gradient norm {gnorm}); stopped without updating the weights; "
+                        f"{self._last_good()}. "
                         "Try a lower optim.lr, a longer optim.warmup or optim.grad_clip.")
 
     # --- signals --------------------------------------------------------------------------------
@@ -396,15 +464,84 @@ class EssBins:
                 "count": [int(c) for c in count]}
 
 
+def _file_id(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically replace `path` by `text` (a temporary file, then a rename)."""
+    tmp = path.with_name(temporary_name(path.name))
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (a resumed run logs the later ones again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
+
+
+def rotate(path: Path) -> Path:
+    """Move `path` (log.jsonl) to the first free log.<n>.jsonl beside it."""
+    n = 1
+    while (old := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(old)
+    return old
+
+
+def optimizer_state(tensors: dict, meta: dict, model: torch.nn.Module, step: int, path) -> dict:
+    """Adam's state dict from a checkpoint, every tensor present with its parameter's shape."""
+    params = list(model.parameters())
+    groups = meta.get("optim_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise UserError(f"checkpoint {path} is damaged: it holds no optimizer settings (optim_groups)")
+    if sorted(i for g in groups for i in g["params"]) != list(range(len(params))):
+        raise UserError(f"checkpoint {path} does not match the net: its optimizer covers other "
+                        "parameters")
+    states = {}
+    for i, p in enumerate(params):
+        state = checkpoint.section(f"optim.{i}", tensors)
+        if not state and step == 0:
+            continue
+        for key, shape in (("exp_avg", p.shape), ("exp_avg_sq", p.shape), ("step", None)):
+            if key not in state:
+                raise UserError(f"checkpoint {path} is damaged: it lacks the optimizer tensor "
+                                f"optim.{i}.{key}")
+            if shape is not None and state[key].shape != shape:
+                raise UserError(f"checkpoint {path} is damaged: optim.{i}.{key} has shape "
+                                f"{tuple(state[key].shape)}, its parameter {tuple(shape)}")
+        states[i] = state
+    return {"state": states, "param_groups": groups}
+
+
 class LogWriter:
     """Appends one JSON record per line to log.jsonl, flushed at once."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a")
+        self.path, self.file = path, open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            what = "no space left on the device" if is_disk_full(err) else str(err)
+            raise UserError(f"cannot write the log {self.path}: {what}") from None
 
     def close(self) -> None:
         self.file.close()
@@ -429,11 +566,22 @@ def _diff(a, b, prefix: str = ""):
 
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end."""
     ctx = distributed.setup(recipe.train.device)
+    lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
+        failure = None
+        if lock:
+            try:
+                lock.acquire()
+            except UserError as err:
+                failure = err
+        distributed.agree(failure, ctx, "lock the run folder")
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")
         return Trainer(recipe, ctx, resume).run()
     finally:
+        if lock:
+            lock.release()
         distributed.teardown()

@@ -52,26 +52,32 @@ class Hard(Truncation):
 
 @TRUNCATIONS.register
 class Power(Truncation):
-    """P_k(tau) ∝ tau^{-k} on [eps, T] (Eq. 11), drawn by its inverse CDF."""
+    """P_k(tau) ∝ tau^{-k} on [eps, T] (Eq. 11), drawn by its inverse CDF.
+
+    With c = 1 - k and L(t) = log(t / eps), F(t) = expm1(c L(t)) / expm1(c L(T)) (log F(t) =
+    L(t) / L(T) for k = 1): every power is taken in log space, so a large k (P_k tends to
+    the point mass at eps, the hard truncation) neither overflows nor loses precision.
+    k must be finite; use `name: hard` for k = infinity.
+    """
 
     name: Literal["power"] = "power"
     k: NonNegativeFloat = 1.0
 
-    def _h(self, x):  # antiderivative of tau^{-k}, up to a constant
-        if self.k == 1.0:
-            return torch.log(x) if isinstance(x, torch.Tensor) else math.log(x)
-        return x ** (1 - self.k) / (1 - self.k)
-
     def sample(self, generator=None) -> float:
-        u = _uniform(generator)
-        if self.k == 1.0:
-            return self.eps * (self.T / self.eps) ** u
-        a, b = self.eps ** (1 - self.k), self.T ** (1 - self.k)
-        return (a + u * (b - a)) ** (1 / (1 - self.k))
+        u, span = _uniform(generator), math.log(self.T / self.eps)
+        c = 1.0 - self.k
+        if c == 0.0:
+            return self.eps * math.exp(u * span)
+        log_ratio = math.log1p(u * math.expm1(c * span)) / c  # L(tau), from F(tau) = u
+        return min(self.T, max(self.eps, self.eps * math.exp(log_ratio)))
 
     def cdf(self, t):
-        t = torch.as_tensor(t).clamp(self.eps, self.T)
-        return (self._h(t) - self._h(self.eps)) / (self._h(self.T) - self._h(self.eps))
+        t = torch.as_tensor(t)
+        ratio = torch.log(t.clamp(self.eps, self.T) / self.eps)
+        span, c = math.log(self.T / self.eps), 1.0 - self.k
+        if c == 0.0:
+            return ratio / span
+        return torch.expm1(c * ratio) / math.expm1(c * span)
 
 
 Single = Annotated[Union[Hard, Power], Field(discriminator="name")]  # noqa: UP007

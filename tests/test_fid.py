@@ -241,7 +241,7 @@ def test_inception_weights_missing_offline_or_damaged(tmp_path, capsys, monkeypa
     assert "nowhere.pth does not exist" in capsys.readouterr().err
     (tmp_path / "bad.pth").write_bytes(b"\x80 not a weights file")
     assert st(*base, "--inception-weights", tmp_path / "bad.pth") == 2
-    assert "cannot load the Inception weights" in capsys.readouterr().err
+    assert "not that of the published weights (6726825d...)" in capsys.readouterr().err
 
 
 def test_grayscale_images_are_converted_and_said_so(tmp_path, common, capsys):
