@@ -80,8 +80,9 @@ def bpd_offset(data) -> float:
 
 def evaluate(ckpt: str | Path, opts: NllOptions) -> NllResult:
     for name in ("rtol", "atol"):
-        if not getattr(opts, name) > 0:  # also refuses nan
-            raise UserError(f"--{name} must be a positive number, got {getattr(opts, name)}")
+        value = getattr(opts, name)
+        if value is not None and not value > 0:  # also refuses nan
+            raise UserError(f"--{name} must be a positive number, got {value}")
     ctx = distributed.setup(opts.device)
     try:
         return _evaluate(ckpt, opts, ctx)
