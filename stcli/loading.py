@@ -33,7 +33,8 @@ def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
         raise UserError(f"checkpoint {path} holds no {weights} weights"
                         + ("; use --weights raw" if weights == "ema" else ""))
     with torch.device("meta"):
-        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape)
+        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
+                                  getattr(recipe.data, "centered", True))
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as err:

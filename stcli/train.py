@@ -131,7 +131,8 @@ class Trainer:
         self.ess = EssBins(self.sde, recipe.truncation.eps, self.device) \
             if self.reference_extra is not None else None
         torch.manual_seed(seed_for(recipe.seed, "init"))
-        self.model = build_score_model(recipe.net, self.sde, self.data.shape).to(self.device)
+        self.model = build_score_model(recipe.net, self.sde, self.data.shape,
+                                       getattr(self.data, "centered", True)).to(self.device)
         if self.cfg.channels_last:  # converts the 4-D (conv) weights only
             self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
