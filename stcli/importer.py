@@ -17,6 +17,7 @@ re-lays out tensors.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,9 +174,9 @@ def _resample_params(module: torch.nn.Module) -> Iterator[tuple[str, str, str]]:
     from stcli.nets.fir import FIRDownConv, FIRUpConv
 
     if isinstance(module, FIRDownConv | FIRUpConv):
-        kind = "conv_t" if isinstance(module, FIRUpConv) else "copy"
-        yield "Conv2d_0.weight", "conv.weight", kind
-        yield "Conv2d_0.bias", "conv.bias", "copy"
+        up = isinstance(module, FIRUpConv)  # weight in the transposed layout, bias outside
+        yield "Conv2d_0.weight", "conv.weight", "conv_t" if up else "copy"
+        yield "Conv2d_0.bias", "bias" if up else "conv.bias", "copy"
     elif isinstance(module, torch.nn.Sequential):  # (pad or upsample, conv)
         yield "Conv_0.weight", "1.weight", "copy"
         yield "Conv_0.bias", "1.bias", "copy"
@@ -222,11 +223,14 @@ def read(path: str | Path) -> Official:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} cannot be loaded without running pickled code, which st refuses "
-                        f"({first[:200]})") from None
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if code:
+            raise UserError(f"{path} cannot be loaded without running pickled code ({code[1]}), "
+                            f"which st refuses; score_sde checkpoints hold tensors only") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(err)[:200]})") from None
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
     what = "a score_sde checkpoint (a dict with 'model', 'ema' and 'step')"
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is not {what}")
@@ -259,10 +263,11 @@ def convert(official: Official, recipe: Recipe, source: str = "the checkpoint"
         for name in row.official:
             got = tuple(official.model[name].shape)
             if got != want:
+                st_shape = list(expected[row.st].shape)
+                laid_out = "" if list(want) == st_shape else f" (st shape {st_shape})"
                 raise UserError(f"{source} does not fit the recipe: {PREFIX}{name} has shape "
-                                f"{list(got)}, but st's {row.st} needs {list(want)} "
-                                f"(st shape {list(expected[row.st].shape)}); check the recipe's "
-                                f"net and data options")
+                                f"{list(got)}, but st's {row.st} needs {list(want)}{laid_out}; "
+                                f"check the recipe's net and data options")
     trainable = [n for n in raw_names if n not in fixed]
     if len(official.shadow) != len(trainable):
         raise UserError(f"{source}: ema.shadow_params holds {len(official.shadow)} tensors, but "

@@ -28,7 +28,11 @@ def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
     if "recipe" not in meta:
         raise UserError(f"checkpoint {path} holds no recipe")
     recipe = parse_recipe(meta["recipe"], f"the recipe inside {path}")
+    exported = meta.get("export", {}).get("weights")
+    if exported is not None:  # `st export` keeps one set of weights: use it, whatever was asked
+        weights = exported
     state = checkpoint.section("ema" if weights == "ema" else "model", tensors)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 exports
     if not state:
         raise UserError(f"checkpoint {path} holds no {weights} weights"
                         + ("; use --weights raw" if weights == "ema" else ""))

@@ -205,8 +205,9 @@ class Trainer:
         self.ema.load_state_dict(checkpoint.section("ema", tensors))
         states = {int(i): checkpoint.section(f"optim.{i}", tensors)
                   for i in {k.split(".")[1] for k in tensors if k.startswith("optim.")}}
-        self.optimizer.load_state_dict({"state": states, "param_groups": meta["optim_groups"]})
-        if meta.get("world_size", 1) == self.ctx.world_size:
+        if "optim_groups" in meta:  # else an inference checkpoint (st import): a fresh Adam
+            self.optimizer.load_state_dict({"state": states, "param_groups": meta["optim_groups"]})
+        if meta.get("world_size", 1) == self.ctx.world_size and "rng.cpu" in tensors:
             torch.set_rng_state(tensors["rng.cpu"])
             if self.device.type == "cuda" and "rng.cuda" in tensors:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)

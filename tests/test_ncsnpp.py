@@ -128,12 +128,14 @@ def test_fir_convolutions_equal_the_direct_computation(taps):
     x = torch.randn(2, 3, 8, 8)
     up, down = FIRUpConv(3, 5, taps), FIRDownConv(3, 5, taps)
     with torch.no_grad():  # transposed conv = zero insertion, full padding, flipped correlation
+        up.bias.normal_(), down.conv.bias.normal_()  # (zero at init: make them count)
         u = torch.zeros(2, 3, 15, 15)
         u[..., ::2, ::2] = x
         w = up.conv.weight.transpose(0, 1).flip(2, 3)
-        y = ref_conv(F.pad(u, (2, 2, 2, 2)), w) + up.conv.bias[:, None, None]
-        p = len(taps) - 4  # score_sde upsample_conv_2d: p = (L - 2) - (3 - 1)
-        ref_up = ref_upfirdn2d(y, taps, pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0)
+        y = ref_conv(F.pad(u, (2, 2, 2, 2)), w)
+        p = len(taps) - 4  # score_sde upsample_conv_2d: p = (L - 2) - (3 - 1); bias added last
+        ref_up = ref_upfirdn2d(y, taps, pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0) \
+            + up.bias[:, None, None]
         p = len(taps)  # score_sde conv_downsample_2d: p = (L - 2) + (3 - 1)
         v = ref_upfirdn2d(x, taps, pad=((p + 1) // 2, p // 2))
         ref_down = ref_conv(v, down.conv.weight, stride=2) + down.conv.bias[:, None, None]
