@@ -184,6 +184,11 @@ def _resample_params(module: torch.nn.Module) -> Iterator[tuple[str, str, str]]:
 
 def mapping(recipe: Recipe) -> list[Row]:
     """One row per tensor of the recipe's st model, in the official parameter order."""
+    return plan(recipe)[0]
+
+
+def plan(recipe: Recipe) -> tuple[list[Row], dict[str, torch.Size]]:
+    """The rows of ``mapping`` and the shape of every st tensor (one meta-device build)."""
     spec = recipe.net
     if not isinstance(spec, NCSNppSpec):
         raise UserError(f"st import reads score_sde NCSN++ / DDPM++ checkpoints; the recipe's net "
@@ -199,7 +204,7 @@ def mapping(recipe: Recipe) -> list[Row]:
         for official, st_name, row_kind in _params(kind, module, spec):
             names = tuple(f"all_modules.{index}.{o}" for o in official.split())
             rows.append(Row(f"backbone.{path}.{st_name}", names, row_kind))
-    return rows
+    return rows, {k: v.shape for k, v in model.state_dict().items()}
 
 
 def _build(recipe: Recipe):
@@ -253,17 +258,15 @@ def read(path: str | Path) -> Official:
 def convert(official: Official, recipe: Recipe, source: str = "the checkpoint"
             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(raw, ema) st state dicts of the official weights; UserError on the first mismatch."""
-    rows = mapping(recipe)
-    with torch.device("meta"):
-        expected = _build(recipe).state_dict()
+    rows, expected = plan(recipe)
     fixed = {name for row in rows if row.st.endswith("fourier.W") for name in row.official}
     raw_names = _check_names(rows, official.model, source)
     for row in rows:
-        want = row.expected(expected[row.st].shape)
+        want = row.expected(expected[row.st])
         for name in row.official:
             got = tuple(official.model[name].shape)
             if got != want:
-                st_shape = list(expected[row.st].shape)
+                st_shape = list(expected[row.st])
                 laid_out = "" if list(want) == st_shape else f" (st shape {st_shape})"
                 raise UserError(f"{source} does not fit the recipe: {PREFIX}{name} has shape "
                                 f"{list(got)}, but st's {row.st} needs {list(want)}{laid_out}; "
@@ -285,7 +288,7 @@ def convert(official: Official, recipe: Recipe, source: str = "the checkpoint"
 
 def _to_st(row: Row, tensors: dict[str, torch.Tensor], expected) -> torch.Tensor:
     out = row.convert([tensors[n].float() for n in row.official])
-    return out.reshape(expected[row.st].shape).contiguous().clone()
+    return out.reshape(expected[row.st]).contiguous().clone()
 
 
 def _check_names(rows: list[Row], model: dict[str, torch.Tensor], source: str) -> list[str]:
