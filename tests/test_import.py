@@ -284,18 +284,27 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys):
     ckpt = run_dir / "ckpt.safetensors"
     recipe, nf = ROOT / CASES["ve_ncsnpp"][0], CASES["ve_ncsnpp"][1]
     data_opts = ["data.name=folder", f"data.root={data}", f"train.out_dir={run_dir}",
-                 "train.batch_size=2", "train.sample_every=0", "train.device=cpu"]
+                 "train.batch_size=2", "train.sample_every=0", "train.device=cpu", "sample.steps=2"]
     code, _, err = st(capsys, "import", pth("ve_ncsnpp"), "--recipe", recipe, *nf, *data_opts,
                       "--out", ckpt)
     assert code == 0, err
-    code, _, err = st(capsys, "sample", ckpt, "-n", "2", "--steps", "2", "--out", tmp_path / "s",
-                      "--device", "cpu")
+    code, _, err = st(capsys, "sample", ckpt, "-n", "2", "--out", tmp_path / "s", "--device", "cpu")
     assert code == 0, err
     assert len(list((tmp_path / "s").rglob("0*.png"))) == 2
     code, out, err = st(capsys, "nll", ckpt, "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
                         "--device", "cpu", "--json", tmp_path / "nll.json")
     assert code == 0, err
     assert np.isfinite(json.loads((tmp_path / "nll.json").read_text())["summary"]["nll_after"]["mean"])
+    code, _, err = st(capsys, "diagnose", ckpt, "--limit", "2", "--points", "2", "--samples", "4",
+                      "--tau", "0.1", "--batch-size", "4", "--device", "cpu", "--out", tmp_path / "d")
+    assert code == 0, err
+    assert (tmp_path / "d" / "diagnose.json").is_file()
+    code, out, err = st(capsys, "fid", ckpt, "-n", "4", "--ref", data / "train",
+                        "--feature-extractor", "st-random-64", "--device", "cpu", "--json",
+                        tmp_path / "fid.json")
+    assert code == 0, err
+    fid = json.loads((tmp_path / "fid.json").read_text())
+    assert fid["n_samples"] == 4 and fid["metrics"]
     # fine-tuning: `st train --resume` continues from the imported weights with a fresh Adam
     before = checkpoint.section("model", checkpoint.load(ckpt)[0])
     code, _, err = st(capsys, "train", recipe, *nf, *data_opts, "train.steps=123457",

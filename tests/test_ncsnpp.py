@@ -203,6 +203,27 @@ def test_score_model_output_is_finite_at_eps_and_T():
         assert torch.isfinite(out).all()
 
 
+def test_scale_by_sigma_negates_the_output_and_uncentred_data_enter_as_2x_minus_1():
+    """score_sde's VE NCSN++ outputs h = sigma * score (st returns -h, the noise prediction) and
+    maps data in [0, 1] to 2x - 1 before its first layer; st's DDPM++ outputs the noise."""
+    torch.manual_seed(0)
+    assert NETS.validate("ncsnpp").scale_by_sigma and not NETS.validate("ddpmpp").scale_by_sigma
+    opts = dict(shape=(3, 16, 16), **SMALL, ch_mult=[1, 2])
+    signed = NETS.build("ncsnpp", **opts)
+    _perturb_(signed)
+    plain = NETS.build("ncsnpp", **opts, scale_by_sigma=False)
+    plain.load_state_dict(signed.state_dict())
+    x, eta = torch.rand(2, 3, 16, 16), torch.tensor([0.1, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(signed(x, eta), -plain(x, eta), rtol=0, atol=0)
+        sde = SDES.build("ve")
+        t = torch.tensor([0.3, 0.9])
+        uncentred = ScoreModel(signed, sde, "log_sigma", centered=False)
+        centred = ScoreModel(signed, sde, "log_sigma")
+        torch.testing.assert_close(uncentred.score(x, t), centred.score(2 * x - 1, t), rtol=0, atol=0)
+        assert not torch.allclose(uncentred.score(x, t), centred.score(x, t))
+
+
 # --- bf16 autocast --------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ncsnpp", "ddpmpp"])
 def test_bf16_autocast_matches_fp32(name):
