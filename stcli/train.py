@@ -200,6 +200,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         tensors, meta = checkpoint.load(path)
+        if "export" in meta:
+            raise UserError(f"{path} is an inference-only export (st export) and cannot be resumed; "
+                            "use the training checkpoint or an st import")
         check_compatible(parse_recipe(meta["recipe"], f"recipe in {path}"), self.recipe, path)
         self.model.load_state_dict(checkpoint.section("model", tensors))
         self.ema.load_state_dict(checkpoint.section("ema", tensors))

@@ -316,6 +316,11 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys):
     after = checkpoint.section("model", tensors)
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved and len(moved) < len(before)  # one step from the imported weights
+    code, _, err = st(capsys, "export", ckpt, "--out", tmp_path / "e.safetensors")
+    assert code == 0, err
+    (tmp_path / "e.safetensors").replace(ckpt)  # an export is not a training state
+    code, _, err = st(capsys, "train", recipe, *nf, *data_opts, "train.steps=123458", "--resume")
+    assert code == 2 and "inference-only export" in err
 
 
 def test_python_api_from_the_docs(imported, tmp_path, monkeypatch, capsys):
