@@ -183,7 +183,7 @@ def _resample_params(module: torch.nn.Module) -> Iterator[tuple[str, str, str]]:
 
 
 def mapping(recipe: Recipe) -> list[Row]:
-    """One row per tensor of the recipe's st model, in the official parameter order."""
+    """One row per tensor of the recipe's st model, in the official module order."""
     return plan(recipe)[0]
 
 
