@@ -58,7 +58,8 @@ def main():
         recipe, model = loaded.recipe, loaded.model
     else:
         recipe = load_recipe("recipes/quickstart_digits.yaml")
-        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape).to(args.device).eval()
+        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
+                                  getattr(recipe.data, "centered", True)).to(args.device).eval()
     data = recipe.data.for_evaluation()
     raw = torch.stack([data.create("test")[i] for i in range(args.batch)]).to(args.device)
     g = torch.Generator(args.device).manual_seed(0)

@@ -1,3 +1,16 @@
-"""st: score-based diffusion models with Soft Truncation, driven by YAML recipes."""
+"""st: score-based diffusion models with Soft Truncation, driven by YAML recipes.
+
+``from stcli import load, sample`` gives the notebook API (see stcli.api); it is imported on
+first use, so that ``import stcli`` (and the CLI) stays fast.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["load", "sample"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from stcli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'stcli' has no attribute {name!r}")

@@ -364,6 +364,46 @@ def diagnose(
     report(result, files, as_json)
 
 
+@app.command("import")
+def import_(
+    ckpt: Annotated[str, typer.Argument(
+        help="A score_sde / Soft Truncation checkpoint (checkpoint_*.pth).", metavar="CKPT")],
+    recipe: Annotated[str, typer.Option("--recipe", help="The recipe the checkpoint was trained "
+                                        "with (its net, SDE and data).")],
+    out: Annotated[str, typer.Option("--out", help="st checkpoint to write (.safetensors).")],
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+):
+    """Convert a score_sde checkpoint (loaded without running pickled code) to an st checkpoint."""
+    from pathlib import Path
+
+    from stcli.importer import import_checkpoint
+    from stcli.recipe import load_recipe
+
+    spec = load_recipe(recipe, overrides)
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{out} exists; choose another --out or pass --overwrite")
+    result = import_checkpoint(ckpt, spec, out)
+    info(f"imported {ckpt}: {result['tensors']} tensors, {result['parameters']:,} parameters, "
+         f"step {result['step']}, EMA and raw weights -> {out}")
+
+
+@app.command()
+def export(
+    ckpt: Annotated[str, typer.Argument(help="An st checkpoint.", metavar="CKPT")],
+    out: Annotated[str, typer.Option("--out", help="File to write (.safetensors).")],
+    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16.")] = "fp32",
+):
+    """Inference-only weights of CKPT plus its recipe (no optimizer state, no RNG states)."""
+    from stcli.export import export as run_export
+
+    result = run_export(ckpt, out, weights, dtype)
+    info(f"exported the {weights} weights of {ckpt} as {dtype}: {result['tensors']} tensors, "
+         f"{result['bytes'] / 2**20:.2f} MiB ({result['bytes'] / result['source_bytes']:.0%} of "
+         f"the checkpoint) -> {out}")
+
+
 def _relaunch_if_asked(procs: int) -> None:
     """With --procs N > 1 outside torchrun: run this same command in N processes, then exit."""
     from stcli import distributed

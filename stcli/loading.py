@@ -67,12 +67,17 @@ def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
     """The model of checkpoint `path` with its EMA (default) or raw weights."""
     opened = open_checkpoint(path)
     recipe, tensors = opened.recipe, opened.tensors
+    exported = opened.meta.get("export", {}).get("weights")
+    if exported is not None:  # `st export` keeps one set of weights: use it, whatever was asked
+        weights = exported
     state = checkpoint.section("ema" if weights == "ema" else "model", tensors)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 exports
     if not state:
         raise UserError(f"checkpoint {path} holds no {weights} weights"
                         + ("; use --weights raw" if weights == "ema" else ""))
     with torch.device("meta"):
-        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape)
+        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
+                                  getattr(recipe.data, "centered", True))
     load_weights(model, state, path, f"{weights} weights of {recipe.net.name}:")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise UserError(f"checkpoint {path} lacks some tensors of its net ({recipe.net.name})")

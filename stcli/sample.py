@@ -15,6 +15,8 @@ first 64 images (for non-image data: the picture of all samples).
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -287,3 +289,17 @@ class Job:
             with np.load(self.out / NPZ) as f:
                 arrays = list(f["arr_0"][:k])
         save_grid(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), self.out / "grid.png")
+
+
+class _CallableModule(type(os)):
+    """``stcli.sample`` is this module and the notebook API's ``sample`` function at once:
+    importing the module rebinds the package attribute ``stcli.sample``, which would otherwise
+    shadow ``from stcli import sample`` (see stcli.api)."""
+
+    def __call__(self, *args, **kwargs):
+        from stcli.api import sample
+
+        return sample(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

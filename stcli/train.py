@@ -133,7 +133,8 @@ class Trainer:
         self.ess = EssBins(self.sde, recipe.truncation.eps, self.device) \
             if self.reference_extra is not None else None
         torch.manual_seed(seed_for(recipe.seed, "init"))
-        self.model = build_score_model(recipe.net, self.sde, self.data.shape).to(self.device)
+        self.model = build_score_model(recipe.net, self.sde, self.data.shape,
+                                       getattr(self.data, "centered", True)).to(self.device)
         if self.cfg.channels_last:  # converts the 4-D (conv) weights only
             self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -243,6 +244,9 @@ class Trainer:
         self._ckpt_id = _file_id(path)
         opened = open_checkpoint(path)
         tensors, meta = opened.tensors, opened.meta
+        if "export" in meta:
+            raise UserError(f"{path} is an inference-only export (st export) and cannot be resumed; "
+                            "use the training checkpoint or an st import")
         check_compatible(opened.recipe, self.recipe, path)
         if self.cfg.steps <= opened.step:
             raise UserError(f"train.steps={self.cfg.steps} is not above the step of {path} "
@@ -250,6 +254,9 @@ class Trainer:
                             "to continue it")
         load_weights(self.model, checkpoint.section("model", tensors), path, "model", assign=False)
         load_weights(self.ema, checkpoint.section("ema", tensors), path, "ema", assign=False)
+        if "source" in meta and "optim_groups" not in meta:
+            self.step = opened.step  # an st import: the weights only, a fresh Adam and RNG
+            return
         try:
             self.optimizer.load_state_dict(optimizer_state(tensors, meta, self.model, opened.step, path))
         except (ValueError, KeyError, TypeError, RuntimeError) as err:

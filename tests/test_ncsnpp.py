@@ -128,12 +128,14 @@ def test_fir_convolutions_equal_the_direct_computation(taps):
     x = torch.randn(2, 3, 8, 8)
     up, down = FIRUpConv(3, 5, taps), FIRDownConv(3, 5, taps)
     with torch.no_grad():  # transposed conv = zero insertion, full padding, flipped correlation
+        up.bias.normal_(), down.conv.bias.normal_()  # (zero at init: make them count)
         u = torch.zeros(2, 3, 15, 15)
         u[..., ::2, ::2] = x
         w = up.conv.weight.transpose(0, 1).flip(2, 3)
-        y = ref_conv(F.pad(u, (2, 2, 2, 2)), w) + up.conv.bias[:, None, None]
-        p = len(taps) - 4  # score_sde upsample_conv_2d: p = (L - 2) - (3 - 1)
-        ref_up = ref_upfirdn2d(y, taps, pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0)
+        y = ref_conv(F.pad(u, (2, 2, 2, 2)), w)
+        p = len(taps) - 4  # score_sde upsample_conv_2d: p = (L - 2) - (3 - 1); bias added last
+        ref_up = ref_upfirdn2d(y, taps, pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0) \
+            + up.bias[:, None, None]
         p = len(taps)  # score_sde conv_downsample_2d: p = (L - 2) + (3 - 1)
         v = ref_upfirdn2d(x, taps, pad=((p + 1) // 2, p // 2))
         ref_down = ref_conv(v, down.conv.weight, stride=2) + down.conv.bias[:, None, None]
@@ -199,6 +201,27 @@ def test_score_model_output_is_finite_at_eps_and_T():
     for t in (1e-5, 1.0):
         out = model.score(x * float(sde.std(t)), torch.full((2,), t))
         assert torch.isfinite(out).all()
+
+
+def test_scale_by_sigma_negates_the_output_and_uncentred_data_enter_as_2x_minus_1():
+    """score_sde's VE NCSN++ outputs h = sigma * score (st returns -h, the noise prediction) and
+    maps data in [0, 1] to 2x - 1 before its first layer; st's DDPM++ outputs the noise."""
+    torch.manual_seed(0)
+    assert NETS.validate("ncsnpp").scale_by_sigma and not NETS.validate("ddpmpp").scale_by_sigma
+    opts = dict(shape=(3, 16, 16), **SMALL, ch_mult=[1, 2])
+    signed = NETS.build("ncsnpp", **opts)
+    _perturb_(signed)
+    plain = NETS.build("ncsnpp", **opts, scale_by_sigma=False)
+    plain.load_state_dict(signed.state_dict())
+    x, eta = torch.rand(2, 3, 16, 16), torch.tensor([0.1, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(signed(x, eta), -plain(x, eta), rtol=0, atol=0)
+        sde = SDES.build("ve")
+        t = torch.tensor([0.3, 0.9])
+        uncentred = ScoreModel(signed, sde, "log_sigma", centered=False)
+        centred = ScoreModel(signed, sde, "log_sigma")
+        torch.testing.assert_close(uncentred.score(x, t), centred.score(2 * x - 1, t), rtol=0, atol=0)
+        assert not torch.allclose(uncentred.score(x, t), centred.score(x, t))
 
 
 # --- bf16 autocast --------------------------------------------------------------------------

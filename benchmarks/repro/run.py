@@ -91,7 +91,8 @@ def dry_run(plan: Plan) -> dict:
     for job in plan.jobs:
         recipe = job.recipe()
         x0 = recipe.data.transform(torch.stack([recipe.data.create("train")[i] for i in range(4)]))
-        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape)
+        model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
+                                  getattr(recipe.data, "centered", True))
         tau = recipe.truncation.sample(torch.Generator().manual_seed(0))
         with torch.no_grad():
             reference = x0 if recipe.loss.target.name == "stf" else None

@@ -22,18 +22,20 @@ class ScoreModel(nn.Module):
     variables x~ = x/mu, s = sigma/mu: D(x~) = c_skip x~ + c_out F(c_in x~, eta) with
     c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), and
     predicts the noise eps = (x~ - D)/s.  F = 0 is then the exact denoiser of N(0, sd^2 I).
+    Without preconditioning, uncentred data (in [0, 1]) enter the backbone as 2x - 1.
     """
 
     def __init__(self, backbone: nn.Module, sde: LinearSDE, time_input: str,
-                 preconditioning: str = "none", sigma_data: float = 0.5):
+                 preconditioning: str = "none", sigma_data: float = 0.5, centered: bool = True):
         super().__init__()
         self.backbone, self.sde, self.time_input = backbone, sde, time_input
-        self.preconditioning, self.sigma_data = preconditioning, sigma_data
+        self.preconditioning, self.sigma_data, self.centered = preconditioning, sigma_data, centered
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eta = self.sde.time_input(t, self.time_input).to(x.dtype)
         if self.preconditioning == "none":
-            return self.backbone(x, eta)
+            # data in [0, 1] (data.centered false) enter the net as 2x - 1 (score_sde's convention)
+            return self.backbone(x if self.centered else 2 * x - 1, eta)
         mu = _bcast(self.sde.mean_coef(t), x)
         s, sd2 = _bcast(self.sde.std(t), x) / mu, self.sigma_data**2
         xs, norm = x / mu, torch.rsqrt(s * s + sd2)
@@ -44,6 +46,8 @@ class ScoreModel(nn.Module):
         return -self(x, t) / _bcast(self.sde.std(t), x)
 
 
-def build_score_model(net_spec, sde: LinearSDE, shape: tuple[int, ...]) -> ScoreModel:
+def build_score_model(net_spec, sde: LinearSDE, shape: tuple[int, ...],
+                      centered: bool = True) -> ScoreModel:
+    """The recipe's score model; ``centered`` is the data's (false: data in [0, 1])."""
     return ScoreModel(net_spec.create(shape=shape), sde, net_spec.time_input,
-                      net_spec.preconditioning, net_spec.sigma_data)
+                      net_spec.preconditioning, net_spec.sigma_data, centered)

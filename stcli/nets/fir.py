@@ -29,13 +29,16 @@ from stcli.nets.layers import init_
 def fir_kernel(taps: Sequence[float]) -> torch.Tensor:
     """The 2-D FIR kernel: outer product of ``taps`` with itself, normalised to sum 1.
 
-    Computed in Python, so that building on the meta device needs no meta kernels (instant).
+    Computed in Python on the CPU, also inside ``torch.device("meta")``: the kernel is a
+    non-persistent buffer (never in a checkpoint), so a net built on the meta device and filled
+    from a checkpoint must already hold the real kernel.
     """
     taps = [float(v) for v in taps]
     if len(taps) < 2 or len(taps) % 2 or sum(taps) == 0:
         raise ValueError(f"FIR taps must be an even number (>= 2) with nonzero sum, got {taps}")
     total = sum(taps) ** 2
-    return torch.tensor([[a * b / total for b in taps] for a in taps], dtype=torch.float32)
+    return torch.tensor([[a * b / total for b in taps] for a in taps], dtype=torch.float32,
+                        device="cpu")
 
 
 def _depthwise(k: torch.Tensor, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
@@ -85,16 +88,19 @@ class FIRUpConv(_FIR):
     """score_sde ``upsample_conv_2d``: stride-2 transposed 3x3 conv, then the FIR filter 4k.
 
     The weight is stored in the transposed-conv layout (in, out, 3, 3), so no flip or permute
-    is needed per call; its fan-average initialisation is the same as for (out, in, 3, 3).
+    is needed per call; its fan-average initialisation is the same as for (out, in, 3, 3).  The
+    bias is added after the filter, as score_sde does (inside the transposed conv the filter
+    would scale it by 4 and blur it at the borders).
     """
 
     def __init__(self, in_ch: int, out_ch: int, taps: Sequence[float]):
         super().__init__(taps)
-        self.conv = init_(nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2))
+        self.conv = init_(nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, bias=False))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = (self.kernel.shape[0] - 4) // 2 + 1  # p = L - 2 - (3 - 1); pad p/2 + 1 per side
-        return fir_filter(self.conv(x), self.kernel, pad, gain=4.0)
+        return fir_filter(self.conv(x), self.kernel, pad, gain=4.0) + self.bias[:, None, None]
 
 
 class FIRDownConv(_FIR):

@@ -7,10 +7,12 @@ eta = 999 t.  Both use BigGAN residual blocks, attention at 16x16, skip rescalin
 zero-initialised output.  UNCSN++ / UDDPM++ (App. C.1) are the same nets with ``time_input:
 unbounded`` / ``int_g2_sigma2``.
 
-Output convention: the net predicts the noise, s = -net(x, eta)/sigma (DESIGN §3).  score_sde's
-NCSN++ divides its output by sigma (``scale_by_sigma``) to return a score; that division is the
-ScoreModel's job here, so the option does not exist.  score_sde also maps uncentred [0, 1]
-inputs to [-1, 1] inside the net; here the data transform decides the range.
+Output convention: the noise prediction, s = -eps(x, eta)/sigma.  score_sde's NCSN++ (VE
+configs, ``scale_by_sigma``) returns a score instead: its last layer computes h = sigma s and the
+net divides by sigma.  With ``scale_by_sigma`` this net computes the same h and returns the noise
+prediction -h (the division by sigma is the ScoreModel's), so a score_sde NCSN++ checkpoint gives
+exactly its published function.  Uncentred [0, 1] data are mapped to 2x - 1 before the net by the
+ScoreModel (score_sde does it inside the net).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class NCSNppSpec(NetSpec):
     init_scale: NonNegativeFloat = 0.0  # scale of the last conv of each branch; 0 = zeros
     conditional: bool = True  # time-conditional (no time embedding at all if false)
     resamp_with_conv: bool = True
+    scale_by_sigma: bool = False  # the last layer outputs sigma * score (= -noise), as score_sde's VE nets
 
     @field_validator("fir_kernel")
     @classmethod
@@ -92,6 +95,7 @@ class NCSNpp(NCSNppSpec):
     fir: bool = True
     progressive_input: ProgressiveInput = "residual"
     embedding_type: Literal["fourier", "positional"] = "fourier"
+    scale_by_sigma: bool = True
 
 
 @NETS.register
@@ -270,7 +274,8 @@ class NCSNppModule(nn.Module):
         hs = self._down(x, temb)
         h = self.mid[0](hs[-1], temb)
         h = self.mid[2](self.mid[1](h), temb)
-        return self._up(h, hs, temb)
+        out = self._up(h, hs, temb)
+        return -out if self.spec.scale_by_sigma else out  # sigma s = -noise
 
     def _down(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
         """The contracting path; returns every skip activation (the last is the deepest)."""
