@@ -364,7 +364,7 @@ def diagnose(
     report(result, files, as_json)
 
 
-@app.command("import")
+@app.command("import", epilog=epilog("import"))
 def import_(
     ckpt: Annotated[str, typer.Argument(
         help="A score_sde / Soft Truncation checkpoint (checkpoint_*.pth).", metavar="CKPT")],
@@ -388,7 +388,7 @@ def import_(
          f"step {result['step']}, EMA and raw weights -> {out}")
 
 
-@app.command()
+@app.command(epilog=epilog("export"))
 def export(
     ckpt: Annotated[str, typer.Argument(help="An st checkpoint.", metavar="CKPT")],
     out: Annotated[str, typer.Option("--out", help="File to write (.safetensors).")],

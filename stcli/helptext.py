@@ -30,10 +30,18 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "sample 50k from a checkpoint, then measure"),
         ("st fid samples.npz --ref stats/c10.safetensors", "against statistics written by st fid-ref"),
     ],
+    "import": [
+        ("st import c.pth --recipe recipes/cifar10_ncsnpp_ve_var.yaml --out ve.st",
+         "a score_sde / Soft Truncation release as an st checkpoint (safetensors)"),
+    ],
+    "export": [
+        ("st export runs/c10/ckpt.safetensors --out model.safetensors --dtype fp16",
+         "inference weights only (EMA), half precision"),
+    ],
 }
 
 DOCS = {"train": "docs/training.md", "sample": "docs/sampling.md", "nll": "docs/likelihood.md",
-        "fid": "docs/evaluation.md"}
+        "fid": "docs/evaluation.md", "import": "docs/checkpoints.md", "export": "docs/checkpoints.md"}
 
 
 def epilog(command: str) -> str:

@@ -106,6 +106,13 @@ TABLE = {
         "score_sde ve/cifar10_ncsnpp_continuous (VE 0.01..50, σ² weighting, sum, snr 0.16)",
         NCSNPP, CIFAR10, sde="ve sigma_min=0.01,sigma_max=50", eps=1e-5, truncation="hard",
         snr=0.16),
+    "cifar10_ncsnpp_deep_ve_var": row(
+        "score_sde ve/cifar10_ncsnpp_deep_continuous (as ve/cifar10_ncsnpp_continuous, 8 blocks per "
+        "level, n_iters 950001)", NCSNPP, CIFAR10, sde="ve sigma_min=0.01,sigma_max=50", eps=1e-5,
+        truncation="hard", snr=0.16, steps=950_000),
+    "cifar10_ddpmpp_deep_vp_var": row(
+        "score_sde vp/cifar10_ddpmpp_deep_continuous (as vp/cifar10_ddpmpp_continuous, 8 blocks per "
+        "level, n_iters 950001)", DDPMPP, VAR, CIFAR10, eps=1e-5, truncation="hard", steps=950_000),
     # ---- ImageNet32, DDPM++ (VP): Table 4 / Table 11; official vp/IMAGENET32/*; App. D:
     # vanilla likelihood and variance runs train with eps = 5e-5, the others with 1e-5
     "imagenet32_ddpmpp_vp_nll": row("Table 4 L(θ; g², ε); official vp/IMAGENET32/ddpmpp_nll.py",
