@@ -229,8 +229,15 @@ def nll(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
     repeats: Annotated[int, typer.Option(
         "--repeats", min=1, help="Passes over the split with fresh dequantisation noise.")] = 1,
-    rtol: Annotated[float, typer.Option("--rtol", help="ODE relative tolerance.")] = 1e-5,
-    atol: Annotated[float, typer.Option("--atol", help="ODE absolute tolerance.")] = 1e-5,
+    rtol: Annotated[Optional[float], typer.Option(
+        "--rtol", help="ODE relative tolerance [default: 1e-3].", show_default=False)] = None,
+    atol: Annotated[Optional[float], typer.Option(
+        "--atol", help="ODE absolute tolerance [default: 1e-3].", show_default=False)] = None,
+    time_variable: Annotated[Optional[str], typer.Option(
+        "--time-variable", help="t | lambda | lambda_scaled: the ODE's integration variable "
+        "[default: lambda_scaled].", show_default=False)] = None,
+    protocol: Annotated[str, typer.Option(
+        "--protocol", help="default | paper (RK45 conventions, rtol = atol = 1e-5 in t).")] = "default",
     nelbo: Annotated[bool, typer.Option(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
     nelbo_samples: Annotated[int, typer.Option(
@@ -245,8 +252,9 @@ def nll(
     """Bits/dim of CKPT by the probability-flow ODE (and the NELBO), mean and standard error."""
     from pathlib import Path
 
-    from stcli.nll import NllOptions, evaluate, report
+    from stcli.nll import NllOptions, evaluate, report, solver_settings
 
+    solver = solver_settings(protocol, time_variable, rtol, atol)
     choices = {"correction": ("before", "after"), "divergence": ("rademacher", "gaussian", "exact"),
                "weights": ("ema", "raw")}
     for opt, value in (("correction", correction), ("divergence", divergence), ("weights", weights)):
@@ -254,8 +262,8 @@ def nll(
             raise UserError(f"--{opt} must be one of {', '.join(choices[opt])}, not {value!r}")
     _relaunch_if_asked(procs)
     opts = NllOptions(split=split, limit=limit, batch_size=batch_size, repeats=repeats,
-                      correction=correction, divergence=divergence, probes=probes, rtol=rtol,
-                      atol=atol, nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
+                      correction=correction, divergence=divergence, probes=probes, **solver,
+                      nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
                       seed=seed, device=device)
     result = evaluate(ckpt, opts)
     if _is_rank0():

@@ -19,7 +19,7 @@ import torch
 from stcli import distributed
 from stcli.console import StepProgress, console
 from stcli.errors import UserError
-from stcli.likelihood import NonFiniteError, bits_per_dim, nelbo, nll
+from stcli.likelihood import DEFAULT, PAPER, TIME_VARIABLES, NonFiniteError, bits_per_dim, nelbo, nll
 from stcli.loading import load_model
 from stcli.seeding import generator
 
@@ -33,8 +33,9 @@ class NllOptions:
     correction: str = "after"
     divergence: str = "rademacher"
     probes: int = 1
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    rtol: float = DEFAULT["rtol"]
+    atol: float = DEFAULT["atol"]
+    time_variable: str = DEFAULT["time_variable"]
     nelbo: bool = False
     nelbo_samples: int = 1
     weights: str = "ema"
@@ -51,6 +52,27 @@ class NllResult:
     def summary(self) -> dict[str, dict[str, float]]:
         return {k: {"mean": float(v.mean()), "stderr": float(v.std() / math.sqrt(len(v))),
                     "n": len(v)} for k, v in self.bpd.items()}
+
+
+def solver_settings(protocol: str, time_variable: str | None, rtol: float | None,
+                    atol: float | None) -> dict:
+    """time_variable, rtol, atol of `st nll`: the given ones over those of the protocol
+    (default: `likelihood.DEFAULT`; paper: `likelihood.PAPER`, which admits no override)."""
+    if protocol not in ("default", "paper"):
+        raise UserError(f"--protocol must be one of default, paper, not {protocol!r}")
+    given = {"time_variable": time_variable, "rtol": rtol, "atol": atol}
+    given = {k: v for k, v in given.items() if v is not None}
+    if protocol == "paper" and given:
+        raise UserError(f"--protocol paper fixes the solver (time variable t, rtol = atol = 1e-5); "
+                        f"drop --{'/--'.join(k.replace('_', '-') for k in given)}")
+    out = {**(PAPER if protocol == "paper" else DEFAULT), **given}
+    if out["time_variable"] not in TIME_VARIABLES:
+        raise UserError(f"--time-variable must be one of {', '.join(TIME_VARIABLES)}, not "
+                        f"{out['time_variable']!r}")
+    for k in ("rtol", "atol"):
+        if not out[k] > 0:
+            raise UserError(f"--{k} must be positive, not {out[k]}")
+    return out
 
 
 def bpd_offset(data) -> float:
@@ -90,7 +112,8 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
                 try:
                     vals, nfe = nll(model.score, sde, x, eps=eps, correction=opts.correction,
                                     divergence=opts.divergence, probes=opts.probes,
-                                    rtol=opts.rtol, atol=opts.atol, generator=g)
+                                    rtol=opts.rtol, atol=opts.atol,
+                                    time_variable=opts.time_variable, generator=g)
                 except NonFiniteError as err:
                     raise UserError(f"the probability-flow ODE produced non-finite values for "
                                     f"sample(s) {[idx[i] for i in err.samples][:10]} of the "

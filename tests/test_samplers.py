@@ -140,6 +140,8 @@ SAMPLER_CASES = [
     ("vp", "ode", {}), ("ve", "ode", {}), ("rve", "ode", {}),
     ("vp", "euler", {"steps": 500}), ("ve", "euler", {"steps": 500}),
     ("vp", "heun", {"steps": 60}), ("ve", "heun", {"steps": 60}),
+    ("vp", "dpm2m", {"steps": 40}), ("ve", "dpm2m", {"steps": 40}),
+    ("rve", "dpm2m", {"steps": 40}), ("subvp", "dpm2m", {"steps": 40}),
 ]
 
 
@@ -173,7 +175,7 @@ def test_ode_sampler_follows_the_closed_form_probability_flow(sde_name):
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
-@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("dpm2m", 2)])
 def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
     sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
     score = Gaussian(sde)
@@ -183,6 +185,28 @@ def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
             .abs().max().item() for k in (64, 128, 256)]
     for r in (errs[0] / errs[1], errs[1] / errs[2]):
         assert 2**order * 0.8 < r < 2**order * 1.25, errs
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+def test_dpm2m_is_exact_for_a_point_mass(sde_name):
+    """For data at a single point m the denoiser is the constant m, so the scaled flow
+    x~ - m ∝ sigma~ is integrated exactly by the exponential step in any number of steps."""
+    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    point = Gaussian(sde)
+    point.a2 = lambda t: sde.var(t)  # s = 0: p_t = N(mu m, sigma^2 I)
+    x, _ = draw(sde, 8, 4)
+    T, eps = (torch.tensor(v, dtype=torch.float64) for v in (sde.T, sde.eps))
+    mu_T, mu_e = sde.mean_coef(T).item(), sde.mean_coef(eps).item()
+    exact = mu_e * M + math.sqrt(sde.var(eps) / sde.var(T)) * (x - mu_T * M)
+    for steps in (2, 3, 7):
+        y, nfe = SAMPLERS.validate("dpm2m", steps=steps, denoise=False)(point, sde, x)
+        assert nfe == steps
+        torch.testing.assert_close(y, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_dpm2m_needs_two_steps():
+    with pytest.raises(UserError, match="dpm2m is a two-step method: steps must be at least 2, not 1"):
+        SAMPLERS.validate("dpm2m", steps=1)
 
 
 def test_langevin_corrector_keeps_the_marginal_at_small_snr():
@@ -217,7 +241,8 @@ def test_ancestral_is_refused_for_subvp():
 def test_nfe_counts():
     sde = SDES.validate("vp")
     x, _ = draw(sde, 4, 2)
-    cases = {("pc", 10, 2): 10 * 3 + 1, ("euler", 10, 1): 11, ("heun", 10, 1): 21}
+    cases = {("pc", 10, 2): 10 * 3 + 1, ("euler", 10, 1): 11, ("heun", 10, 1): 21,
+             ("dpm2m", 10, 1): 11, ("dpm2m", 2, 1): 3}
     for (name, steps, corr), expected in cases.items():
         params = {"steps": steps} | ({"n_corrector": corr} if name == "pc" else {})
         assert SAMPLERS.validate(name, **params)(Gaussian(sde), sde, x)[1] == expected
@@ -225,7 +250,8 @@ def test_nfe_counts():
 
 @pytest.mark.parametrize("name,params", [("euler_maruyama", {"steps": 20}),
                                          ("pc", {"steps": 20}), ("ode", {"rtol": 1e-3}),
-                                         ("pc", {"steps": 20, "predictor": "ancestral"})])
+                                         ("pc", {"steps": 20, "predictor": "ancestral"}),
+                                         ("dpm2m", {"steps": 10})])
 def test_per_sample_generators_make_samples_batch_independent(name, params):
     sde = SDES.validate("vp")
     sampler = SAMPLERS.validate(name, **params)
