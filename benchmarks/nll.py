@@ -90,7 +90,7 @@ def bench_model(ckpt, args) -> list[dict]:
     base, base_nfe, base_s = timed(lambda: scipy_nll(model.score, sde, x, vs, eps, 1e-5, 1e-5),
                                    args.device)
     info(f"{name}: d = {dim}, batch {len(x)}, reference dopri5 t {args.ref_tol:g}: {ref_nfe} NFE, "
-         f"{ref_s:.1f} s, NLL {float(ref.mean() * to_bits):.4f} nats->bits/dim (no offset)")
+         f"{ref_s:.1f} s, NLL {float(ref.mean() * to_bits):.4f} bits/dim (before the 8-bit offset)")
 
     def row(method, variable, tol, val, nfe, sec):
         return {"model": name, "dim": dim, "method": method, "variable": variable, "tol": tol,
