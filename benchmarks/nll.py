@@ -25,7 +25,15 @@ import torch
 from scipy.integrate import solve_ivp
 
 from stcli.console import info
-from stcli.likelihood import DEFAULT, TIME_VARIABLES, draw_probes, flow_drift, nll, value_and_divergence
+from stcli.likelihood import (
+    DEFAULT,
+    ERROR_NORMS,
+    TIME_VARIABLES,
+    draw_probes,
+    flow_drift,
+    nll,
+    value_and_divergence,
+)
 from stcli.loading import load_model
 from stcli.nets import build_score_model
 from stcli.recipe import load_recipe
@@ -70,8 +78,9 @@ def timed(fn, device: str):
     return val, nfe, time.perf_counter() - t0
 
 
-def bench_model(ckpt, args) -> list[dict]:
+def bench_model(ckpt, args, label=None) -> list[dict]:
     name, recipe, model = load(ckpt, args.device)
+    name = label or name
     data = recipe.data.for_evaluation()
     dataset = data.create("test")
     raw = torch.stack([dataset[i] for i in range(min(args.batch, len(dataset)))]).to(args.device)
@@ -81,9 +90,9 @@ def bench_model(ckpt, args) -> list[dict]:
     vs = draw_probes(x.shape, "rademacher", 1, torch.Generator(args.device).manual_seed(1),
                      x.device, x.dtype)
 
-    def ours(variable, tol):
+    def ours(variable, tol, norm="rms"):
         return lambda: nll(model.score, sde, x, eps=eps, correction="before", rtol=tol, atol=tol,
-                           time_variable=variable,
+                           time_variable=variable, error_norm=norm,
                            generator=torch.Generator(args.device).manual_seed(1))
 
     ref, ref_nfe, ref_s = timed(ours("t", args.ref_tol), args.device)
@@ -92,28 +101,30 @@ def bench_model(ckpt, args) -> list[dict]:
     info(f"{name}: d = {dim}, batch {len(x)}, reference dopri5 t {args.ref_tol:g}: {ref_nfe} NFE, "
          f"{ref_s:.1f} s, NLL {float(ref.mean() * to_bits):.4f} bits/dim (before the 8-bit offset)")
 
-    def row(method, variable, tol, val, nfe, sec):
+    def row(method, variable, tol, val, nfe, sec, norm="rms"):
         return {"model": name, "dim": dim, "method": method, "variable": variable, "tol": tol,
+                "norm": norm,
                 "nfe": nfe, "dnll_bpd": float((val - ref).abs().max() * to_bits), "seconds": sec,
                 "nfe_ratio": base_nfe / nfe, "time_ratio": base_s / sec,
                 "default": method == "st dopri5" and variable == DEFAULT["time_variable"]
-                and tol == DEFAULT["rtol"] == DEFAULT["atol"]}
+                and tol == DEFAULT["rtol"] == DEFAULT["atol"] and norm == DEFAULT["error_norm"]}
 
     rows = [row("scipy RK45", "t", 1e-5, base, base_nfe, base_s)]
-    configs = [("t", 1e-5), (DEFAULT["time_variable"], DEFAULT["rtol"])] if args.quick else \
-        [(v, tol) for v in args.variables for tol in args.tols]
-    for variable, tol in configs:
-        val, nfe, sec = timed(ours(variable, tol), args.device)
-        rows.append(row("st dopri5", variable, tol, val, nfe, sec))
+    configs = [("t", 1e-5, "rms"), (DEFAULT["time_variable"], DEFAULT["rtol"], DEFAULT["error_norm"])] \
+        if args.quick else [(v, tol, n) for n in args.norms for v in args.variables for tol in args.tols]
+    for variable, tol, norm in configs:
+        val, nfe, sec = timed(ours(variable, tol, norm), args.device)
+        rows.append(row("st dopri5", variable, tol, val, nfe, sec, norm))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | d | solver | variable | rtol = atol | NFE | max abs dNLL bits/dim | wall s "
-             "| NFE ratio vs RK45 | time ratio vs RK45 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | d | solver | variable | error norm | rtol = atol | NFE | max abs dNLL bits/dim "
+             "| wall s "
+             "| NFE ratio vs RK45 | time ratio vs RK45 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " (default)" if r["default"] else ""
-        lines.append(f"| {r['model']} | {r['dim']} | {r['method']}{mark} | {r['variable']} | "
+        lines.append(f"| {r['model']} | {r['dim']} | {r['method']}{mark} | {r['variable']} | {r['norm']} | "
                      f"{r['tol']:g} | {r['nfe']} | {r['dnll_bpd']:.5f} | {r['seconds']:.2f} | "
                      f"{r['nfe_ratio']:.1f}x | {r['time_ratio']:.1f}x |")
     return "\n".join(lines)
@@ -130,10 +141,11 @@ def plot(rows: list[dict], path: str, goal: float) -> None:
     for ax, m in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == m]
         for v in TIME_VARIABLES:
-            pts = sorted((r["nfe"], r["dnll_bpd"]) for r in mine
-                         if r["method"] == "st dopri5" and r["variable"] == v)
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=f"dopri5, {v}")
+            for n in ERROR_NORMS:
+                pts = sorted((r["nfe"], max(r["dnll_bpd"], 1e-7)) for r in mine
+                             if r["method"] == "st dopri5" and (r["variable"], r["norm"]) == (v, n))
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), "o-" if n == "rms" else "s--", label=f"dopri5, {v}, {n}")
         for r in mine:
             if r["method"] == "scipy RK45":
                 ax.plot([r["nfe"]], [max(r["dnll_bpd"], 1e-7)], "k*", ms=10, label="scipy RK45 1e-5, t")
@@ -152,6 +164,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tols", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4])
     p.add_argument("--variables", nargs="+", default=list(TIME_VARIABLES), choices=TIME_VARIABLES)
+    p.add_argument("--norms", nargs="+", default=list(ERROR_NORMS), choices=ERROR_NORMS)
+    p.add_argument("--name", action="append", help="Display name per --ckpt (default: its folder).")
     p.add_argument("--ref-tol", type=float, default=3e-7)
     p.add_argument("--quick", action="store_true", help="Only scipy, the paper's setting and the default.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,8 +173,8 @@ def main():
     p.add_argument("--json", help="Write the rows here.")
     args = p.parse_args()
     rows = []
-    for ckpt in args.ckpt or [None]:
-        rows += bench_model(ckpt, args)
+    for i, ckpt in enumerate(args.ckpt or [None]):
+        rows += bench_model(ckpt, args, args.name[i] if args.name else None)
     info(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}\n" + table(rows))
     if args.plot:
         plot(rows, args.plot, 0.005)

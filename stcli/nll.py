@@ -36,6 +36,7 @@ class NllOptions:
     rtol: float = DEFAULT["rtol"]
     atol: float = DEFAULT["atol"]
     time_variable: str = DEFAULT["time_variable"]
+    error_norm: str = DEFAULT["error_norm"]
     nelbo: bool = False
     nelbo_samples: int = 1
     weights: str = "ema"
@@ -56,7 +57,7 @@ class NllResult:
 
 def solver_settings(protocol: str, time_variable: str | None, rtol: float | None,
                     atol: float | None) -> dict:
-    """time_variable, rtol, atol of `st nll`: the given ones over those of the protocol
+    """time_variable, rtol, atol, error_norm of `st nll`: the given ones over those of the protocol
     (default: `likelihood.DEFAULT`; paper: `likelihood.PAPER`, which admits no override)."""
     if protocol not in ("default", "paper"):
         raise UserError(f"--protocol must be one of default, paper, not {protocol!r}")
@@ -113,7 +114,8 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
                     vals, nfe = nll(model.score, sde, x, eps=eps, correction=opts.correction,
                                     divergence=opts.divergence, probes=opts.probes,
                                     rtol=opts.rtol, atol=opts.atol,
-                                    time_variable=opts.time_variable, generator=g)
+                                    time_variable=opts.time_variable,
+                                    error_norm=opts.error_norm, generator=g)
                 except NonFiniteError as err:
                     raise UserError(f"the probability-flow ODE produced non-finite values for "
                                     f"sample(s) {[idx[i] for i in err.samples][:10]} of the "

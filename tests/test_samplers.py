@@ -79,6 +79,25 @@ def test_dopri5_backwards_tuple_state_and_independent_rows():
     assert torch.allclose(logp, torch.full((5,), 2.0, dtype=torch.float64))  # int_0^2 t dt
 
 
+def test_per_part_error_norm_holds_a_small_part_to_the_tolerance():
+    """A state of 400 decaying elements and one oscillating scalar z = sin(10 t): the RMS over
+    all 401 elements lets z's error grow ~20x; the per-part norm keeps it near the tolerance."""
+    def f(t, y):
+        return -y[0], 10 * torch.cos(10 * t).reshape(1)
+
+    y0 = (torch.ones(400, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    errs, nfes = {}, {}
+    for norm in ("rms", "rms_per_part"):
+        (x, z), nfes[norm] = solvers.dopri5(f, y0, 0.0, 3.0, rtol=1e-4, atol=1e-4, error_norm=norm)
+        errs[norm] = abs(z.item() - math.sin(30.0))
+        assert (x - math.exp(-3.0)).abs().max() < 1e-4
+    assert errs["rms_per_part"] < 1e-4 < errs["rms"] and nfes["rms_per_part"] > nfes["rms"]
+    parts = [torch.full((4, 3), 2.0), torch.full((4, 1), 0.5)]
+    two = torch.tensor(2.0, dtype=torch.float64)
+    torch.testing.assert_close(solvers.rms_norm(parts, False, per_part=True), two)
+    torch.testing.assert_close(solvers.rms_norm(parts, True, per_part=True), two.expand(4))
+
+
 def test_dopri5_step_is_fifth_order_with_a_fourth_order_error_estimate():
     y = (torch.tensor([1.0, 0.5], dtype=torch.float64),)
     f = lambda t, s: (linear(t, s[0]),)  # noqa: E731
