@@ -236,6 +236,9 @@ def nll(
     time_variable: Annotated[Optional[str], typer.Option(
         "--time-variable", help="t | lambda | lambda_scaled: the ODE's integration variable "
         "[default: lambda_scaled].", show_default=False)] = None,
+    error_norm: Annotated[Optional[str], typer.Option(
+        "--error-norm", help="rms (over all of x and log p, scipy's) | rms_per_part (log p held to "
+        "the tolerances on its own) [default: rms_per_part].", show_default=False)] = None,
     protocol: Annotated[str, typer.Option(
         "--protocol", help="default | paper (RK45 conventions, rtol = atol = 1e-5 in t).")] = "default",
     nelbo: Annotated[bool, typer.Option(
@@ -254,7 +257,7 @@ def nll(
 
     from stcli.nll import NllOptions, evaluate, report, solver_settings
 
-    solver = solver_settings(protocol, time_variable, rtol, atol)
+    solver = solver_settings(protocol, time_variable, rtol, atol, error_norm)
     choices = {"correction": ("before", "after"), "divergence": ("rademacher", "gaussian", "exact"),
                "weights": ("ema", "raw")}
     for opt, value in (("correction", correction), ("divergence", divergence), ("weights", weights)):

@@ -19,7 +19,16 @@ import torch
 from stcli import distributed
 from stcli.console import StepProgress, console
 from stcli.errors import UserError
-from stcli.likelihood import DEFAULT, PAPER, TIME_VARIABLES, NonFiniteError, bits_per_dim, nelbo, nll
+from stcli.likelihood import (
+    DEFAULT,
+    ERROR_NORMS,
+    PAPER,
+    TIME_VARIABLES,
+    NonFiniteError,
+    bits_per_dim,
+    nelbo,
+    nll,
+)
 from stcli.loading import load_model
 from stcli.seeding import generator
 
@@ -56,20 +65,24 @@ class NllResult:
 
 
 def solver_settings(protocol: str, time_variable: str | None, rtol: float | None,
-                    atol: float | None) -> dict:
+                    atol: float | None, error_norm: str | None = None) -> dict:
     """time_variable, rtol, atol, error_norm of `st nll`: the given ones over those of the protocol
     (default: `likelihood.DEFAULT`; paper: `likelihood.PAPER`, which admits no override)."""
     if protocol not in ("default", "paper"):
         raise UserError(f"--protocol must be one of default, paper, not {protocol!r}")
-    given = {"time_variable": time_variable, "rtol": rtol, "atol": atol}
+    given = {"time_variable": time_variable, "rtol": rtol, "atol": atol, "error_norm": error_norm}
     given = {k: v for k, v in given.items() if v is not None}
     if protocol == "paper" and given:
-        raise UserError(f"--protocol paper fixes the solver (time variable t, rtol = atol = 1e-5); "
+        raise UserError(f"--protocol paper fixes the solver (time variable t, rtol = atol = 1e-5, "
+                        f"error norm rms); "
                         f"drop --{'/--'.join(k.replace('_', '-') for k in given)}")
     out = {**(PAPER if protocol == "paper" else DEFAULT), **given}
     if out["time_variable"] not in TIME_VARIABLES:
         raise UserError(f"--time-variable must be one of {', '.join(TIME_VARIABLES)}, not "
                         f"{out['time_variable']!r}")
+    if out["error_norm"] not in ERROR_NORMS:
+        raise UserError(f"--error-norm must be one of {', '.join(ERROR_NORMS)}, not "
+                        f"{out['error_norm']!r}")
     for k in ("rtol", "atol"):
         if not out[k] > 0:
             raise UserError(f"--{k} must be positive, not {out[k]}")
