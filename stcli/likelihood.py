@@ -142,7 +142,8 @@ def nll(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float,
     """Per-sample negative log-likelihood in nats and the number of function evaluations.
 
     error_norm "rms" (scipy's) weighs the log-density as one of the d + 1 elements of the state;
-    "rms_per_part" holds it to the tolerances on its own (`stcli.solvers.rms_norm`)."""
+    "rms_per_part" integrates it in nats per dimension, the unit of bits/dim, and holds it to the
+    tolerances on its own (`stcli.solvers.rms_norm`), whatever the dimension d."""
     kind, x0 = divergence, x
     flow = Flow(score_fn, sde, eps, time_variable)
     if correction == "after":
@@ -165,8 +166,15 @@ def nll(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float,
         return drift, div
 
     delta0 = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
-    (y_T, delta), nfe = dopri5(rhs, (flow.start(start), delta0), flow.u0, flow.u1, rtol=rtol,
+    per_dim = x0[0].numel() if error_norm == "rms_per_part" else 1  # log p in nats per dimension
+
+    def scaled_rhs(u, state):
+        drift, div = rhs(u, state)
+        return drift, div / per_dim
+
+    (y_T, delta), nfe = dopri5(scaled_rhs, (flow.start(start), delta0), flow.u0, flow.u1, rtol=rtol,
                                atol=atol, error_norm=error_norm)
+    delta = delta * per_dim
     x_T, const = flow.finish(y_T)
     out = -(sde.prior_logp(x_T) + delta + const)
     if correction == "after":
