@@ -144,25 +144,30 @@ def plot(rows: list[dict], path: str, goal: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    colors = dict(zip(TIME_VARIABLES, ("C0", "C1", "C2")))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
     for ax, m in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == m]
         for v in TIME_VARIABLES:
             for n in ERROR_NORMS:
-                pts = sorted((r["nfe"], max(r["dnll_bpd"], 1e-7)) for r in mine
+                pts = sorted((r["nfe"], max(r["dmean_bpd"], 1e-6)) for r in mine
                              if r["method"] == "st dopri5" and (r["variable"], r["norm"]) == (v, n))
-                if len(pts) > 1:
-                    ax.plot(*zip(*pts), "o-" if n == "rms" else "s--", label=f"dopri5, {v}, {n}")
+                if pts:
+                    ax.plot(*zip(*pts), "o-" if n == "rms" else "s--", color=colors[v],
+                            label=f"dopri5, {v}, {n}")
         for r in mine:
             if r["method"] == "scipy RK45":
-                ax.plot([r["nfe"]], [max(r["dnll_bpd"], 1e-7)], "k*", ms=10, label="scipy RK45 1e-5, t")
+                ax.plot([r["nfe"]], [max(r["dmean_bpd"], 1e-6)], "k*", ms=10, label="scipy RK45 1e-5, t")
                 ax.axvline(r["nfe"] / 5, color="grey", ls=":", label="1/5 of RK45's NFE")
         ax.axhline(goal, color="red", ls="--", lw=0.8, label=f"{goal} bits/dim")
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=m)
-        ax.set_ylabel("max |dNLL| to reference, bits/dim")
-    axes[0][0].legend(fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.set_ylabel("|dNLL| of the batch mean, bits/dim")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
