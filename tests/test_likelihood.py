@@ -106,7 +106,7 @@ def test_hutchinson_is_unbiased_within_its_standard_error(kind):
     sde = SDES.build("vp", eps=EPS)
     data = Gaussian(sde, 16, rotate=True)
     x = data.sample(4, seed=1)
-    exact, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact")
+    exact, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact", **PAPER)
     assert (exact - data.model_nll(x, EPS)).abs().max() < 16e-3
     runs = torch.stack([nll(data.score, sde, x, eps=EPS, correction="before", divergence=kind,
                             rtol=1e-4, atol=1e-4, generator=torch.Generator().manual_seed(r))[0]
@@ -123,8 +123,8 @@ def test_before_and_after_differ_as_the_closed_form_predicts():
     sde = SDES.build("vp", eps=EPS)
     data = Gaussian(sde, 2)
     x = data.sample(16, seed=2)
-    before, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact")
-    after, _ = nll(data.score, sde, x, eps=EPS, correction="after", divergence="exact",
+    before, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact", **PAPER)
+    after, _ = nll(data.score, sde, x, eps=EPS, correction="after", divergence="exact", **PAPER,
                    generator=torch.Generator().manual_seed(5))
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
     t = eps_t(16)
