@@ -3,6 +3,14 @@ quickstart's), as a Markdown table with the speed relative to a baseline run in 
 process (euler_maruyama, the recipes' default).
 
     python benchmarks/sample.py [--batch 16] [--steps 50] [--threads 2] [--repeat 3] [--device cpu]
+    python benchmarks/sample.py --cases heun:35 euler_maruyama:1000 --batch 1000 --device cuda
+
+With --ckpt, the accuracy of the probability-flow samplers instead: from the same prior draw,
+the RMSE of each sampler's x_eps (no denoising step) to a converged probability-flow solution
+(adaptive dopri5 at --ref-tol), at each of --nfe evaluations (euler and dpm2m: steps = NFE;
+heun: steps = NFE/2), and an error-vs-NFE plot with --plot:
+
+    python benchmarks/sample.py --ckpt runs/q/ckpt.safetensors --batch 16 --plot docs/img/sample_rmse_nfe.png
 
 Random weights make the adaptive ODE's NFE a property of an untrained field, so read its row
 as a cost example, not as the NFE of a trained model.
@@ -49,6 +57,52 @@ def measure(model, sde, name: str, params: dict, steps: int, batch: int, shape, 
     return sampler, nfe, batch / best
 
 
+ACCURACY = [("euler", "edm", 1), ("heun", "edm", 2), ("dpm2m", "edm", 1), ("dpm2m", "log_snr", 1)]
+
+
+def accuracy(args) -> None:
+    from stcli.loading import load_model
+
+    device = torch.device(args.device)
+    loaded = load_model(args.ckpt, device=args.device)
+    model, sde, shape = loaded.model, loaded.recipe.sde, loaded.recipe.data.shape
+    x = sde.prior_sample((args.batch, *shape), generator=torch.Generator(device).manual_seed(0),
+                         device=device, dtype=torch.float32)
+    ref_sampler = SAMPLERS.validate("ode", rtol=args.ref_tol, atol=args.ref_tol, denoise=False)
+    ref, ref_nfe = ref_sampler(model.score, sde, x)
+    info(f"{args.ckpt}: batch {args.batch}, reference dopri5 at {args.ref_tol:g}: {ref_nfe} NFE "
+         "(per-sample steps)")
+    rows = []
+    for name, schedule, per_step in ACCURACY:
+        for nfe in args.nfe:
+            sampler = SAMPLERS.validate(name, steps=max(2, nfe // per_step), schedule=schedule,
+                                        denoise=False)
+            y, used = sampler(model.score, sde, x)
+            rmse = float((y - ref).pow(2).mean().sqrt())
+            rows.append({"sampler": name, "schedule": schedule, "nfe": used, "rmse": rmse})
+    info("| sampler | schedule | NFE | RMSE to converged flow |\n|---|---|---|---|\n" + "\n".join(
+        f"| {r['sampler']} | {r['schedule']} | {r['nfe']} | {r['rmse']:.5f} |" for r in rows))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for name, schedule, _ in ACCURACY:
+            pts = [(r["nfe"], r["rmse"]) for r in rows if (r["sampler"], r["schedule"]) == (name, schedule)]
+            ax.plot(*zip(*pts), "o-", label=f"{name} ({schedule})")
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to converged flow",
+               title="probability-flow samplers, quickstart digits")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+    if args.json:
+        import json
+
+        open(args.json, "w").write(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -56,8 +110,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", help="name:steps pairs instead of the default set")
+    parser.add_argument("--ckpt", help="measure accuracy vs NFE on this checkpoint")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--ref-tol", type=float, default=1e-7)
+    parser.add_argument("--plot")
+    parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ckpt:
+        return accuracy(args)
     device = torch.device(args.device)
     recipe = load_recipe("recipes/quickstart_digits.yaml")
     torch.manual_seed(0)
@@ -69,7 +131,9 @@ def main() -> None:
          f"parameters), batch {args.batch}, {args.threads} threads, {device}")
     info("| sampler | settings | NFE | images/s | vs euler_maruyama |\n|---|---|---|---|---|")
     base = None
-    for name, params in cases(args.steps):
+    todo = cases(args.steps) if not args.cases else [
+        (c.split(":")[0], {"steps": int(c.split(":")[1])}) for c in args.cases]
+    for name, params in todo:
         sampler, nfe, rate = measure(model, recipe.sde, name, params, args.steps, args.batch,
                                      recipe.data.shape, device, args.repeat)
         base = base or rate

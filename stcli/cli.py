@@ -292,6 +292,16 @@ def nll(
     atol: Annotated[Optional[float], typer.Option(
         "--atol", show_default=False,
         help="ODE absolute tolerance (default: the recipe's eval.nll.atol).")] = None,
+    time_variable: Annotated[Optional[str], typer.Option(
+        "--time-variable", show_default=False, help="t | lambda | lambda_scaled: the ODE's "
+        "integration variable (default: the recipe's eval.nll.time_variable, t).")] = None,
+    error_norm: Annotated[Optional[str], typer.Option(
+        "--error-norm", show_default=False, help="rms (over all of x and log p, scipy's) | "
+        "rms_per_part (log p held to the tolerances on its own) (default: the recipe's "
+        "eval.nll.error_norm, rms).")] = None,
+    protocol: Annotated[str, typer.Option(
+        "--protocol", help="default (the recipe's eval.nll) | paper (RK45 conventions, rtol = atol "
+        "= 1e-5 in t, no override).")] = "default",
     nelbo: Annotated[bool, typer.Option(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
     nelbo_samples: Annotated[int, typer.Option(
@@ -307,8 +317,9 @@ def nll(
     Unset options take the checkpoint recipe's eval.nll section."""
     from pathlib import Path
 
-    from stcli.nll import NllOptions, evaluate, report
+    from stcli.nll import NllOptions, evaluate, report, solver_settings
 
+    solver = solver_settings(protocol, time_variable, rtol, atol, error_norm)
     choices = {"correction": ("before", "after"), "divergence": ("rademacher", "gaussian", "exact"),
                "weights": ("ema", "raw")}
     for opt, value in (("correction", correction), ("divergence", divergence), ("weights", weights)):
@@ -318,8 +329,8 @@ def nll(
         raise UserError(f"--eps must be positive, got {eps}")
     _relaunch_if_asked(procs)
     opts = NllOptions(split=split, limit=limit, batch_size=batch_size, repeats=repeats, eps=eps,
-                      correction=correction, divergence=divergence, probes=probes, rtol=rtol,
-                      atol=atol, nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
+                      correction=correction, divergence=divergence, probes=probes, **solver,
+                      nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
                       seed=seed, device=device)
     result = evaluate(ckpt, opts)
     if _is_rank0():

@@ -9,6 +9,16 @@ d log p_t(x_t)/dt = -div F (instantaneous change of variables), so
 `"after"` starts at x_eps = mu(eps) x0 + sigma(eps) z and adds the reconstruction term R_eps of
 the Tweedie decoder: -log p_eps(x_eps) + R_eps, an upper bound of -log p_0(x0) (Eq. 7).
 The NELBO is the denoising bound L(theta; g^2, eps) of Lemma 1 (Eq. 17), with or without R_eps.
+
+The flow can be integrated in three variables (`time_variable`):
+
+- ``t``: the state x in diffusion time (Song et al. 2021; the paper's protocol);
+- ``lambda``: x in the half log-SNR lambda = log(sigma/mu) = A(t)/2, dt/dlambda = 2 sigma^2/g^2;
+- ``lambda_scaled``: the scaled state x~ = x/mu in lambda (Karras et al. 2022's variables),
+  dx~/dlambda = -(sigma^2/mu) s(mu x~, t) = sigma~ eps_hat, whose solution is close to linear in
+  sigma~ = e^lambda; its divergence is -sigma^2 div s, and the densities of x and x~ differ by
+  the constant d log mu, so log p_eps(x_eps) = log pi(x_T) + d log(mu_T/mu_eps)
+  + int div_x~ dlambda (the d log(mu_T/mu_eps) = -d/2 int beta dt being the divergence of f).
 """
 
 from __future__ import annotations
@@ -23,6 +33,13 @@ from stcli.sdes import LinearSDE, _bcast
 from stcli.solvers import dopri5
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TIME_VARIABLES = ("t", "lambda", "lambda_scaled")
+ERROR_NORMS = ("rms", "rms_per_part")
+# The paper's protocol (scipy RK45 conventions, rtol = atol = 1e-5 in t).  It is also the default
+# (a recipe's eval.nll section may choose another): the cheaper settings measured by
+# benchmarks/nll.py (docs/performance.md) do not hold |dNLL| <= 0.005 bits/dim on every model.
+PAPER = {"time_variable": "t", "rtol": 1e-5, "atol": 1e-5, "error_norm": "rms"}
+DEFAULT = dict(PAPER)
 
 
 class NonFiniteError(ArithmeticError):
@@ -76,14 +93,60 @@ def reconstruction(score_fn: ScoreFn, sde: LinearSDE, x0, z, eps: float) -> torc
     return -x0[0].numel() * sde.log_mean_coef(t) + 0.5 * (sq(sigma_s + z) - sq(z))
 
 
+class Flow:
+    """The likelihood ODE in `variable`: u0, u1 (the integration interval), the state at u0 from
+    x at eps, the field (value, divergence) at u, and x_T with the constant log-density term."""
+
+    def __init__(self, score_fn: ScoreFn, sde: LinearSDE, eps: float, variable: str):
+        if variable not in TIME_VARIABLES:
+            raise ValueError(f"time variable must be one of {TIME_VARIABLES}, not {variable!r}")
+        self.score_fn, self.sde, self.eps, self.variable = score_fn, sde, eps, variable
+        ends = torch.tensor([eps, sde.T], dtype=torch.float64)
+        self.u0, self.u1 = (ends if variable == "t" else sde.antiderivative(ends) / 2).tolist()
+        self.log_mu = sde.log_mean_coef(ends).tolist()
+
+    def time(self, u: float) -> float:
+        if self.variable == "t":
+            return u
+        t = self.sde.antiderivative_inv(torch.tensor(2 * u, dtype=torch.float64))
+        return float(t.clamp(self.eps, self.sde.T))
+
+    def start(self, x_eps: torch.Tensor) -> torch.Tensor:
+        return x_eps / math.exp(self.log_mu[0]) if self.variable == "lambda_scaled" else x_eps
+
+    def field(self, u: float, tt: torch.Tensor):
+        """y -> dy/du at u; tt the time t(u) for every sample."""
+        sde, score_fn, t = self.sde, self.score_fn, tt[:1].double()
+        if self.variable == "t":
+            return lambda y: flow_drift(score_fn, sde, y, tt)
+        if self.variable == "lambda":
+            dt_du = float(2 * sde.var(t) / sde.g2(t))  # dt/dlambda = 2 / (dA/dt)
+            return lambda y: dt_du * flow_drift(score_fn, sde, y, tt)
+        mu, var = float(sde.mean_coef(t)), float(sde.var(t))
+        return lambda y: -(var / mu) * score_fn(mu * y, tt)
+
+    def finish(self, y_T: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x_T, the log-density change not in the integral of the divergence)."""
+        if self.variable != "lambda_scaled":
+            return y_T, 0.0
+        d = y_T[0].numel()
+        return y_T * math.exp(self.log_mu[1]), d * (self.log_mu[1] - self.log_mu[0])
+
+
 @torch.no_grad()
 def nll(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float,
         correction: Literal["before", "after"] = "after",
         divergence: Literal["rademacher", "gaussian", "exact"] = "rademacher",
-        probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
+        probes: int = 1, rtol: float = DEFAULT["rtol"], atol: float = DEFAULT["atol"],
+        time_variable: str = DEFAULT["time_variable"], error_norm: str = DEFAULT["error_norm"],
         generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """Per-sample negative log-likelihood in nats and the number of function evaluations."""
+    """Per-sample negative log-likelihood in nats and the number of function evaluations.
+
+    error_norm "rms" (scipy's) weighs the log-density as one of the d + 1 elements of the state;
+    "rms_per_part" integrates it in nats per dimension, the unit of bits/dim, and holds it to the
+    tolerances on its own (`stcli.solvers.rms_norm`), whatever the dimension d."""
     kind, x0 = divergence, x
+    flow = Flow(score_fn, sde, eps, time_variable)
     if correction == "after":
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         start = sde.marginal(x0, torch.full((x0.shape[0],), eps, device=x0.device,
@@ -93,18 +156,28 @@ def nll(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float,
     vs = None if kind == "exact" else draw_probes(x0.shape, kind, probes, generator, x0.device,
                                                   x0.dtype)
 
-    def rhs(t, state):
-        x_t, _ = state
-        tt = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=x_t.dtype)
-        drift, div = value_and_divergence(lambda y: flow_drift(score_fn, sde, y, tt), x_t, kind, vs)
+    def rhs(u, state):
+        y, _ = state
+        t = flow.time(float(u))
+        tt = torch.full((y.shape[0],), t, device=y.device, dtype=y.dtype)
+        drift, div = value_and_divergence(flow.field(float(u), tt), y, kind, vs)
         bad = ~torch.isfinite(torch.cat([drift.flatten(1), div[:, None]], 1)).all(1)
         if bad.any():
-            raise NonFiniteError(bad.nonzero().flatten().tolist(), float(t))
+            raise NonFiniteError(bad.nonzero().flatten().tolist(), t)
         return drift, div
 
     delta0 = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
-    (x_T, delta), nfe = dopri5(rhs, (start, delta0), eps, sde.T, rtol=rtol, atol=atol)
-    out = -(sde.prior_logp(x_T) + delta)
+    per_dim = x0[0].numel() if error_norm == "rms_per_part" else 1  # log p in nats per dimension
+
+    def scaled_rhs(u, state):
+        drift, div = rhs(u, state)
+        return drift, div / per_dim
+
+    (y_T, delta), nfe = dopri5(scaled_rhs, (flow.start(start), delta0), flow.u0, flow.u1, rtol=rtol,
+                               atol=atol, error_norm=error_norm)
+    delta = delta * per_dim
+    x_T, const = flow.finish(y_T)
+    out = -(sde.prior_logp(x_T) + delta + const)
     if correction == "after":
         out = out + reconstruction(score_fn, sde, x0, z, eps)
         nfe += 1

@@ -19,7 +19,15 @@ import torch
 from stcli import distributed
 from stcli.console import StepProgress, console
 from stcli.errors import UserError
-from stcli.likelihood import NonFiniteError, bits_per_dim, nelbo, nll
+from stcli.likelihood import (
+    ERROR_NORMS,
+    PAPER,
+    TIME_VARIABLES,
+    NonFiniteError,
+    bits_per_dim,
+    nelbo,
+    nll,
+)
 from stcli.loading import load_model
 from stcli.seeding import generator
 
@@ -31,13 +39,15 @@ class NllOptions:
     split: str = "test"
     limit: int | None = None
     batch_size: int = 128
-    repeats: int | None = None
+    repeats: int | None = None  # None: the recipe's eval.nll value (see resolve)
     eps: float | None = None
     correction: str | None = None
     divergence: str | None = None
     probes: int | None = None
     rtol: float | None = None
     atol: float | None = None
+    time_variable: str | None = None
+    error_norm: str | None = None
     nelbo: bool = False
     nelbo_samples: int = 1
     weights: str = "ema"
@@ -49,11 +59,11 @@ def resolve(opts: NllOptions, recipe) -> NllOptions:
     """Options left unset (None) filled in from the recipe's eval.nll section; eps defaults to
     eval.nll.eps, else the training eps.  The integration interval [eps, T] must be valid."""
     cfg, sde = recipe.eval.nll, recipe.sde
-    given = {k: v for k, v in vars(opts).items() if v is not None}
     defaults = {"repeats": cfg.repeats, "eps": recipe.nll_eps, "correction": cfg.correction,
                 "divergence": cfg.hutchinson, "probes": cfg.probes, "rtol": cfg.rtol,
-                "atol": cfg.atol}
-    out = replace(opts, **{**defaults, **{k: v for k, v in given.items() if k in defaults}})
+                "atol": cfg.atol, "time_variable": cfg.time_variable, "error_norm": cfg.error_norm}
+    out = replace(opts, **{k: v if getattr(opts, k) is None else getattr(opts, k)
+                           for k, v in defaults.items()})
     if not 0 < out.eps < sde.T:
         raise UserError(f"--eps must lie in (0, T = {sde.T}), got {out.eps}")
     return out
@@ -69,6 +79,30 @@ class NllResult:
     def summary(self) -> dict[str, dict[str, float]]:
         return {k: {"mean": float(v.mean()), "stderr": float(v.std() / math.sqrt(len(v))),
                     "n": len(v)} for k, v in self.bpd.items()}
+
+
+def solver_settings(protocol: str, time_variable: str | None, rtol: float | None,
+                    atol: float | None, error_norm: str | None = None) -> dict:
+    """time_variable, rtol, atol, error_norm given to `st nll`, checked: unset ones stay None (the
+    recipe's eval.nll fills them in); `--protocol paper` is `likelihood.PAPER`, with no override."""
+    if protocol not in ("default", "paper"):
+        raise UserError(f"--protocol must be one of default, paper, not {protocol!r}")
+    given = {"time_variable": time_variable, "rtol": rtol, "atol": atol, "error_norm": error_norm}
+    named = [k for k, v in given.items() if v is not None]
+    if protocol == "paper" and named:
+        raise UserError(f"--protocol paper fixes the solver (time variable t, rtol = atol = 1e-5, "
+                        f"error norm rms); drop --{'/--'.join(k.replace('_', '-') for k in named)}")
+    if protocol == "paper":
+        return dict(PAPER)
+    if time_variable is not None and time_variable not in TIME_VARIABLES:
+        raise UserError(f"--time-variable must be one of {', '.join(TIME_VARIABLES)}, not "
+                        f"{time_variable!r}")
+    if error_norm is not None and error_norm not in ERROR_NORMS:
+        raise UserError(f"--error-norm must be one of {', '.join(ERROR_NORMS)}, not {error_norm!r}")
+    for k in ("rtol", "atol"):
+        if given[k] is not None and not given[k] > 0:  # also refuses nan
+            raise UserError(f"--{k} must be a positive number, got {given[k]}")
+    return given
 
 
 def bpd_offset(data) -> float:
@@ -113,7 +147,9 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
                 try:
                     vals, nfe = nll(model.score, sde, x, eps=eps, correction=opts.correction,
                                     divergence=opts.divergence, probes=opts.probes,
-                                    rtol=opts.rtol, atol=opts.atol, generator=g)
+                                    rtol=opts.rtol, atol=opts.atol,
+                                    time_variable=opts.time_variable,
+                                    error_norm=opts.error_norm, generator=g)
                 except NonFiniteError as err:
                     raise UserError(f"the probability-flow ODE produced non-finite values for "
                                     f"sample(s) {[idx[i] for i in err.samples][:10]} of the "

@@ -84,8 +84,10 @@ class NllEval(Section):
     hutchinson: Literal["rademacher", "gaussian"] = "rademacher"
     probes: PositiveInt = 1  # Hutchinson probes averaged per datum
     repeats: PositiveInt = 1  # passes over the split with fresh dequantisation noise
-    rtol: PositiveFloat = 1e-5
+    rtol: PositiveFloat = 1e-5  # the paper's protocol (scipy RK45 conventions in t)
     atol: PositiveFloat = 1e-5
+    time_variable: Literal["t", "lambda", "lambda_scaled"] = "t"  # the ODE's integration variable
+    error_norm: Literal["rms", "rms_per_part"] = "rms"
 
     @field_validator("eps")
     @classmethod

@@ -46,6 +46,32 @@ def test_two_processes_give_exactly_the_one_process_numbers(ckpt, tmp_path):
     assert a["nfe_per_batch"] == b["nfe_per_batch"]
 
 
+def test_protocol_paper_is_dopri5_in_t_at_1e_5(ckpt, tmp_path, capsys):
+    few = ["--limit", "2", "--batch-size", "2", "--correction", "before"]
+    code, _, err = st(capsys, "nll", ckpt, *few, "--protocol", "paper", "--json", tmp_path / "p.json")
+    assert code == 0, err
+    code, _, err = st(capsys, "nll", ckpt, *few, "--time-variable", "t", "--rtol", "1e-5",
+                      "--atol", "1e-5", "--error-norm", "rms", "--json", tmp_path / "t.json")
+    assert code == 0, err
+    paper, t = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("p", "t"))
+    assert paper["per_sample_bpd"] == t["per_sample_bpd"] and paper["nfe_per_batch"] == t["nfe_per_batch"]
+    assert paper["settings"]["time_variable"] == "t" and paper["settings"]["rtol"] == 1e-5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--time-variable", "sigma"], "--time-variable must be one of t, lambda, lambda_scaled, not 'sigma'"),
+    (["--protocol", "score_sde"], "--protocol must be one of default, paper, not 'score_sde'"),
+    (["--error-norm", "max"], "--error-norm must be one of rms, rms_per_part, not 'max'"),
+    (["--rtol", "0"], "--rtol must be a positive number, got 0.0"),
+    (["--atol", "-1e-3"], "--atol must be a positive number, got -0.001"),
+    (["--protocol", "paper", "--rtol", "1e-3"], "--protocol paper fixes the solver"),
+])
+def test_bad_solver_settings(ckpt, capsys, argv, message):
+    code, _, err = st(capsys, "nll", ckpt, *argv)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_input(ckpt, tmp_path, capsys):
     code, _, err = st(capsys, "nll", ckpt, "--split", "validation")
     assert code == 2 and "no split 'validation'" in err

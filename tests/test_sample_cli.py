@@ -103,7 +103,8 @@ def test_cli_writes_a_grid_and_reports_nfe(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "does not exist"), ("corrupt", "corrupt or truncated"),
-    ("sampler", "unknown sampler 'dpm'; available: euler, euler_maruyama, heun, ode, pc"),
+    ("sampler", "unknown sampler 'dpm'; available: dpm2m, euler, euler_maruyama, heun, ode, pc"),
+    ("order", "dpm2m is a two-step method: steps must be at least 2, not 1"),
     ("n", "-n must be positive, got 0"), ("outfile", "exists and is not a folder"),
     ("option", "sampler 'ode' has no option steps")])
 def test_bad_input_is_one_message_and_exit_code_2(ckpt, tmp_path, capsys, case, message):
@@ -117,6 +118,8 @@ def test_bad_input_is_one_message_and_exit_code_2(ckpt, tmp_path, capsys, case, 
         extra = ["--sampler", "dpm"]
     elif case == "n":
         n = "0"
+    elif case == "order":
+        extra = ["--sampler", "dpm2m", "--steps", "1"]
     elif case == "outfile":
         out.write_text("x")
     else:

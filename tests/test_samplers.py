@@ -79,6 +79,25 @@ def test_dopri5_backwards_tuple_state_and_independent_rows():
     assert torch.allclose(logp, torch.full((5,), 2.0, dtype=torch.float64))  # int_0^2 t dt
 
 
+def test_per_part_error_norm_holds_a_small_part_to_the_tolerance():
+    """A state of 400 decaying elements and one oscillating scalar z = sin(10 t): the RMS over
+    all 401 elements lets z's error grow ~20x; the per-part norm keeps it near the tolerance."""
+    def f(t, y):
+        return -y[0], 10 * torch.cos(10 * t).reshape(1)
+
+    y0 = (torch.ones(400, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    errs, nfes = {}, {}
+    for norm in ("rms", "rms_per_part"):
+        (x, z), nfes[norm] = solvers.dopri5(f, y0, 0.0, 3.0, rtol=1e-4, atol=1e-4, error_norm=norm)
+        errs[norm] = abs(z.item() - math.sin(30.0))
+        assert (x - math.exp(-3.0)).abs().max() < 1e-4
+    assert errs["rms_per_part"] < 1e-4 < errs["rms"] and nfes["rms_per_part"] > nfes["rms"]
+    parts = [torch.full((4, 3), 2.0), torch.full((4, 1), 0.5)]
+    two = torch.tensor(2.0, dtype=torch.float64)
+    torch.testing.assert_close(solvers.rms_norm(parts, False, per_part=True), two)
+    torch.testing.assert_close(solvers.rms_norm(parts, True, per_part=True), two.expand(4))
+
+
 def test_dopri5_step_is_fifth_order_with_a_fourth_order_error_estimate():
     y = (torch.tensor([1.0, 0.5], dtype=torch.float64),)
     f = lambda t, s: (linear(t, s[0]),)  # noqa: E731
@@ -140,6 +159,8 @@ SAMPLER_CASES = [
     ("vp", "ode", {}), ("ve", "ode", {}), ("rve", "ode", {}),
     ("vp", "euler", {"steps": 500}), ("ve", "euler", {"steps": 500}),
     ("vp", "heun", {"steps": 60}), ("ve", "heun", {"steps": 60}),
+    ("vp", "dpm2m", {"steps": 40}), ("ve", "dpm2m", {"steps": 40}),
+    ("rve", "dpm2m", {"steps": 40}), ("subvp", "dpm2m", {"steps": 40}),
 ]
 
 
@@ -173,7 +194,7 @@ def test_ode_sampler_follows_the_closed_form_probability_flow(sde_name):
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
-@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("dpm2m", 2)])
 def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
     sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
     score = Gaussian(sde)
@@ -183,6 +204,28 @@ def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
             .abs().max().item() for k in (64, 128, 256)]
     for r in (errs[0] / errs[1], errs[1] / errs[2]):
         assert 2**order * 0.8 < r < 2**order * 1.25, errs
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+def test_dpm2m_is_exact_for_a_point_mass(sde_name):
+    """For data at a single point m the denoiser is the constant m, so the scaled flow
+    x~ - m ∝ sigma~ is integrated exactly by the exponential step in any number of steps."""
+    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    point = Gaussian(sde)
+    point.a2 = lambda t: sde.var(t)  # s = 0: p_t = N(mu m, sigma^2 I)
+    x, _ = draw(sde, 8, 4)
+    T, eps = (torch.tensor(v, dtype=torch.float64) for v in (sde.T, sde.eps))
+    mu_T, mu_e = sde.mean_coef(T).item(), sde.mean_coef(eps).item()
+    exact = mu_e * M + math.sqrt(sde.var(eps) / sde.var(T)) * (x - mu_T * M)
+    for steps in (2, 3, 7):
+        y, nfe = SAMPLERS.validate("dpm2m", steps=steps, denoise=False)(point, sde, x)
+        assert nfe == steps
+        torch.testing.assert_close(y, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_dpm2m_needs_two_steps():
+    with pytest.raises(UserError, match="dpm2m is a two-step method: steps must be at least 2, not 1"):
+        SAMPLERS.validate("dpm2m", steps=1)
 
 
 def test_langevin_corrector_keeps_the_marginal_at_small_snr():
@@ -217,7 +260,8 @@ def test_ancestral_is_refused_for_subvp():
 def test_nfe_counts():
     sde = SDES.validate("vp")
     x, _ = draw(sde, 4, 2)
-    cases = {("pc", 10, 2): 10 * 3 + 1, ("euler", 10, 1): 11, ("heun", 10, 1): 21}
+    cases = {("pc", 10, 2): 10 * 3 + 1, ("euler", 10, 1): 11, ("heun", 10, 1): 21,
+             ("dpm2m", 10, 1): 11, ("dpm2m", 2, 1): 3}
     for (name, steps, corr), expected in cases.items():
         params = {"steps": steps} | ({"n_corrector": corr} if name == "pc" else {})
         assert SAMPLERS.validate(name, **params)(Gaussian(sde), sde, x)[1] == expected
@@ -225,7 +269,8 @@ def test_nfe_counts():
 
 @pytest.mark.parametrize("name,params", [("euler_maruyama", {"steps": 20}),
                                          ("pc", {"steps": 20}), ("ode", {"rtol": 1e-3}),
-                                         ("pc", {"steps": 20, "predictor": "ancestral"})])
+                                         ("pc", {"steps": 20, "predictor": "ancestral"}),
+                                         ("dpm2m", {"steps": 10})])
 def test_per_sample_generators_make_samples_batch_independent(name, params):
     sde = SDES.validate("vp")
     sampler = SAMPLERS.validate(name, **params)
