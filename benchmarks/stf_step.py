@@ -26,7 +26,8 @@ from PIL import Image
 
 from stcli.distributed import Context
 from stcli.recipe import load_recipe
-from stcli.train import ReferenceBatches, StepBatches, Trainer, make_loader
+from stcli.stf import ReferenceBatches
+from stcli.train import StepBatches, Trainer, make_loader
 
 
 def step_time(recipe_path, overrides, warm, steps, out) -> float:

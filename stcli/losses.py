@@ -12,8 +12,8 @@ N = T - tau for uniform sampling.  Soft Truncation draws tau ~ P once per step (
 log(sigma/mu) ~ N(m, s^2) restricted to [tau, T] (Karras et al. 2022); with it, weighting `edm`
 is their objective E_sigma[lambda(sigma) ||D - x0||^2] = E[(s^2 + sd^2)/sd^2 ||eps - z||^2].
 
-The denoising target is z itself (`dsm`) or the Stable Target Field target (`stf`, seed 002),
-which replaces x0 by a self-normalised importance-weighted average over a reference batch.
+The denoising target is a component (stcli.targets): z itself (`dsm`) or the Stable Target
+Field target (`stf`, stcli.stf).
 """
 
 from __future__ import annotations
@@ -22,89 +22,14 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
 
 from stcli import truncation  # noqa: F401  (registers the truncation specs used below)
-from stcli.registry import TARGETS, TRUNCATIONS, Component
+from stcli.registry import TARGETS, TRUNCATIONS
 from stcli.sdes import LinearSDE, _bcast
+from stcli.targets import DSM
 
 TruncationSpec = TRUNCATIONS.union()
-
-
-@TARGETS.register
-class DSM(Component):
-    """The ordinary denoising target: the noise z itself."""
-
-    name: Literal["dsm"] = "dsm"
-
-    def noise_target(self, x_t, x0, z, mean, std, reference=None, stats=None) -> torch.Tensor:
-        return z
-
-
-def stf_weights(x_t: torch.Tensor, mean_coef: torch.Tensor, std: torch.Tensor,
-                reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """w_ij = softmax_j(-||x_i - mu_i y_j||^2 / (2 sigma_i^2)), float64, shape (B, n).
-
-    -||x_i - mu y_j||^2/(2 sigma^2) = (mu/sigma^2) x_i.y_j - (mu^2/(2 sigma^2)) ||y_j||^2 + c_i,
-    where c_i does not depend on j and drops out of the softmax: the logits are one matmul of
-    [x_i mu/sigma^2, -mu^2/(2 sigma^2)] with [y_j, ||y_j||^2] per chunk of the reference
-    (converted to float64 a chunk at a time): memory O(B n + chunk d), never B x n x d.
-    """
-    x = x_t.detach().flatten(1).double()
-    mu, var = mean_coef.double()[:, None], std.double().pow(2)[:, None]
-    lhs = torch.cat([x * (mu / var), -0.5 * mu.pow(2) / var], 1)
-    logits = torch.cat([
-        lhs @ torch.cat([y, y.pow(2).sum(1, keepdim=True)], 1).T
-        for y in (c.detach().flatten(1).double() for c in reference.split(chunk))
-    ], dim=1)
-    return torch.softmax(logits, dim=1)
-
-
-def stf_mean(weights: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """T_i = sum_j w_ij y_j in float64, shape (B, d), a chunk of the reference at a time."""
-    out = None
-    for w, y in zip(weights.split(chunk, dim=1), reference.split(chunk)):
-        part = w @ y.detach().flatten(1).double()
-        out = part if out is None else out.add_(part)
-    return out
-
-
-def stf_target(x_t: torch.Tensor, mean_coef: torch.Tensor, std: torch.Tensor,
-               reference: torch.Tensor) -> torch.Tensor:
-    """The stable target T_i = sum_j w_ij y_j (seed 002), shape and dtype of x_t."""
-    with torch.autocast(x_t.device.type, enabled=False):
-        w = stf_weights(x_t, mean_coef, std, reference)
-        return stf_mean(w, reference).to(x_t.dtype).view_as(x_t)
-
-
-def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
-    """ESS_i = 1 / sum_j w_ij^2: from 1 (one reference dominates) to n (uniform weights)."""
-    return weights.pow(2).sum(1).reciprocal()
-
-
-@TARGETS.register
-class STF(Component):
-    """Stable Target Field: x0 in the target replaced by T_i over a reference batch of
-    `reference_batch` clean images (the batch's own included), per rank or, with
-    `all_gather`, gathered from every rank (then `reference_batch` counts all ranks)."""
-
-    name: Literal["stf"] = "stf"
-    reference_batch: PositiveInt = 1024
-    all_gather: bool = False
-
-    def noise_target(self, x_t, x0, z, mean, std, reference=None, stats=None) -> torch.Tensor:
-        """(x_t - mu T)/sigma = z + mu (x0 - T)/sigma, evaluated in float64 in the second form,
-        which has no cancellation at small sigma and equals z exactly when T = x0."""
-        if reference is None:
-            raise ValueError("the stf target needs a reference batch")
-        with torch.autocast(x_t.device.type, enabled=False):
-            w = stf_weights(x_t, mean, std, reference)
-            gap = x0.detach().flatten(1).double() - stf_mean(w, reference)
-            coef = (mean.double() / std.double())[:, None]
-            target = (z.flatten(1).double() + coef * gap).to(z.dtype).view_as(z)
-        if stats is not None:
-            stats.append((std.detach(), effective_sample_size(w)))
-        return target
 
 
 class ScoreMatchingLoss(BaseModel):
@@ -189,15 +114,15 @@ class ScoreMatchingLoss(BaseModel):
         return err.sum(1) if self.reduce == "sum" else err.mean(1)
 
     def __call__(self, model, sde: LinearSDE, x0: torch.Tensor, tau: float, generator=None,
-                 reference: torch.Tensor | None = None, stats: list | None = None) -> torch.Tensor:
-        """Per-sample loss, shape (B,). `model(x, t)` predicts the noise; `reference` is the
-        STF reference batch; the target appends (sigma, ESS) per sample to `stats`."""
+                 reference=None) -> torch.Tensor:
+        """Per-sample loss, shape (B,). `model(x, t)` predicts the noise; `reference` is what
+        the target's feed made of the step's reference images (see stcli.targets)."""
         n, device = x0.shape[0], x0.device
         t = self.sample_time(sde, n, tau, generator, device)
         z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         mean, std = sde.mean_coef(t), sde.std(t)
         x_t = _bcast(mean, x0) * x0 + _bcast(std, x0) * z
-        target = self.target.noise_target(x_t, x0, z, mean, std, reference, stats)
+        target = self.target.noise_target(x_t, x0, z, mean, std, reference)
         loss = 0.5 * self.weight(sde, t, tau) * self._sq(model(x_t, t) - target)
         if self.reconstruction:
             loss = loss + self.reconstruction_term(model, sde, x0, tau, generator)

@@ -45,15 +45,16 @@ def _literal_name(cls: type[Component]) -> str:
 class Registry(Generic[C]):
     """Maps names to component specs; validates parameters; says what exists."""
 
-    def __init__(self, kind: str, module: str):
-        self.kind, self.module = kind, module  # importing `module` registers the entries
+    def __init__(self, kind: str, *modules: str):
+        self.kind, self.modules = kind, modules  # importing `modules` registers the entries
         self._entries: dict[str, type[C]] = {}
         self._loaded = False
 
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self.module)
+            for module in self.modules:
+                importlib.import_module(module)
 
     def register(self, cls: type[C]) -> type[C]:
         name = _literal_name(cls)
@@ -143,4 +144,4 @@ TRUNCATIONS: Registry = Registry("truncation", "stcli.truncation")
 SAMPLERS: Registry = Registry("sampler", "stcli.samplers")
 METRICS: Registry = Registry("metric", "stcli.metrics")
 DATASETS: Registry = Registry("dataset", "stcli.data")
-TARGETS: Registry = Registry("target", "stcli.losses")
+TARGETS: Registry = Registry("target", "stcli.targets", "stcli.stf")

@@ -3,8 +3,8 @@ logs, sample grids and exact resume.
 
 Every random draw of step k comes from generators seeded by (seed, k, ...): tau from
 (seed, "tau", k) — identical on every rank and micro-batch — and t, z, flips and
-dequantisation from (seed, "noise", k, rank, micro); the Stable Target Field reference images
-from (seed, "reference", k[, rank]).  The data order is a function of the
+dequantisation from (seed, "noise", k, rank, micro); the extra reference images a target may
+ask for (its `feed`) from (seed, "reference", k[, rank]).  The data order is a function of the
 step, so a resumed run replays exactly what an uninterrupted one would have done; only the
 global RNG (dropout) needs saving, and the checkpoint holds it.
 """
@@ -66,48 +66,11 @@ class StepBatches:
             yield batch[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank].tolist()
 
 
-class ReferenceBatches:
-    """The STF reference images of each step beyond the minibatch (seed 002): `extra` distinct
-    indices per rank, none in the batch.  With `gather`, the ranks draw one common set (keyed
-    by the step alone) that excludes the global batch and take disjoint slices of it, so the
-    gathered reference holds `world x (per-rank batch + extra)` distinct images."""
-
-    def __init__(self, batches: StepBatches, extra: int, gather: bool):
-        self.batches, self.extra, self.gather = batches, extra, gather
-
-    def __iter__(self) -> Iterator[list[int]]:
-        b, ctx = self.batches, self.batches.ctx
-        per_rank = b.batch // ctx.world_size
-        for step, batch in enumerate(b.global_batches(), start=b.start):
-            if self.gather:
-                g = generator(torch.device("cpu"), b.seed, "reference", step)
-                chosen = distinct_indices(b.n, self.extra * ctx.world_size, batch.tolist(), g)
-                yield chosen[ctx.rank * self.extra:(ctx.rank + 1) * self.extra]
-            else:
-                g = generator(torch.device("cpu"), b.seed, "reference", step, ctx.rank)
-                own = batch[ctx.rank * per_rank:(ctx.rank + 1) * per_rank].tolist()
-                yield distinct_indices(b.n, self.extra, own, g)
-
-
 def make_loader(dataset, batch_sampler, workers: int, device: torch.device) -> DataLoader:
-    """The DataLoader of training batches (and of STF reference images) for `batch_sampler`."""
+    """The DataLoader of training batches (and of a target's reference images)."""
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
                       num_workers=workers, generator=torch.Generator(),
                       pin_memory=device.type == "cuda", persistent_workers=False)
-
-
-def distinct_indices(n: int, k: int, exclude: list[int], g: torch.Generator) -> list[int]:
-    """k distinct indices of range(n), none in `exclude`, uniformly at random (by rejection:
-    O(k) when k is small against n, never a permutation of all n)."""
-    chosen, seen = [], set(exclude)
-    while len(chosen) < k:
-        for i in torch.randint(n, (2 * (k - len(chosen)) + 16,), generator=g).tolist():
-            if i not in seen:
-                seen.add(i)
-                chosen.append(i)
-                if len(chosen) == k:
-                    break
-    return chosen
 
 
 @dataclass
@@ -129,9 +92,9 @@ class Trainer:
         self.data = recipe.data
         self.dataset = self.data.create(self.data.training_split)
         self.sde = recipe.sde
-        self.reference_extra = self._reference_extra()
-        self.ess = EssBins(self.sde, recipe.truncation.eps, self.device) \
-            if self.reference_extra is not None else None
+        self.feed = recipe.loss.target.feed(self.sde, recipe.truncation.eps,
+                                            self.cfg.batch_size // ctx.world_size, ctx.world_size,
+                                            len(self.dataset), self.device)
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape,
                                        getattr(self.data, "centered", True)).to(self.device)
@@ -150,24 +113,6 @@ class Trainer:
         self.ddp = distributed.wrap(self.model, ctx)
         self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
         self._stop_signal = 0
-
-    def _reference_extra(self) -> int | None:
-        """Reference images per rank beyond the rank's batch (None without the stf target)."""
-        target, world = self.recipe.loss.target, self.ctx.world_size
-        if target.name != "stf":
-            return None
-        n, per_rank = target.reference_batch, self.cfg.batch_size // world
-        if target.all_gather and n % world:
-            raise UserError(f"loss.target.reference_batch={n} must be divisible by the number of "
-                            f"processes ({world}) when loss.target.all_gather is true")
-        n_rank = n // world if target.all_gather else n
-        if n_rank < per_rank:
-            raise UserError(f"loss.target.reference_batch={n} is smaller than the batch it must "
-                            f"contain ({per_rank * (world if target.all_gather else 1)} images)")
-        if n > len(self.dataset):
-            raise UserError(f"loss.target.reference_batch={n} exceeds the {len(self.dataset)} "
-                            "images of the training set")
-        return n_rank - per_rank
 
     # --- run directory and checkpoints ------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -278,7 +223,7 @@ class Trainer:
     def train_step(self, batch: torch.Tensor, extra: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, float]:
         """Forward/backward over micro-batches with one tau; returns (loss sum, tau).
-        `extra`: the STF reference images beyond the batch (uint8, as loaded)."""
+        `extra`: the reference images the target's feed asked for (uint8, as loaded)."""
         seed, step, cfg = self.recipe.seed, self.step, self.cfg
         tau = self.recipe.truncation.sample(generator(torch.device("cpu"), seed, "tau", step))
         micro = batch.to(self.device, non_blocking=True).chunk(cfg.micro_batches)
@@ -286,7 +231,6 @@ class Trainer:
                 for i in range(len(micro))]
         inputs = [self.data.transform(xb, g) for xb, g in zip(micro, gens)]
         reference = self._reference(inputs, extra)
-        stats = [] if reference is not None else None
         loss_sum = torch.zeros((), device=self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
@@ -296,25 +240,21 @@ class Trainer:
             sync = i == len(micro) - 1 or self.ctx.world_size == 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
                 losses = self.recipe.loss(self.forward, self.sde, x0, tau, generator=g,
-                                          reference=reference, stats=stats)
+                                          reference=reference)
                 (losses.sum() / batch.shape[0]).backward()
             loss_sum += losses.detach().sum()
-        for sigma, ess in stats or ():
-            self.ess.add(sigma, ess)
         return loss_sum, tau
 
     def _reference(self, inputs: list[torch.Tensor], extra: torch.Tensor | None):
-        """The STF reference batch: this rank's batch, then its extra images transformed like
-        the batch (seed, "reference", step, rank); gathered from every rank if asked."""
-        if self.reference_extra is None:
+        """The target's reference from this rank's batch and its extra images, transformed like
+        the batch (seed, "reference", step, rank); None for a target without a feed."""
+        if self.feed is None:
             return None
         parts = list(inputs)
         if extra is not None and len(extra):
             g = generator(self.device, self.recipe.seed, "reference", self.step, self.ctx.rank)
             parts.append(self.data.transform(extra.to(self.device, non_blocking=True), g))
-        reference = torch.cat(parts)
-        return distributed.all_gather_equal(reference) if self.recipe.loss.target.all_gather \
-            else reference
+        return self.feed.reference(parts)
 
     def optimizer_step(self) -> torch.Tensor:
         o = self.recipe.optim
@@ -340,9 +280,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         steps = StepBatches(len(self.dataset), cfg.batch_size, ctx, self.recipe.seed, self.step)
         loader = make_loader(self.dataset, steps, cfg.workers, self.device)
-        extras = make_loader(self.dataset, ReferenceBatches(steps, self.reference_extra,
-                                                            self.recipe.loss.target.all_gather),
-                             cfg.workers, self.device) if self.reference_extra else None
+        extras = make_loader(self.dataset, self.feed.batches(steps), cfg.workers, self.device) \
+            if self.feed is not None and self.feed.extra else None
         self._claim_out_dir()
         log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
         handlers = self._install_signal_handlers()
@@ -374,8 +313,8 @@ class Trainer:
                                   "grad_norm": gnorm, "lr": self.optimizer.param_groups[0]["lr"],
                                   "steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
                                   "elapsed_s": time.perf_counter() - t0}
-                        if self.reference_extra is not None:
-                            record["stf_ess"] = self.ess.flush()
+                        if self.feed is not None:
+                            record.update(self.feed.flush())
                         if log:
                             log.write(record)
                         progress.update(self.step, {
@@ -397,7 +336,7 @@ class Trainer:
         return TrainResult(self.step, loss_avg, self.out_dir)
 
     def _next_batch(self, batches, references):
-        """The next batch (and STF reference images); an unreadable item saves a checkpoint of
+        """The next batch (and the target's extra reference images); an unreadable item saves a checkpoint of
         the steps done so far, then stops with the loader's message."""
         try:
             return next(batches), next(references) if references is not None else None
@@ -445,30 +384,6 @@ class Trainer:
     def _restore_signal_handlers(handlers) -> None:
         for s, h in handlers.items():
             signal.signal(s, h)
-
-
-class EssBins:
-    """Mean STF effective sample size per sigma bin (8 log-spaced bins from sigma(eps) to
-    sigma(T)), summed over the ranks since the last flush; accumulated on the device."""
-
-    def __init__(self, sde, eps: float, device: torch.device, bins: int = 8):
-        lo, hi = (float(sde.std(torch.tensor([t], dtype=torch.float64))) for t in (eps, sde.T))
-        self.edges = torch.logspace(math.log10(lo), math.log10(hi), bins + 1, dtype=torch.float64)
-        self.inner = self.edges[1:-1].to(device)
-        self.sums = torch.zeros(2, bins, dtype=torch.float64, device=device)
-
-    def add(self, sigma: torch.Tensor, ess: torch.Tensor) -> None:
-        i = torch.bucketize(sigma.double(), self.inner)
-        self.sums[0].index_add_(0, i, ess.double())
-        self.sums[1].index_add_(0, i, torch.ones_like(ess, dtype=torch.float64))
-
-    def flush(self) -> dict:
-        """{"sigma": bin edges, "ess": mean per bin (None where empty), "count": samples}."""
-        total, count = distributed.all_reduce_sum(self.sums).tolist()
-        self.sums.zero_()
-        return {"sigma": [round(e, 6) for e in self.edges.tolist()],
-                "ess": [s / c if c else None for s, c in zip(total, count)],
-                "count": [int(c) for c in count]}
 
 
 def _file_id(path: Path) -> tuple[int, int, int]:

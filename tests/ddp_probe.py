@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from stcli.losses import STF
 from stcli.registry import TRUNCATIONS
+from stcli.stf import STF
 from stcli.truncation import Power
 
 
@@ -25,9 +25,9 @@ class RecordedPower(Power):
         return tau
 
 
-def recorded_noise_target(self, x_t, x0, z, mean, std, reference=None, stats=None):
-    REFERENCES.append((reference.clone(), x0.clone()))
-    return STF_NOISE_TARGET(self, x_t, x0, z, mean, std, reference, stats)
+def recorded_noise_target(self, x_t, x0, z, mean, std, reference=None):
+    REFERENCES.append((reference.images.clone(), x0.clone()))
+    return STF_NOISE_TARGET(self, x_t, x0, z, mean, std, reference)
 
 
 STF_NOISE_TARGET, STF.noise_target = STF.noise_target, recorded_noise_target

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stcli.losses import STF, ScoreMatchingLoss, effective_sample_size, stf_target, stf_weights
+from stcli.losses import ScoreMatchingLoss
 from stcli.registry import SDES
+from stcli.stf import STF, EssBins, Reference, effective_sample_size, stf_target, stf_weights
 
 # A ring of K equally weighted Gaussians N(m_k, s^2 I) in 2-D.
 K, RADIUS, S = 8, 2.0, 0.1
@@ -102,12 +103,14 @@ def test_noise_target_is_the_score_target_of_T():
     mu, std = torch.rand(10, generator=g, dtype=torch.float64), torch.rand(10, generator=g,
                                                                          dtype=torch.float64)
     x = mu[:, None] * x0 + std[:, None] * z
-    stats = []
-    got = STF().noise_target(x, x0, z, mu, std, ref, stats)
+    bins = EssBins(SDES.build("vp"), 1e-5, torch.device("cpu"), bins=1)
+    got = STF().noise_target(x, x0, z, mu, std, Reference(ref, bins))
     expected = (x - mu[:, None] * stf_target(x, mu, std, ref)) / std[:, None]
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
-    (sigma, ess), = stats
-    assert torch.equal(sigma, std) and ((ess >= 1 - 1e-12) & (ess <= 50 + 1e-9)).all()
+    ess = effective_sample_size(stf_weights(x, mu, std, ref))
+    assert ((ess >= 1 - 1e-12) & (ess <= 50 + 1e-9)).all()
+    logged = bins.flush()  # one bin: the mean ESS of the 10 samples
+    assert logged["count"] == [10] and logged["ess"][0] == pytest.approx(ess.mean().item(), rel=1e-12)
 
 
 def test_converges_to_the_posterior_mean_like_one_over_sqrt_n():
@@ -169,8 +172,8 @@ def test_loss_with_stf_target_on_every_sde():
         for weighting in ("likelihood", "variance"):
             loss = ScoreMatchingLoss(weighting=weighting, target={"name": "stf",
                                                                   "reference_batch": 8})
-            stats = []
+            bins = EssBins(spec, 1e-3, torch.device("cpu"))
             out = loss(net, spec, x0, 1e-3, generator=torch.Generator().manual_seed(4),
-                       reference=x0, stats=stats)
+                       reference=Reference(x0, bins))
             assert out.shape == (8,) and torch.isfinite(out).all()
-            assert len(stats) == 1 and stats[0][1].shape == (8,)
+            assert sum(bins.flush()["count"]) == 8

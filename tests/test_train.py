@@ -16,7 +16,8 @@ from stcli import checkpoint
 from stcli.distributed import Context
 from stcli.errors import UserError
 from stcli.recipe import load_recipe
-from stcli.train import ReferenceBatches, StepBatches, Trainer, train
+from stcli.stf import ReferenceBatches
+from stcli.train import StepBatches, Trainer, train
 
 
 def tensors(path):

@@ -95,9 +95,8 @@ def dry_run(plan: Plan) -> dict:
                                   getattr(recipe.data, "centered", True))
         tau = recipe.truncation.sample(torch.Generator().manual_seed(0))
         with torch.no_grad():
-            reference = x0 if recipe.loss.target.name == "stf" else None
             loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0),
-                               reference=reference)
+                               reference=x0)  # the batch as its own reference (a target may need one)
         resolve_sampler(recipe.sample, {"name": "heun", "steps": job.budget.sampler_steps})
         if job.data.key.startswith("toy2d"):
             recipe.data.gmm_params()
