@@ -25,13 +25,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
 
 from stcli import truncation  # noqa: F401  (registers the truncation specs used below)
-from stcli.registry import TARGETS, TRUNCATIONS
+from stcli.registry import TARGETS, TRUNCATIONS, live_unions
 from stcli.sdes import LinearSDE, _bcast
 from stcli.targets import DSM
 
 TruncationSpec = TRUNCATIONS.union()
 
 
+@live_unions(weighting_P=TRUNCATIONS, target=TARGETS)
 class ScoreMatchingLoss(BaseModel):
     """The `loss:` section of a recipe, callable on a batch."""
 

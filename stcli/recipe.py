@@ -25,7 +25,7 @@ from pydantic import (
 
 from stcli.errors import UserError
 from stcli.losses import ScoreMatchingLoss
-from stcli.registry import DATASETS, NETS, SAMPLERS, SDES, TRUNCATIONS, format_validation_error
+from stcli.registry import DATASETS, NETS, SAMPLERS, SDES, TRUNCATIONS, format_validation_error, live_unions
 from stcli.sdes import LinearSDE
 from stcli.truncation import Hard
 
@@ -114,6 +114,7 @@ class Eval(Section):
     fid: FidEval = FidEval()
 
 
+@live_unions(data=DATASETS, sde=SDES, net=NETS, truncation=TRUNCATIONS, sample=SAMPLERS)
 class Recipe(Section):
     name: str
     seed: int = 0

@@ -5,16 +5,20 @@ component, its ``name`` field is a ``Literal`` equal to the registry name, and i
 ``create(**context)`` returns the working object (the spec itself for SDEs and truncation
 distributions; a module, dataset or callable for the others).  The recipe schema is the
 discriminated union of every spec of a registry, so recipe sections and registry names can
-never drift apart.
+never drift apart.  The models that hold such unions are marked with `live_unions`: registering
+a component later (from a user's own package, after `import stcli.recipe`) rebuilds them, so
+recipes accept it at once.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from stcli.errors import UserError
 
@@ -61,7 +65,13 @@ class Registry(Generic[C]):
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = cls
+        _rebuild(self)
         return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove entry `name` (a plugin's, e.g. at the end of a test); recipes refuse it again."""
+        del self._entries[name]
+        _rebuild(self)
 
     def names(self) -> list[str]:
         self._load()
@@ -102,6 +112,41 @@ class Registry(Generic[C]):
         if len(members) == 1:
             return members[0]
         return Annotated[Union[members], Field(discriminator="name")]  # noqa: UP007
+
+
+# (model, field, registry, optional) of every field typed by a registry union, in definition order
+_LIVE: list[tuple[type[BaseModel], str, Registry, bool]] = []
+
+
+def live_unions(**fields: Registry) -> Callable[[type[BaseModel]], type[BaseModel]]:
+    """Class decorator: `fields` (name=registry) are that registry's union (or None, if the
+    field's default is None) and follow later registrations."""
+
+    def mark(cls: type[BaseModel]) -> type[BaseModel]:
+        for name, registry in fields.items():
+            _LIVE.append((cls, name, registry, cls.model_fields[name].default is None))
+        return cls
+
+    return mark
+
+
+def _rebuild(changed: Registry) -> None:
+    """Retype the fields of `changed`'s union, then rebuild every live model (the later ones
+    embed the earlier ones' schemas)."""
+    if not any(registry is changed for _, _, registry, _ in _LIVE):
+        return
+    for cls, name, registry, optional in _LIVE:
+        if registry is changed:
+            field, union = cls.model_fields[name], registry.union()
+            if optional:  # the discriminated union inside Optional
+                field.annotation, field.discriminator = Union[union, None], None  # noqa: UP007
+                continue
+            args = get_args(union) if get_origin(union) is Annotated else (union,)
+            field.annotation = args[0]
+            field.discriminator = next((m.discriminator for m in args[1:]
+                                        if isinstance(m, FieldInfo)), None)
+    for cls in dict.fromkeys(cls for cls, _, _, _ in _LIVE):
+        cls.model_rebuild(force=True)
 
 
 def format_validation_error(err: ValidationError, prefix: str = "", data: Any = None) -> str:
