@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,10 +33,9 @@ import torch
 
 from stcli.console import console
 from stcli.errors import UserError
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, ScoreFn, bcast, sum_squares
 from stcli.seeding import generator
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # Fig. 7: Q0..Q4
 
 
@@ -59,17 +58,13 @@ def log_grid(eps: float, T: float, points: int) -> torch.Tensor:
     return torch.logspace(math.log10(eps), math.log10(T), points, dtype=torch.float64)
 
 
-def _sq_per_dim(v: torch.Tensor) -> torch.Tensor:
-    return v.flatten(1).double().pow(2).mean(1)
-
-
 def scaled_error(score_fn: ScoreFn, sde: LinearSDE, x0: torch.Tensor, t: torch.Tensor,
                  z: torch.Tensor, batch_size: int) -> torch.Tensor:
     """||sigma(t) s_theta(x_t, t) + z||^2 / D per sample = sigma^2 ||s_theta - grad log p_0t||^2 / D."""
     out = []
     for xs, ts, zs in zip(x0.split(batch_size), t.split(batch_size), z.split(batch_size)):
         x_t = sde.marginal(xs, ts, zs)
-        out.append(_sq_per_dim(_bcast(sde.std(ts), xs) * score_fn(x_t, ts) + zs))
+        out.append(sum_squares((bcast(sde.std(ts), xs) * score_fn(x_t, ts) + zs).double()) / xs[0].numel())
     return torch.cat(out)
 
 
@@ -89,7 +84,7 @@ def bound_integrand(score_fn: ScoreFn, sde: LinearSDE, x0: torch.Tensor, t_grid:
         z = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         err = scaled_error(score_fn, sde, x0, tt, z, batch_size)
         c = 0.5 * float(sde.g2(tt[:1]) / sde.var(tt[:1]))  # 1/2 g^2 / sigma^2
-        for key, v in (("dsm", c * err), ("nelbo", c * (err - _sq_per_dim(z)))):
+        for key, v in (("dsm", c * err), ("nelbo", c * (err - sum_squares(z.double()) / z[0].numel()))):
             rows[key].append(_mean_se(v)[0])
             rows[f"{key}_se"].append(_mean_se(v)[1])
     return {"t": t_grid.tolist(), **rows}

@@ -24,15 +24,13 @@ The flow can be integrated in three variables (`time_variable`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, ScoreFn, bcast, flow_drift, sum_squares
 from stcli.solvers import dopri5
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TIME_VARIABLES = ("t", "lambda", "lambda_scaled")
 ERROR_NORMS = ("rms", "rms_per_part")
 # The paper's protocol (scipy RK45 conventions, rtol = atol = 1e-5 in t).  It is also the default
@@ -53,11 +51,6 @@ class NonFiniteError(ArithmeticError):
 def bits_per_dim(nll_nats: torch.Tensor, dim: int, offset: float) -> torch.Tensor:
     """nats per sample -> bits/dim of 8-bit data: offset 8 for [0, 1] scaling, 7 for [-1, 1]."""
     return nll_nats / (dim * math.log(2)) + offset
-
-
-def flow_drift(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: torch.Tensor):
-    """F(x, t) = f(x, t) - 1/2 g^2(t) s(x, t), the probability-flow ODE's vector field."""
-    return sde.drift(x, t) - 0.5 * _bcast(sde.g2(t), x) * score_fn(x, t)
 
 
 def draw_probes(shape, kind: str, k: int, generator, device, dtype) -> torch.Tensor:
@@ -85,12 +78,19 @@ def value_and_divergence(fn, x: torch.Tensor, kind: str, vs: torch.Tensor | None
 
 
 def reconstruction(score_fn: ScoreFn, sde: LinearSDE, x0, z, eps: float) -> torch.Tensor:
-    """R_eps per sample with the Tweedie decoder: -d log mu + 1/2(||sigma s + z||^2 - ||z||^2)."""
+    """R_eps per sample (Eq. 7) for a score model: the noise prediction is -sigma s."""
+    return reconstruction_from_noise(lambda x, t: -bcast(sde.std(t), x) * score_fn(x, t),
+                                     sde, x0, z, eps)
+
+
+def reconstruction_from_noise(noise_fn, sde: LinearSDE, x0, z, eps: float) -> torch.Tensor:
+    """R_eps = E[log p_0eps(x_eps|x0) - log q(x0|x_eps)] per sample (Eq. 7) with the Tweedie
+    decoder q(x0|x) = N((x + sigma^2 s)/mu, (sigma/mu)^2 I) and eps_hat = noise_fn(x, t) = -sigma s:
+    R = -d log mu(eps) + 1/2 (||eps_hat - z||^2 - ||z||^2) at x_eps = mu x0 + sigma z."""
     t = torch.full((x0.shape[0],), eps, device=x0.device, dtype=x0.dtype)
     x = sde.marginal(x0, t, z)
-    sigma_s = _bcast(sde.std(t), x) * score_fn(x, t)
-    sq = lambda v: v.flatten(1).pow(2).sum(1)  # noqa: E731
-    return -x0[0].numel() * sde.log_mean_coef(t) + 0.5 * (sq(sigma_s + z) - sq(z))
+    rec = 0.5 * (sum_squares(noise_fn(x, t) - z) - sum_squares(z))
+    return rec - x0[0].numel() * sde.log_mean_coef(t).to(rec.dtype)
 
 
 class Flow:
@@ -194,13 +194,12 @@ def nelbo(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float, sam
     """
     n, d = x.shape[0], x[0].numel()
     total = torch.zeros(n, device=x.device, dtype=x.dtype)
-    sq = lambda v: v.flatten(1).pow(2).sum(1)  # noqa: E731
     for _ in range(samples):
         t, big_z = sde.sample_time(n, eps, generator=generator, device=x.device, dtype=x.dtype)
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_t = sde.marginal(x, t, z)
-        sigma_s = _bcast(sde.std(t), x) * score_fn(x_t, t)
-        total += 0.5 * big_z * (sq(sigma_s + z) - sq(z))
+        sigma_s = bcast(sde.std(t), x) * score_fn(x_t, t)
+        total += 0.5 * big_z * (sum_squares(sigma_s + z) - sum_squares(z))
     out = total / samples + 0.5 * d * _int_beta(sde, eps) - expected_prior_logp(sde, x)
     if residual:
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -25,8 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
 
 from stcli import truncation  # noqa: F401  (registers the truncation specs used below)
+from stcli.likelihood import reconstruction_from_noise
 from stcli.registry import TARGETS, TRUNCATIONS, live_unions
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, bcast, sum_squares
 from stcli.targets import DSM
 
 TruncationSpec = TRUNCATIONS.union()
@@ -58,44 +59,46 @@ class ScoreMatchingLoss(BaseModel):
         return self
 
     def weight(self, sde: LinearSDE, t: torch.Tensor, tau: float) -> torch.Tensor:
-        """lambda / (sigma^2 p) as a function of t, for the chosen weighting and sampler."""
-        if self.time_sampling == "lognormal":
-            return self._lognormal_weight(sde, t, tau).to(t.dtype)
-        if self.time_sampling == "importance":  # lambda / (sigma^2 q) = lambda / g^2
-            ratio = {
-                "likelihood": lambda: torch.ones_like(t),
-                "variance": lambda: sde.var(t) / sde.g2(t),
-                "g2_P": lambda: self.weighting_P.cdf(t),
-            }[self.weighting]()
-            norm = sde.importance_Z(tau) if self.scale_by_Z else 1.0
-        else:  # q = 1: lambda / sigma^2
-            ratio = {
-                "likelihood": lambda: sde.g2(t) / sde.var(t),
-                "variance": lambda: torch.ones_like(t),
-                "g2_P": lambda: self.weighting_P.cdf(t) * sde.g2(t) / sde.var(t),
-            }[self.weighting]()
-            norm = (sde.T - tau) if self.scale_by_Z else 1.0
-        return torch.as_tensor(norm, dtype=t.dtype, device=t.device) * ratio.to(t.dtype)
+        """N lambda(t) / (sigma^2(t) q(t)), the factor of 1/2 ||eps_hat - target||^2 (Eq. 9)."""
+        t64 = t.double()
+        if self.weighting == "edm":  # lambda sigma~^2 = (s^2 + sd^2)/sd^2 (Karras et al. Eq. 8)
+            s2 = torch.exp(sde.antiderivative(t64))
+            return ((s2 + self.sigma_data**2) / self.sigma_data**2).to(t.dtype)
+        ratio = self.lam(sde, t64) / (sde.var(t64) * self.q(sde, t64, tau))
+        return (self.norm(sde, tau) * ratio).to(t.dtype)
+
+    def lam(self, sde: LinearSDE, t: torch.Tensor) -> torch.Tensor:
+        """The weighting lambda(t): g^2 (likelihood, Eq. 3), sigma^2 (variance) or g^2_P (Eq. 10)."""
+        if self.weighting == "likelihood":
+            return sde.g2(t)
+        if self.weighting == "variance":
+            return sde.var(t)
+        return self.weighting_P.cdf(t) * sde.g2(t)
+
+    def q(self, sde: LinearSDE, t: torch.Tensor, tau: float) -> torch.Tensor:
+        """The time density up to the normaliser N, p(t) = q(t)/N on [tau, T]: g^2/sigma^2 for
+        importance sampling (Eq. 9), 1 for uniform, the restricted log-normal density itself."""
+        if self.time_sampling == "importance":
+            return sde.g2(t) / sde.var(t)
+        if self.time_sampling == "uniform":
+            return torch.ones_like(t)
+        # log-normal: p(t) = phi(u)/(s mass) d(A/2)/dt, u the standardised A(t)/2, dA/dt = g^2/sigma^2
+        u = (sde.antiderivative(t) / 2 - self.lognormal_mean) / self.lognormal_std
+        mass = self._lognormal_bounds(sde, tau)[1]
+        phi = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+        return phi / (self.lognormal_std * mass) * sde.g2(t) / sde.var(t) / 2
+
+    def norm(self, sde: LinearSDE, tau: float) -> float:
+        """N: Z_tau (importance, Eq. 9), T - tau (uniform), 1 (log-normal or scale_by_Z false)."""
+        if not self.scale_by_Z or self.time_sampling == "lognormal":
+            return 1.0
+        return float(sde.importance_Z(tau)) if self.time_sampling == "importance" else sde.T - tau
 
     def _lognormal_bounds(self, sde: LinearSDE, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised log(sigma/mu) = A(t)/2 at tau and T, and their normal CDFs' gap."""
         a = sde.antiderivative(torch.tensor([tau, sde.T], dtype=torch.float64)) / 2
         lo, hi = (a - self.lognormal_mean) / self.lognormal_std
         return lo, torch.special.ndtr(hi) - torch.special.ndtr(lo)
-
-    def _lognormal_weight(self, sde: LinearSDE, t: torch.Tensor, tau: float) -> torch.Tensor:
-        t64 = t.double()
-        if self.weighting == "edm":  # lambda sigma~^2 = (s^2 + sd^2)/sd^2 (Karras et al. Eq. 8)
-            s2 = torch.exp(sde.antiderivative(t64))
-            return (s2 + self.sigma_data**2) / self.sigma_data**2
-        # p(t) = phi(u)/(s mass) d(A/2)/dt with u the standardised A(t)/2 and dA/dt = g^2/sigma^2
-        u = (sde.antiderivative(t64) / 2 - self.lognormal_mean) / self.lognormal_std
-        mass = self._lognormal_bounds(sde, tau)[1]
-        q = sde.g2(t64) / sde.var(t64)
-        p = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi) / (self.lognormal_std * mass) * q / 2
-        lam = {"likelihood": lambda: sde.g2(t64), "variance": lambda: sde.var(t64),
-               "g2_P": lambda: self.weighting_P.cdf(t64) * sde.g2(t64)}[self.weighting]()
-        return lam / (sde.var(t64) * p)
 
     def sample_time(self, sde: LinearSDE, n: int, tau: float, generator, device) -> torch.Tensor:
         if self.time_sampling == "importance":
@@ -110,9 +113,8 @@ class ScoreMatchingLoss(BaseModel):
         return (tau + u * (sde.T - tau)).float()
 
     def _sq(self, err: torch.Tensor) -> torch.Tensor:
-        err = err.flatten(1)
-        err = err.pow(2) if err.dtype == torch.float64 else err.float().pow(2)  # bf16-safe
-        return err.sum(1) if self.reduce == "sum" else err.mean(1)
+        """||err||^2 per sample, or its mean over dimensions with reduce: mean."""
+        return sum_squares(err) / (1 if self.reduce == "sum" else err[0].numel())
 
     def __call__(self, model, sde: LinearSDE, x0: torch.Tensor, tau: float, generator=None,
                  reference=None) -> torch.Tensor:
@@ -122,7 +124,7 @@ class ScoreMatchingLoss(BaseModel):
         t = self.sample_time(sde, n, tau, generator, device)
         z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         mean, std = sde.mean_coef(t), sde.std(t)
-        x_t = _bcast(mean, x0) * x0 + _bcast(std, x0) * z
+        x_t = bcast(mean, x0) * x0 + bcast(std, x0) * z
         target = self.target.noise_target(x_t, x0, z, mean, std, reference)
         loss = 0.5 * self.weight(sde, t, tau) * self._sq(model(x_t, t) - target)
         if self.reconstruction:
@@ -130,16 +132,7 @@ class ScoreMatchingLoss(BaseModel):
         return loss
 
     def reconstruction_term(self, model, sde: LinearSDE, x0, tau: float, generator=None):
-        """R_tau = E[log p_0tau(x_tau|x0) - log q(x0|x_tau)] with the Tweedie decoder (Eq. 7).
-
-        q(x0|x) = N((x + sigma^2 s)/mu, (sigma/mu)^2 I) gives, per sample,
-        R = -d log mu - ||z||^2/2 + ||sigma s + z||^2/2 = -d log mu + (||eps - z||^2 - ||z||^2)/2.
-        """
-        n, d = x0.shape[0], x0[0].numel()
-        t = torch.full((n,), tau, device=x0.device)
+        """R_tau (Eq. 7) with the Tweedie decoder at the step's tau; per dimension with reduce: mean."""
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x = sde.marginal(x0, t, z)
-        scale = 1.0 if self.reduce == "sum" else 1.0 / d
-        rec = 0.5 * (self._sq(model(x, t) - z) - self._sq(z))
-        return rec - d * scale * sde.log_mean_coef(t).to(rec.dtype)
-
+        rec = reconstruction_from_noise(model, sde, x0, z, tau)
+        return rec if self.reduce == "sum" else rec / x0[0].numel()

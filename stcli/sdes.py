@@ -13,6 +13,7 @@ quantities are computed with expm1/log1p and sampling in float64, where they wou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -29,6 +30,9 @@ def _t(t, like: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t if t.is_floating_point() else t.double()
     return torch.as_tensor(t, dtype=torch.float64)
+
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # s(x, t) ~ grad_x log p_t(x)
 
 
 class LinearSDE(Component):
@@ -71,14 +75,14 @@ class LinearSDE(Component):
 
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         """f(x, t) = -1/2 beta(t) x (Eq. 4); t has shape (B,)."""
-        return -0.5 * _bcast(self.beta(_t(t)), x) * x
+        return -0.5 * bcast(self.beta(_t(t)), x) * x
 
     def diffusion(self, t) -> torch.Tensor:
         return torch.sqrt(self.g2(_t(t)))
 
     def marginal(self, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x_t = mu(t) x0 + sigma(t) z."""
-        return _bcast(self.mean_coef(t), x0) * x0 + _bcast(self.std(t), x0) * z
+        return bcast(self.mean_coef(t), x0) * x0 + bcast(self.std(t), x0) * z
 
     def prior_sample(self, shape, generator=None, device=None, dtype=torch.float32):
         return self.prior_std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -128,10 +132,23 @@ class LinearSDE(Component):
         return self.antiderivative(t)
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample (B,) or scalar tensor to broadcast against x of shape (B, ...)."""
     v = v.to(device=x.device, dtype=x.dtype)
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim())) if v.dim() else v
+
+
+def sum_squares(v: torch.Tensor) -> torch.Tensor:
+    """||v||^2 per sample (row), shape (B,): float64 stays float64, anything else is squared
+    in float32 (so bf16 activations do not lose the sum)."""
+    v = v.flatten(1)
+    return (v if v.dtype == torch.float64 else v.float()).pow(2).sum(1)
+
+
+def flow_drift(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """F(x, t) = f(x, t) - 1/2 g^2(t) s(x, t): the vector field of the probability-flow ODE
+    (Song et al. 2021) of the SDE, whose solution has the SDE's marginals; t per sample."""
+    return sde.drift(x, t) - 0.5 * bcast(sde.g2(t), x) * score_fn(x, t)
 
 
 class _SigmaRange(LinearSDE):

@@ -14,7 +14,7 @@ from stcli.errors import UserError
 from stcli.registry import SAMPLERS, SDES
 from stcli.samplers import time_grid
 from stcli.samplers.pc import langevin
-from stcli.sdes import _bcast
+from stcli.sdes import bcast
 
 M, S = 0.5, 0.4  # the data: N(M, S^2 I)
 MAT = torch.tensor([[-1.0, 2.0], [-3.0, -0.5]], dtype=torch.float64)
@@ -35,8 +35,8 @@ class Gaussian:
         return self.sde.mean_coef(t) ** 2 * S**2 + self.sde.var(t)
 
     def __call__(self, x, t):
-        mu = _bcast(self.sde.mean_coef(t), x)
-        return -(x - mu * M) / _bcast(self.a2(t), x)
+        mu = bcast(self.sde.mean_coef(t), x)
+        return -(x - mu * M) / bcast(self.a2(t), x)
 
     def flow(self, x_T, t):
         T, t = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, t))

@@ -12,7 +12,7 @@ from stcli.nets import (
     ncsnpp,  # noqa: F401  (registers ncsnpp, ddpmpp)
     small,  # noqa: F401  (registers unet, mlp)
 )
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, bcast
 
 
 class ScoreModel(nn.Module):
@@ -36,14 +36,14 @@ class ScoreModel(nn.Module):
         if self.preconditioning == "none":
             # data in [0, 1] (data.centered false) enter the net as 2x - 1 (score_sde's convention)
             return self.backbone(x if self.centered else 2 * x - 1, eta)
-        mu = _bcast(self.sde.mean_coef(t), x)
-        s, sd2 = _bcast(self.sde.std(t), x) / mu, self.sigma_data**2
+        mu = bcast(self.sde.mean_coef(t), x)
+        s, sd2 = bcast(self.sde.std(t), x) / mu, self.sigma_data**2
         xs, norm = x / mu, torch.rsqrt(s * s + sd2)
         out = self.backbone(xs * norm, eta)
         return xs * (s * norm * norm) - (self.sigma_data * norm) * out  # (x~ - D)/s
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return -self(x, t) / _bcast(self.sde.std(t), x)
+        return -self(x, t) / bcast(self.sde.std(t), x)
 
 
 def build_score_model(net_spec, sde: LinearSDE, shape: tuple[int, ...],

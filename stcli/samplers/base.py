@@ -10,16 +10,15 @@ generator i alone, so a sample does not depend on the batch it is drawn in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import PositiveFloat, PositiveInt
 
 from stcli.registry import Component
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, ScoreFn, bcast
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 Schedule = Literal["uniform", "log_snr", "edm"]
 
@@ -97,4 +96,4 @@ def times(t: float, x: torch.Tensor) -> torch.Tensor:
 def tweedie(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: float) -> torch.Tensor:
     """E[x0 | x_t] = (x_t + sigma^2 s(x_t, t)) / mu (Tweedie's formula; Efron 2011)."""
     tt = times(t, x)
-    return (x + _bcast(sde.var(tt), x) * score_fn(x, tt)) / _bcast(sde.mean_coef(tt), x)
+    return (x + bcast(sde.var(tt), x) * score_fn(x, tt)) / bcast(sde.mean_coef(tt), x)

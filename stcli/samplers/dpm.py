@@ -23,7 +23,7 @@ from pydantic import PositiveInt, field_validator
 
 from stcli.registry import SAMPLERS
 from stcli.samplers.base import GridSampler, Schedule, ScoreFn, times
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, bcast
 
 ORDER = 2
 
@@ -31,7 +31,7 @@ ORDER = 2
 def denoiser(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: float) -> torch.Tensor:
     """D(x, t) = (x - sigma eps_hat)/mu = (x + sigma^2 s(x, t))/mu."""
     tt = times(t, x)
-    return (x + _bcast(sde.var(tt), x) * score_fn(x, tt)) / _bcast(sde.mean_coef(tt), x)
+    return (x + bcast(sde.var(tt), x) * score_fn(x, tt)) / bcast(sde.mean_coef(tt), x)
 
 
 def dpm_2m(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, ts: list[float]):

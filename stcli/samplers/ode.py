@@ -13,7 +13,7 @@ from pydantic import PositiveFloat, PositiveInt
 from stcli import solvers
 from stcli.registry import SAMPLERS
 from stcli.samplers.base import GridSampler, Sampler, Schedule, ScoreFn
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, bcast, flow_drift
 
 
 def probability_flow(score_fn: ScoreFn, sde: LinearSDE):
@@ -21,7 +21,7 @@ def probability_flow(score_fn: ScoreFn, sde: LinearSDE):
 
     def rhs(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = t.expand(x.shape[0])
-        return sde.drift(x, t) - 0.5 * _bcast(sde.g2(t), x) * score_fn(x, t)
+        return flow_drift(score_fn, sde, x, t)
 
     return rhs
 
@@ -34,8 +34,8 @@ def scaled_flow(score_fn: ScoreFn, sde: LinearSDE):
 
     def rhs(sig: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         t = sde.antiderivative_inv(2 * torch.log(sig)).clamp(sde.eps, sde.T).expand(xs.shape[0])
-        mu = _bcast(sde.mean_coef(t), xs)
-        return -_bcast(sig, xs) * mu * score_fn(mu * xs, t)
+        mu = bcast(sde.mean_coef(t), xs)
+        return -bcast(sig, xs) * mu * score_fn(mu * xs, t)
 
     return rhs
 

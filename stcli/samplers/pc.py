@@ -18,7 +18,7 @@ from pydantic import PositiveFloat, PositiveInt
 from stcli.errors import UserError
 from stcli.registry import SAMPLERS
 from stcli.samplers.base import Generators, GridSampler, ScoreFn, randn_like, times
-from stcli.sdes import LinearSDE, _bcast
+from stcli.sdes import LinearSDE, bcast
 from stcli.solvers import row_sum_squares
 
 
@@ -34,7 +34,7 @@ def transition(sde: LinearSDE, t: float, t_next: float) -> tuple[float, float, f
 def euler_maruyama(score_fn: ScoreFn, sde: LinearSDE, x, t: float, t_next: float, gen):
     """x' = x + [f - g^2 s] dt + g sqrt(-dt) z, dt = t_next - t < 0 (Song et al. Eq. 6)."""
     dt, tt = t_next - t, times(t, x)
-    g2 = _bcast(sde.g2(tt), x)
+    g2 = bcast(sde.g2(tt), x)
     x_mean = x + (sde.drift(x, tt) - g2 * score_fn(x, tt)) * dt
     return x_mean + torch.sqrt(g2 * -dt) * randn_like(x, gen)
 
@@ -69,7 +69,7 @@ def langevin(score_fn: ScoreFn, sde: LinearSDE, x, t: float, t_next: float, gen,
     a, _, _ = transition(sde, t, t_next)
     s, z = score_fn(x, times(t, x)), randn_like(x, gen)
     ratio2 = row_sum_squares(z) / row_sum_squares(s)  # (||z|| / ||s||)^2 per sample
-    step = _bcast(2 * a * a * snr**2 * ratio2, x)
+    step = bcast(2 * a * a * snr**2 * ratio2, x)
     return x + step * s + torch.sqrt(2 * step) * z
 
 
