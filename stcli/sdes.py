@@ -39,6 +39,8 @@ class LinearSDE(Component):
     """Shared behaviour of the linear SDEs; subclasses give the closed forms."""
 
     T: ClassVar[float] = 1.0
+    unit_mean: ClassVar[bool] = False  # mu(t) = 1 for every t (VE-like)
+    variance_preserving: ClassVar[bool] = False  # mu^2(t) + sigma^2(t) = 1 for every t (VP)
     eps: PositiveFloat = 1e-5  # the truncation epsilon (the recipe copies truncation.eps here)
 
     # --- closed forms each SDE defines -----------------------------------------------------
@@ -152,6 +154,7 @@ def flow_drift(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: torch.Tens
 
 
 class _SigmaRange(LinearSDE):
+    unit_mean: ClassVar[bool] = True
     sigma_min: PositiveFloat = 0.01
     sigma_max: PositiveFloat = 50.0
 
@@ -222,6 +225,7 @@ class EDM(LinearSDE):
     ODE; sigma_min = sigma_max eps (EDM: 80 x 2.5e-5 = 0.002)."""
 
     name: Literal["edm"] = "edm"
+    unit_mean: ClassVar[bool] = True
     sigma_max: PositiveFloat = 80.0
 
     def var(self, t):
@@ -271,6 +275,7 @@ class VP(_BetaLinear):
     """VP: mu = e^{-B/2}, sigma^2 = 1 - e^{-B}, g^2 = beta; A = log(e^B - 1)."""
 
     name: Literal["vp"] = "vp"
+    variance_preserving: ClassVar[bool] = True
     stabilizer: ClassVar[float] = 1e-3  # c of the official UDDPM++ time input
 
     def var(self, t):

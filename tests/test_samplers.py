@@ -140,7 +140,8 @@ def test_time_grids_run_from_T_to_eps(schedule, sde_name):
 
 # --- samplers on Gaussian data -------------------------------------------------------------------
 SDE_CASES = {"vp": {}, "ve": {"sigma_max": 400.0}, "subvp": {}, "rve": {"sigma_max": 400.0,
-                                                                     "eps": 1e-3}}
+                                                                     "eps": 1e-3},
+             "edm": {"sigma_max": 400.0, "eps": 2.5e-5}}
 SAMPLER_CASES = [
     ("vp", "euler_maruyama", {"steps": 1000}),
     ("ve", "euler_maruyama", {"steps": 1000}),
@@ -151,6 +152,8 @@ SAMPLER_CASES = [
     ("vp", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000}),
     ("ve", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000}),
     ("rve", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000,
+                   "schedule": "log_snr"}),
+    ("edm", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000,
                    "schedule": "log_snr"}),
     ("vp", "pc", {"predictor": "euler_maruyama", "corrector": "langevin", "snr": 0.02,
                   "steps": 500}),
@@ -253,7 +256,7 @@ def test_pc_with_em_predictor_and_no_corrector_is_euler_maruyama():
 
 def test_ancestral_is_refused_for_subvp():
     sde = SDES.validate("subvp")
-    with pytest.raises(UserError, match="ancestral predictor is defined for the ve, rve and vp"):
+    with pytest.raises(UserError, match="ancestral predictor is defined for SDEs with mu = 1 or"):
         SAMPLERS.validate("pc", predictor="ancestral")(Gaussian(sde), sde, draw(sde, 2, 2)[0])
 
 

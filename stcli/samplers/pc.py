@@ -46,14 +46,15 @@ def reverse_diffusion(score_fn: ScoreFn, sde: LinearSDE, x, t: float, t_next: fl
 
 
 def ancestral(score_fn: ScoreFn, sde: LinearSDE, x, t: float, t_next: float, gen):
-    """The discrete ancestral step (Song et al. App. F): for mu = 1 (VE, RVE), Eq. (47)
-    x' = x + (s_t^2 - s'^2) s + sqrt(s'^2 (s_t^2 - s'^2) / s_t^2) z; for VP, DDPM's
-    x' = (x + beta s) / sqrt(1 - beta) + sqrt(beta) z with 1 - beta = a^2 (Ho et al. Eq. 11)."""
+    """The discrete ancestral step (Song et al. App. F): for mu = 1 (VE, RVE, EDM), Eq. (47)
+    x' = x + (s_t^2 - s'^2) s + sqrt(s'^2 (s_t^2 - s'^2) / s_t^2) z; for mu^2 + sigma^2 = 1
+    (VP), DDPM's x' = (x + beta s) / sqrt(1 - beta) + sqrt(beta) z with 1 - beta = a^2 (Ho et
+    al. Eq. 11)."""
     a, G2, var_next = transition(sde, t, t_next)
     s = score_fn(x, times(t, x))
-    if sde.name in ("ve", "rve"):
+    if sde.unit_mean:
         return x + G2 * s + (var_next * G2 / (var_next + G2)) ** 0.5 * randn_like(x, gen)
-    beta = 1 - a * a  # vp
+    beta = 1 - a * a  # variance preserving
     return (x + beta * s) / a + beta**0.5 * randn_like(x, gen)
 
 
@@ -95,10 +96,10 @@ class PC(GridSampler):
     n_corrector: PositiveInt = 1
 
     def integrate(self, score_fn, sde, x, generator):
-        if self.predictor == "ancestral" and sde.name not in ("ve", "rve", "vp"):
-            raise UserError(f"the ancestral predictor is defined for the ve, rve and vp SDEs "
-                            f"(Song et al. 2021, App. F), not {sde.name!r}; use predictor "
-                            "reverse_diffusion or euler_maruyama")
+        if self.predictor == "ancestral" and not (sde.unit_mean or sde.variance_preserving):
+            raise UserError(f"the ancestral predictor is defined for SDEs with mu = 1 or "
+                            f"mu^2 + sigma^2 = 1 (Song et al. 2021, App. F), not {sde.name!r}; use "
+                            "predictor reverse_diffusion or euler_maruyama")
         n = self.n_corrector if self.corrector == "langevin" else 0
         return pc_loop(score_fn, sde, x, generator, self.time_grid(sde), self.predictor, n,
                        self.snr)
