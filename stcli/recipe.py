@@ -1,7 +1,8 @@
 """The recipe: a YAML file validated by pydantic (extra="forbid" at every level).
 
-Sections follow DESIGN §2b.  Components are chosen by `name:`, which equals their registry
-name; dotted `key=value` overrides (values parsed as YAML) are applied before validation.
+Sections: data, sde, net, truncation, loss, optim, train, sample, eval.  Components are
+chosen by `name:`, which equals their registry name; dotted `key=value` overrides (values
+parsed as YAML) are applied before validation.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _sampler_alias(cls, data: Any) -> Any:
-        """`sample: {sampler: pc, ...}` (DESIGN §2b) is accepted for `sample: {name: pc, ...}`."""
+        """`sample: {sampler: pc, ...}` (the documented short form) is accepted for
+        `sample: {name: pc, ...}`."""
         sample = data.get("sample") if isinstance(data, dict) else None
         if isinstance(sample, dict) and "sampler" in sample and "name" not in sample:
             data = {**data, "sample": {"name": sample["sampler"],

@@ -1,6 +1,6 @@
 """Score networks: registry entries build backbones eps(x, eta); ScoreModel adds eta(t) and sigma(t).
 
-Nets predict noise, s_theta(x, t) = -net(x, eta(t)) / sigma(t) (DESIGN §3).
+Nets predict noise, s_theta(x, t) = -net(x, eta(t)) / sigma(t) (the paper's noise parametrisation).
 """
 
 from __future__ import annotations
