@@ -67,7 +67,7 @@ def load(ckpt: str | None, device: str):
     recipe = load_recipe("recipes/quickstart_digits.yaml")
     torch.manual_seed(0)
     model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
-                              getattr(recipe.data, "centered", True)).to(device).eval()
+                              recipe.data.zero_centered).to(device).eval()
     return "random unet", recipe, model
 
 

@@ -126,7 +126,7 @@ def main() -> None:
     from stcli.nets import build_score_model
 
     model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
-                              getattr(recipe.data, "centered", True)).to(device).eval()
+                              recipe.data.zero_centered).to(device).eval()
     info(f"net: unet {recipe.data.shape} ({sum(p.numel() for p in model.parameters()):,} "
          f"parameters), batch {args.batch}, {args.threads} threads, {device}")
     info("| sampler | settings | NFE | images/s | vs euler_maruyama |\n|---|---|---|---|---|")

@@ -162,9 +162,27 @@ class DataSpec(Component):
     """What every dataset offers: named splits, ``shape``, ``dim``, ``create(split)``."""
 
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    is_image: ClassVar[bool] = False  # 8-bit images: `to_uint8` exists, samples are pictures
 
     @property
     def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def zero_centered(self) -> bool:
+        """Whether the model sees the data centred on 0 (the nets' input convention)."""
+        return True
+
+    def bpd_offset(self) -> float:
+        """Added to nats/dim / log 2 for bits/dim of 8-bit data: 0 for data that are not images."""
+        return 0.0
+
+    def transform(self, batch: torch.Tensor, generator: torch.Generator | None = None):
+        """A stored batch -> the model's float32 input (identity here)."""
+        return batch.float()
+
+    def picture(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as uint8 images (B, C, H, W) for a grid."""
         raise NotImplementedError
 
     @property
@@ -216,6 +234,15 @@ class ImageData(DataSpec):
     download: bool = False
     in_memory: bool = False  # decode every image file once, at start (fast STF reference batches)
     train_split: str = "train"  # the split `st train` learns from (stl10: train+unlabeled)
+    is_image: ClassVar[bool] = True
+
+    @property
+    def zero_centered(self) -> bool:
+        return self.centered
+
+    def bpd_offset(self) -> float:
+        """Uniformly dequantised 8-bit data: 8 on [0, 1], 7 on [-1, 1] (log2 of the bin width)."""
+        return 7.0 if self.centered else 8.0
 
     @property
     def training_split(self) -> str:
@@ -525,10 +552,6 @@ class Toy2D(DataSpec):
             u = torch.randint(2**20, (self.n, 2), generator=g) / 2**20  # exact in float32
             x = torch.stack([c, r], 1) + u
         return InMemory(x.float())
-
-    def transform(self, batch: torch.Tensor, generator: torch.Generator | None = None):
-        """Identity, as float32."""
-        return batch.float()
 
     def picture(self, x: torch.Tensor, size: int = 128, extent: float = 3.0) -> torch.Tensor:
         """Samples as one uint8 image (1, 1, size, size): their 2-D histogram on

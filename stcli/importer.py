@@ -209,7 +209,7 @@ def plan(recipe: Recipe) -> tuple[list[Row], dict[str, torch.Size]]:
 
 def _build(recipe: Recipe):
     return build_score_model(recipe.net, recipe.sde, recipe.data.shape,
-                             getattr(recipe.data, "centered", True))
+                             recipe.data.zero_centered)
 
 
 # --- reading the official file ------------------------------------------------------------------

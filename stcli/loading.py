@@ -77,7 +77,7 @@ def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
                         + ("; use --weights raw" if weights == "ema" else ""))
     with torch.device("meta"):
         model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
-                                  getattr(recipe.data, "centered", True))
+                                  recipe.data.zero_centered)
     load_weights(model, state, path, f"{weights} weights of {recipe.net.name}:")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise UserError(f"checkpoint {path} lacks some tensors of its net ({recipe.net.name})")

@@ -105,13 +105,6 @@ def solver_settings(protocol: str, time_variable: str | None, rtol: float | None
     return given
 
 
-def bpd_offset(data) -> float:
-    """Offset of 8-bit data (uniform dequantisation): 8 on [0, 1], 7 on [-1, 1]; 0 otherwise."""
-    if not hasattr(data, "centered"):
-        return 0.0
-    return 7.0 if data.centered else 8.0
-
-
 def evaluate(ckpt: str | Path, opts: NllOptions) -> NllResult:
     for name in ("rtol", "atol"):
         value = getattr(opts, name)
@@ -133,7 +126,7 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
     n = min(len(dataset), opts.limit or len(dataset))
     batches = [list(range(i, min(i + opts.batch_size, n))) for i in range(0, n, opts.batch_size)]
     mine = batches[ctx.rank::ctx.world_size]
-    eps, offset, dim = opts.eps, bpd_offset(data), data.dim
+    eps, offset, dim = opts.eps, data.bpd_offset(), data.dim
     keys = [f"nll_{opts.correction}"] + (["nelbo", "nelbo_residual"] if opts.nelbo else [])
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     order, nfes, t0 = [], [], time.perf_counter()  # order: (repeat, index) of every row

@@ -97,7 +97,7 @@ class Trainer:
                                             len(self.dataset), self.device)
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape,
-                                       getattr(self.data, "centered", True)).to(self.device)
+                                       self.data.zero_centered).to(self.device)
         if self.cfg.channels_last:  # converts the 4-D (conv) weights only
             self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)

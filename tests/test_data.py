@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic_core import PydanticUndefined
 
 from stcli.data import STL10, CelebA, Cifar10, Digits, Folder, ImageNet32, Toy2D
 from stcli.errors import UserError
+from stcli.registry import DATASETS
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -255,3 +259,22 @@ def test_toy2d_picture_is_a_histogram_with_y_up():
     assert img[0, 0, 3, 0] == 255  # two points at the bottom-left corner: the maximum
     assert img[0, 0, 0, 3] == round(255 / 2**0.5)  # one point, top-right: sqrt contrast
     assert int(img.sum()) == 255 + round(255 / 2**0.5)
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_dataset_declares_the_shared_interface(name):
+    """is_image, zero_centered and bpd_offset agree with what `transform` does: for 8-bit
+    images the model-space range r of the 256 levels gives bits/dim offset log2(256 / r)."""
+    spec_cls = DATASETS.spec(name)
+    assert spec_cls.is_image == hasattr(spec_cls, "to_uint8")
+    if not spec_cls.is_image:
+        assert spec_cls.model_validate({"name": name}).bpd_offset() == 0.0
+        return
+    for centered in (True, False):
+        given = {"centered": centered, "dequantization": "none", "random_flip": False}
+        defaults = {k: f.default for k, f in spec_cls.model_fields.items()
+                    if f.default is not PydanticUndefined}
+        spec = spec_cls.model_construct(**{**defaults, **given})  # no files needed
+        ends = spec.transform(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)).flatten()
+        assert spec.zero_centered == bool(ends[0] < 0 < ends[1])
+        assert spec.bpd_offset() == pytest.approx(math.log2(256 / float(ends[1] - ends[0])), abs=1e-12)

@@ -92,7 +92,7 @@ def dry_run(plan: Plan) -> dict:
         recipe = job.recipe()
         x0 = recipe.data.transform(torch.stack([recipe.data.create("train")[i] for i in range(4)]))
         model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
-                                  getattr(recipe.data, "centered", True))
+                                  recipe.data.zero_centered)
         tau = recipe.truncation.sample(torch.Generator().manual_seed(0))
         with torch.no_grad():
             loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0),
