@@ -6,8 +6,9 @@
 #
 # Steps (each time-boxed; a failed or timed-out step does not stop the others):
 #   a tests       the test suite (CLI tests use --device auto, i.e. the GPU); --quick: one small file
-#   b train_step  benchmarks/train_step.py, DDPM++ and NCSN++ at nf 128, batch 128: fp32, channels_last,
-#                 bf16, fused Adam (a TF32 row once train_step.py has one); `compile`: torch.compile
+#   b train_step  benchmarks/train_step.py, DDPM++ and NCSN++ at nf 128, batch 128: fp32, the default path
+#                 (TF32 + channels_last + fused Adam), TF32, channels_last, bf16, fused Adam;
+#                 `compile`: torch.compile
 #   c nll         benchmarks/nll.py: scipy RK45 (one device->host round trip per evaluation) against
 #                 st's dopri5 (paper setting and default), on the quickstart trained by step `quickstart`
 #                 (--quick: a random-weight net)

@@ -5,7 +5,10 @@ weighting, importance-sampled t) forward and backward, gradient clipping, Adam, 
 update.  Every option runs in this one process and is compared with the plain fp32 eager run of
 the same net and width (``ratio`` = its images/s over the baseline's):
 
-    fp32 eager       the default
+    fp32 eager       strict fp32 (no TF32), NCHW, Adam's per-tensor loop
+    default          what ``train.py`` runs with a default recipe: fused Adam, and on CUDA TF32
+                     matmuls/convolutions and channels_last (``train.tf32``, ``train.channels_last``)
+    tf32             ``train.tf32: true`` alone (CUDA only; TF32 has no meaning on CPU)
     channels_last    ``train.channels_last: true`` (model and batch in NHWC)
     bf16 autocast    ``train.precision: bf16``
     torch.compile    ``train.compile: true`` (the forward; compile time is reported apart)
@@ -15,7 +18,7 @@ Peak memory: on CUDA the allocator's peak above the memory held before the step;
 growth of the resident set during the step (the kernel's high-water mark, reset before it).
 
     python benchmarks/train_step.py                       # CIFAR-10 width (nf 128) and nf 32
-    python benchmarks/train_step.py --nf 32 --batch 8 --skip-compile
+    python benchmarks/train_step.py --nf 32 --batch 8 --skip-compile --threads 1
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ import torch
 
 from stcli.losses import ScoreMatchingLoss
 from stcli.nets import ScoreModel
+from stcli.recipe import Train
 from stcli.registry import NETS, SDES
+from stcli.train import cuda_fast_path
 
-OPTIONS = ("fp32 eager", "channels_last", "bf16 autocast", "torch.compile", "fused Adam")
+OPTIONS = ("fp32 eager", "default", "tf32", "channels_last", "bf16 autocast", "torch.compile",
+           "fused Adam")
+CUDA_ONLY = ("tf32",)
 
 
 @dataclass
@@ -82,12 +89,15 @@ class Step:
         self.model = ScoreModel(spec.create(shape=(3, 32, 32)), self.sde, spec.time_input)
         self.model.to(device).train()
         self.x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
-        if option == "channels_last":
+        default = option == "default"
+        self.cfg, self.device = Train(tf32=default or option == "tf32", channels_last=None if default
+                                      else option == "channels_last"), device
+        if cuda_fast_path(self.cfg, device):
             self.model.to(memory_format=torch.channels_last)
             self.x0 = self.x0.contiguous(memory_format=torch.channels_last)
         self.params = list(self.model.parameters())
         self.ema = [p.detach().clone() for p in self.params]
-        self.optimizer = torch.optim.Adam(self.params, lr=2e-4, fused=option == "fused Adam")
+        self.optimizer = torch.optim.Adam(self.params, lr=2e-4, fused=option in ("fused Adam", "default"))
         self.forward = torch.compile(self.model) if option == "torch.compile" else self.model
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=option == "bf16 autocast")
@@ -95,6 +105,7 @@ class Step:
         self.generator = torch.Generator(device).manual_seed(0)
 
     def __call__(self) -> None:
+        cuda_fast_path(self.cfg, self.device)  # global flags: set for this option's step
         with self.autocast:
             losses = self.loss(self.forward, self.sde, self.x0, 1e-5, generator=self.generator)
             (losses.sum() / len(self.x0)).backward()
@@ -165,10 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch = args.batch or (128 if device.type == "cuda" else 2)
-    options = [o for o in args.options if not (args.skip_compile and o == "torch.compile")]
+    options = [o for o in args.options if not (args.skip_compile and o == "torch.compile")
+               and not (device.type != "cuda" and o in CUDA_ONLY)]
     threads = torch.get_num_threads()
     print(f"# {device} ({threads} threads), batch {batch}, torch {torch.__version__}")
     options = ["fp32 eager"] + [o for o in options if o != "fp32 eager"]

@@ -61,7 +61,8 @@ class Train(Section):
     out_dir: str | None = None  # default runs/<name>
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
-    channels_last: bool = False  # model and image batches in channels_last memory format
+    channels_last: bool | None = None  # model and batches in channels_last format; None: on CUDA
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions (fp32 storage, 10-bit mantissa products)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
     workers: NonNegativeInt = 0  # data-loader processes
 

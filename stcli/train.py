@@ -37,7 +37,7 @@ from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
-             "workers", "device", "out_dir"}
+             "workers", "device", "out_dir", "channels_last", "tf32"}
 
 
 class StepBatches:
@@ -73,6 +73,17 @@ def make_loader(dataset, batch_sampler, workers: int, device: torch.device) -> D
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
+def cuda_fast_path(cfg, device: torch.device) -> bool:
+    """Set the fp32 precision of CUDA matmuls and convolutions (TF32 unless ``train.tf32`` is
+    false) and return whether to train in channels_last (``train.channels_last``; default:
+    on CUDA).  Adam is always fused and the EMA one ``_foreach_lerp_``."""
+    if device.type == "cuda":
+        precision = "tf32" if cfg.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    return device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -98,7 +109,8 @@ class Trainer:
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape,
                                        self.data.zero_centered).to(self.device)
-        if self.cfg.channels_last:  # converts the 4-D (conv) weights only
+        self.channels_last = cuda_fast_path(self.cfg, self.device)
+        if self.channels_last:  # converts the 4-D (conv) weights only
             self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         o = recipe.optim
@@ -235,7 +247,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=cfg.precision == "bf16")
         for i, (x0, g) in enumerate(zip(inputs, gens)):
-            if cfg.channels_last and x0.dim() == 4:
+            if self.channels_last and x0.dim() == 4:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             sync = i == len(micro) - 1 or self.ctx.world_size == 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
