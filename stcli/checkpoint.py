@@ -7,6 +7,7 @@ renamed over the target, so an interrupted write never damages the last good che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,15 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (a checkpoint's content identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_error(path: Path, err: BaseException, tensors: dict, metadata: dict) -> UserError:

@@ -251,6 +251,9 @@ def sample(
     fmt: Annotated[str, typer.Option("--format", help="png (one file per image) | npz.")] = "png",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (autocast).")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Delete samples made otherwise (another checkpoint, sampler, seed, "
+        "...) in --out and start afresh; without it such a folder is refused.")] = False,
     procs: Procs = 1,
 ):
     """Draw N samples from CKPT into --out (resumable; image i depends only on --seed and i)."""
@@ -261,7 +264,7 @@ def sample(
     overrides = {k: v for k, v in options.items() if v is not None}
     _relaunch_if_asked(procs)
     generate(ckpt, n, out, sampler=overrides, batch_size=batch_size, seed=seed, weights=weights,
-             fmt=fmt, device=device, precision=precision)
+             fmt=fmt, device=device, precision=precision, overwrite=overwrite)
 
 
 @app.command(epilog=epilog("nll"))
