@@ -50,6 +50,7 @@ class Train(Section):
     steps: PositiveInt = 1300000
     batch_size: PositiveInt = 128  # global: split over ranks, then micro-batches
     micro_batches: PositiveInt = 1
+    batch_per_device: PositiveInt | None = None  # EDM's --batch-gpu: sets micro_batches per device
     ema: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True  # rate min(ema, (1+n)/(10+n)) at update n, as score_sde's EMA
     log_every: PositiveInt = 50

@@ -17,7 +17,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +120,7 @@ class TrainResult:
 class Trainer:
     def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False):
         self.recipe, self.ctx = recipe, ctx
-        self.cfg, self.device = recipe.train, ctx.device
+        self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
         if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
             raise UserError(f"train.batch_size={self.cfg.batch_size} must be divisible by "
                             f"processes x micro_batches = {ctx.world_size * self.cfg.micro_batches}")
@@ -354,8 +354,9 @@ class Trainer:
                 batches, references = iter(loader), iter(extras) if extras is not None else None
                 while self.step < cfg.steps:
                     batch, extra = self._next_batch(batches, references)
-                    loss_sum, tau = self.train_step(batch, extra)
-                    grad_norm = self.optimizer_step()
+                    with self._out_of_memory_is_a_user_error():
+                        loss_sum, tau = self.train_step(batch, extra)
+                        grad_norm = self.optimizer_step()
                     stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
                     summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
                     total, stop, gnorm = torch.cat([summed, grad_norm[None]]).tolist()  # one sync
@@ -395,6 +396,17 @@ class Trainer:
             if log:
                 log.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
+
+    @contextmanager
+    def _out_of_memory_is_a_user_error(self) -> Iterator[None]:
+        """A device out-of-memory error becomes one message: the settings in force and what
+        to change (the last checkpoint is untouched)."""
+        try:
+            yield
+        except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise
+            raise UserError(oom_message(self.cfg, self.ctx, self.step, self._last_good())) from None
 
     def _next_batch(self, batches, references):
         """The next batch (and STF reference images); an unreadable item saves a checkpoint of
@@ -469,6 +481,45 @@ class EssBins:
         return {"sigma": [round(e, 6) for e in self.edges.tolist()],
                 "ess": [s / c if c else None for s, c in zip(total, count)],
                 "count": [int(c) for c in count]}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def resolve_micro_batches(cfg, world: int):
+    """The train section with micro_batches following from batch_per_device (EDM's
+    --batch-gpu): batch_size / processes / batch_per_device micro-batches per step."""
+    per_device = cfg.batch_per_device
+    if per_device is None:
+        return cfg
+    if cfg.batch_size % world or (cfg.batch_size // world) % per_device:
+        raise UserError(f"train.batch_per_device={per_device} must divide the batch of each "
+                        f"process, train.batch_size={cfg.batch_size} / {world} process(es)")
+    micro = cfg.batch_size // world // per_device
+    if "micro_batches" in cfg.model_fields_set and cfg.micro_batches not in (1, micro):
+        raise UserError(f"train.micro_batches={cfg.micro_batches} contradicts "
+                        f"train.batch_per_device={per_device} (which means {micro} micro-batches "
+                        f"with {world} process(es)): set only one of them")
+    return cfg.model_copy(update={"micro_batches": micro})
+
+
+def oom_message(cfg, ctx: distributed.Context, step: int, last_good: str) -> str:
+    per_device = cfg.batch_size // ctx.world_size
+    per_pass = per_device // cfg.micro_batches
+    peak = ""
+    if ctx.device.type == "cuda":
+        peak = f", peak {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GiB allocated"
+    advice = [f"train.batch_per_device={max(per_pass // 2, 1)} (or train.micro_batches="
+              f"{cfg.micro_batches * 2}: the same step in smaller passes)"]
+    if cfg.precision == "fp32":
+        advice.append("train.precision=bf16")
+    advice.append("a smaller net or train.batch_size (these change the run)")
+    return (f"out of memory on {ctx.device} at step {step + 1}{peak}: train.batch_size="
+            f"{cfg.batch_size} over {ctx.world_size} process(es) = {per_device} per device, in "
+            f"train.micro_batches={cfg.micro_batches} pass(es) of {per_pass} images, "
+            f"train.precision={cfg.precision}; try {'; or '.join(advice)}. {last_good[0].upper()}"
+            f"{last_good[1:]}.")
 
 
 def _file_id(path: Path) -> tuple[int, int, int]:
