@@ -42,6 +42,7 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     tmp = tmp_dir / path.name
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # readable as the umask allows (safetensors: 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,6 +55,12 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_sha256(path: str | Path) -> str:

@@ -56,6 +56,8 @@ class Train(Section):
     log_every: PositiveInt = 50
     ckpt_every: PositiveInt = 10000
     snapshot_every: NonNegativeInt = 0  # keep ckpt-<step>.safetensors every this many steps
+    keep_last: NonNegativeInt = 0  # keep only the newest this many snapshots (0: all)
+    snapshot_weights: Literal["full", "ema"] = "full"  # ema: snapshots hold the EMA weights only
     sample_every: NonNegativeInt = 50000  # 0: no sample grids during training
     grid_size: PositiveInt = 64
     out_dir: str | None = None  # default runs/<name>

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
-             "workers", "device", "out_dir"}
+             "workers", "device", "out_dir", "keep_last", "snapshot_weights"}
 
 
 class StepBatches:
@@ -223,8 +224,9 @@ class Trainer:
                 "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size}
         return tensors, meta
 
-    def save(self, path: Path | None = None) -> None:
-        """Write a checkpoint, never one whose model or EMA weights are not all finite."""
+    def save(self, path: Path | None = None, ema_only: bool = False) -> None:
+        """Write a checkpoint, never one whose model or EMA weights are not all finite
+        (`ema_only`: a snapshot of the EMA weights for sampling, not for resuming)."""
         bad = [f"{prefix}.{k}" for prefix, module in (("model", self.model), ("ema", self.ema))
                for k, v in module.state_dict().items()
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -233,7 +235,11 @@ class Trainer:
                             f"e.g. {bad[0]}); nothing was written; {self._last_good()}. Try a "
                             "lower optim.lr, a longer optim.warmup or optim.grad_clip.")
         if self.ctx.is_main:
-            checkpoint.save(path or self.ckpt_path, *self._state())
+            tensors, meta = self._state()
+            if ema_only:
+                tensors = checkpoint.prefixed("ema", checkpoint.section("ema", tensors))
+                meta = {"step": meta["step"], "recipe": meta["recipe"], "snapshot_weights": "ema"}
+            checkpoint.save(path or self.ckpt_path, tensors, meta)
 
     def _last_good(self) -> str:
         return f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
@@ -244,6 +250,9 @@ class Trainer:
         self._ckpt_id = _file_id(path)
         opened = open_checkpoint(path)
         tensors, meta = opened.tensors, opened.meta
+        if meta.get("snapshot_weights") == "ema":
+            raise UserError(f"{path} is a snapshot of the EMA weights only (train.snapshot_weights: "
+                            "ema) and cannot be resumed; sample from it, or resume from a full checkpoint")
         if "export" in meta:
             raise UserError(f"{path} is an inference-only export (st export) and cannot be resumed; "
                             "use the training checkpoint or an st import")
@@ -425,7 +434,9 @@ class Trainer:
         if s % cfg.ckpt_every == 0 or s == cfg.steps:
             self.save()
         if cfg.snapshot_every and s % cfg.snapshot_every == 0:
-            self.save(self.out_dir / f"ckpt-{s}.safetensors")
+            self.save(self.out_dir / f"ckpt-{s}.safetensors", cfg.snapshot_weights == "ema")
+            if cfg.keep_last and self.ctx.is_main:
+                prune_snapshots(self.out_dir, cfg.keep_last, s)
         if cfg.sample_every and (s % cfg.sample_every == 0 or s == cfg.steps) and self.ctx.is_main:
             self.sample_grid(self.out_dir / "samples" / f"grid-{s}.png")
 
@@ -481,6 +492,35 @@ class EssBins:
         return {"sigma": [round(e, 6) for e in self.edges.tolist()],
                 "ess": [s / c if c else None for s, c in zip(total, count)],
                 "count": [int(c) for c in count]}
+
+
+def prune_snapshots(out_dir: Path, keep: int, step: int) -> None:
+    """Delete all but the newest `keep` snapshots ckpt-<n>.safetensors with n <= `step` (later
+    ones, left by a run that crashed before its next checkpoint, are overwritten in turn)."""
+    snapshots = sorted((int(m[1]), p) for p in out_dir.glob("ckpt-*.safetensors")
+                       if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", p.name)) and int(m[1]) <= step)
+    for _, path in snapshots[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def resolve_resume(resume: bool | str, recipe: Recipe, ctx: distributed.Context) -> bool:
+    """`--resume auto`: resume if the run folder holds ckpt.safetensors, else start afresh; a
+    folder holding only snapshots is refused (never a silent fresh start over a trained run)."""
+    if resume != "auto":
+        return bool(resume)
+    ckpt = recipe.out_dir / "ckpt.safetensors"
+    if ckpt.exists():
+        if ctx.is_main:
+            info(f"--resume auto: {ckpt} exists; resuming")
+        return True
+    snapshots = sorted(recipe.out_dir.glob("ckpt-*.safetensors"))
+    if snapshots:
+        raise UserError(f"--resume auto: {recipe.out_dir} holds snapshots ({snapshots[-1].name}, ...) "
+                        "but no ckpt.safetensors; copy the snapshot to continue from to "
+                        "ckpt.safetensors, or choose another train.out_dir to start afresh")
+    if ctx.is_main:
+        info(f"--resume auto: no checkpoint in {recipe.out_dir}; starting afresh")
+    return False
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -623,8 +663,9 @@ def _diff(a, b, prefix: str = ""):
         yield prefix.rstrip(".")
 
 
-def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end."""
+def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:
+    """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end.
+    `resume="auto"`: resume if the run folder holds a checkpoint, else start afresh."""
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
@@ -638,7 +679,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")
-        return Trainer(recipe, ctx, resume).run()
+        return Trainer(recipe, ctx, resolve_resume(resume, recipe, ctx)).run()
     finally:
         if lock:
             lock.release()

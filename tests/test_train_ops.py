@@ -1,13 +1,20 @@
 """Running st train as a cluster user does: out-of-memory messages, batch_per_device,
 checkpoint permissions and retention, --resume auto, data.channels."""
 
+import os
+import shutil
+import stat
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import stcli.train as train_mod
+from stcli.cli import _resume_auto as main_resume_auto
 from stcli.cli import main
+from stcli.errors import UserError
 from stcli.recipe import load_recipe
+from stcli.sample import generate
 from stcli.train import train
 
 
@@ -74,3 +81,64 @@ def test_bad_batch_per_device_is_one_message(tiny_recipe, capsys, train_section,
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
     assert not (path.parent / "bad" / "ckpt.safetensors").exists()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o027, 0o640), (0o022, 0o644)])
+def test_checkpoints_are_readable_as_the_umask_allows(tiny_recipe, umask, mode):
+    old = os.umask(umask)
+    try:
+        run = train(load_recipe(tiny_recipe("perm", train={"steps": 2, "snapshot_every": 1})))
+    finally:
+        os.umask(old)
+    for name in ("ckpt.safetensors", "ckpt-1.safetensors", "ckpt-2.safetensors"):
+        assert stat.S_IMODE((run.out_dir / name).stat().st_mode) == mode, name
+
+
+def test_keep_last_and_ema_only_snapshots(tiny_recipe, tmp_path):
+    run = train(load_recipe(tiny_recipe("keep", train={
+        "steps": 5, "snapshot_every": 1, "keep_last": 2, "snapshot_weights": "ema"})))
+    assert sorted(p.name for p in run.out_dir.glob("ckpt-*")) == ["ckpt-4.safetensors",
+                                                                 "ckpt-5.safetensors"]
+    full, snap = (load_file(run.out_dir / n) for n in ("ckpt.safetensors", "ckpt-5.safetensors"))
+    ema = {k: v for k, v in full.items() if k.startswith("ema.")}
+    assert snap.keys() == ema.keys() and all(torch.equal(snap[k], ema[k]) for k in ema)
+    assert sum(v.numel() for v in snap.values()) < sum(v.numel() for v in full.values()) / 3
+    out = generate(run.out_dir / "ckpt-5.safetensors", 2, tmp_path / "s", device="cpu")
+    ref = generate(run.out_dir / "ckpt.safetensors", 2, tmp_path / "r", device="cpu")
+    assert [p.read_bytes() for p in sorted(out.glob("0*/*.png"))] == \
+        [p.read_bytes() for p in sorted(ref.glob("0*/*.png"))]
+    # an EMA-only snapshot cannot be resumed: one message naming why
+    shutil.copy(run.out_dir / "ckpt-5.safetensors", run.out_dir / "ckpt.safetensors")
+    with pytest.raises(UserError, match="EMA weights only"):  # keep_last etc. may change
+        train(load_recipe(tiny_recipe("keep", train={"steps": 6, "snapshot_every": 1})), resume=True)
+
+
+def test_resume_auto_starts_afresh_then_resumes(tiny_recipe, capsys):
+    full = train(load_recipe(tiny_recipe("full", train={"steps": 4})))
+    path = tiny_recipe("auto", train={"steps": 2})
+    assert st("train", path, "--resume", "auto") == 0
+    assert "no checkpoint" in capsys.readouterr().out
+    assert st("train", path, "--resume", "auto", "train.steps=4") == 0
+    assert "resuming" in capsys.readouterr().out
+    a = load_file(full.out_dir / "ckpt.safetensors")
+    b = load_file(path.parent / "auto" / "ckpt.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed, not restarted: bit-exact
+    # a corrupt checkpoint is an error and stays for inspection, never a fresh start
+    ckpt = path.parent / "auto" / "ckpt.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    damaged = ckpt.read_bytes()
+    assert st("train", path, "--resume=auto", "train.steps=6") == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and "Traceback" not in err and ckpt.read_bytes() == damaged
+    # a plain --resume flag followed by an override keeps its meaning
+    assert main_resume_auto(["train", "r.yaml", "--resume", "train.steps=3"]) == \
+        ["train", "r.yaml", "--resume", "train.steps=3"]
+
+
+def test_resume_auto_refuses_a_folder_of_snapshots_only(tiny_recipe, capsys):
+    path = tiny_recipe("snaps", train={"steps": 2, "snapshot_every": 1})
+    assert st("train", path) == 0
+    (path.parent / "snaps" / "ckpt.safetensors").unlink()
+    assert st("train", path, "--resume", "auto", "train.steps=3") == 2
+    assert "holds snapshots (ckpt-2.safetensors, ...) but no ckpt.safetensors" in \
+        " ".join(capsys.readouterr().err.split())
