@@ -180,7 +180,7 @@ def from_data(data, split: str, where: str) -> ImageSet:
     dataset = data.create(split)
     if len(dataset) == 0:
         raise UserError(f"{where}: split {split!r} of {data.name!r} holds no images")
-    if data.channels == 1:
+    if data.n_channels() == 1:
         warn(f"{data.name} images are grayscale: converted to 3 channels")
     source = {"kind": "recipe", "recipe": where, "data": data.model_dump(mode="json"),
               "split": split}

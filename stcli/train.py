@@ -120,6 +120,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False):
+        recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # e.g. channels: auto
         self.recipe, self.ctx = recipe, ctx
         self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
         if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
@@ -256,7 +257,8 @@ class Trainer:
         if "export" in meta:
             raise UserError(f"{path} is an inference-only export (st export) and cannot be resumed; "
                             "use the training checkpoint or an st import")
-        check_compatible(opened.recipe, self.recipe, path)
+        saved = opened.recipe.model_copy(update={"data": opened.recipe.data.resolved()})
+        check_compatible(saved, self.recipe, path)  # data.channels auto (st import) = as resolved
         if self.cfg.steps <= opened.step:
             raise UserError(f"train.steps={self.cfg.steps} is not above the step of {path} "
                             f"({opened.step}): the run has nothing left to do; raise train.steps "

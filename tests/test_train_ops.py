@@ -1,12 +1,16 @@
 """Running st train as a cluster user does: out-of-memory messages, batch_per_device,
 checkpoint permissions and retention, --resume auto, data.channels."""
 
+import json
 import os
 import shutil
 import stat
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import stcli.train as train_mod
@@ -142,3 +146,55 @@ def test_resume_auto_refuses_a_folder_of_snapshots_only(tiny_recipe, capsys):
     assert st("train", path, "--resume", "auto", "train.steps=3") == 2
     assert "holds snapshots (ckpt-2.safetensors, ...) but no ckpt.safetensors" in \
         " ".join(capsys.readouterr().err.split())
+
+
+def write_images(root, mode: str, n: int = 20, size: int = 8):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / f"{i}.png")
+    return root
+
+
+def folder_recipe(tiny_recipe, out, root, **data):
+    path = tiny_recipe(out, train={"steps": 1})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"] = {"name": "folder", "root": str(root), "image_size": 8, **data}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_folder_of_grayscale_images_trains_a_one_channel_model(tiny_recipe, tmp_path):
+    from PIL import Image
+
+    gray = write_images(tmp_path / "gray", "L")
+    rgb = write_images(tmp_path / "rgb", "RGB")
+    mixed = write_images(tmp_path / "mixed", "L")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / "colour.png")
+    for root, channels, expected in [(gray, "auto", 1), (rgb, "auto", 3), (mixed, "auto", 3),
+                                     (rgb, 1, 1), (gray, 3, 3)]:
+        recipe = load_recipe(folder_recipe(tiny_recipe, f"{root.name}-{channels}", root,
+                                           channels=channels))
+        assert recipe.data.shape == (expected, 8, 8)
+        first = recipe.data.create("train")[0]
+        assert first.shape == (expected, 8, 8) and first.dtype == torch.uint8
+        if root is gray:  # the pixels as stored, whatever the number of channels
+            stored = torch.from_numpy(np.array(Image.open(gray / "0.png")))
+            assert all(torch.equal(c, stored) for c in first)
+    run = train(load_recipe(folder_recipe(tiny_recipe, "gray-run", gray)))
+    ckpt = run.out_dir / "ckpt.safetensors"
+    saved = json.loads(safe_open(str(ckpt), "pt").metadata()["recipe"])
+    assert saved["data"]["channels"] == 1  # resolved: sampling needs no data folder
+    shutil.rmtree(gray)
+    out = generate(ckpt, 2, tmp_path / "samples", device="cpu")
+    assert Image.open(out / "000000" / "000000.png").mode == "L"
+
+
+def test_bad_channels_value_is_one_message(tiny_recipe, tmp_path, capsys):
+    path = folder_recipe(tiny_recipe, "bad", write_images(tmp_path / "g", "L"), channels=2)
+    assert st("train", path) == 2
+    err = capsys.readouterr().err
+    assert "channels" in err and "Traceback" not in err
