@@ -7,6 +7,7 @@ renamed over the target, so an interrupted write never damages the last good che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     tmp = tmp_dir / path.name
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # readable as the umask allows (safetensors: 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +55,21 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (a checkpoint's content identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_error(path: Path, err: BaseException, tensors: dict, metadata: dict) -> UserError:

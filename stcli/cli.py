@@ -50,7 +50,10 @@ def train(
     recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the run in train.out_dir from its ckpt.safetensors.")] = False,
+        "--resume", help="Continue the run in train.out_dir from its ckpt.safetensors. "
+        "`--resume auto`: continue if the run folder holds a checkpoint, else start afresh "
+        "(a requeued job runs the same command).")] = False,
+    resume_auto: Annotated[bool, typer.Option("--resume-auto", hidden=True)] = False,
     procs: Procs = 1,
 ):
     """Train a score model from RECIPE (Soft Truncation, EMA, checkpoints, sample grids)."""
@@ -60,7 +63,7 @@ def train(
     _relaunch_if_asked(procs)
     from stcli.train import train as run_training
 
-    result = run_training(spec, resume=resume)
+    result = run_training(spec, resume="auto" if resume_auto else resume)
     if result.step and _is_rank0():
         info(f"done: step {result.step}, loss {result.loss:.4g}; "
              f"checkpoint {result.out_dir / 'ckpt.safetensors'}")
@@ -251,6 +254,9 @@ def sample(
     fmt: Annotated[str, typer.Option("--format", help="png (one file per image) | npz.")] = "png",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (autocast).")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Delete samples made otherwise (another checkpoint, sampler, seed, "
+        "...) in --out and start afresh; without it such a folder is refused.")] = False,
     procs: Procs = 1,
 ):
     """Draw N samples from CKPT into --out (resumable; image i depends only on --seed and i)."""
@@ -261,7 +267,7 @@ def sample(
     overrides = {k: v for k, v in options.items() if v is not None}
     _relaunch_if_asked(procs)
     generate(ckpt, n, out, sampler=overrides, batch_size=batch_size, seed=seed, weights=weights,
-             fmt=fmt, device=device, precision=precision)
+             fmt=fmt, device=device, precision=precision, overwrite=overwrite)
 
 
 @app.command(epilog=epilog("nll"))
@@ -445,10 +451,22 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _resume_auto(argv: list[str]) -> list[str]:
+    """`--resume auto` (or `--resume=auto`) -> the hidden flag `--resume-auto`: a plain
+    `--resume` flag stays a flag, so `--resume train.steps=N` keeps its meaning."""
+    out: list[str] = []
+    for arg in argv:
+        if arg == "auto" and out and out[-1] == "--resume":
+            out[-1] = "--resume-auto"
+        else:
+            out.append("--resume-auto" if arg == "--resume=auto" else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer handles usage errors (exit 2); ours are turned into one message."""
     global _ARGV
-    _ARGV = list(sys.argv[1:] if argv is None else argv)
+    _ARGV = _resume_auto(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=_ARGV, prog_name="st")
     except UserError as err:

@@ -18,7 +18,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 from torch.utils.data import Dataset
 
 from stcli.errors import UserError, plain_message
@@ -70,19 +77,21 @@ def _center_crop(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
-def read_image(path: Path, size: int, pre_crop: int | None = None) -> torch.Tensor:
-    """RGB uint8 (3, size, size): optional centre crop to pre_crop, short side resized to size
-    (PIL bicubic, which antialiases when shrinking), then centre crop to size."""
+def read_image(path: Path, size: int, pre_crop: int | None = None, mode: str = "RGB") -> torch.Tensor:
+    """uint8 (3, size, size) RGB (or (1, size, size) for mode "L"): optional centre crop to
+    pre_crop, short side resized to size (PIL bicubic, which antialiases when shrinking), then
+    centre crop to size."""
     from PIL import Image
 
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = img.convert(mode)
     if pre_crop:
         img = _center_crop(img, pre_crop)
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    return torch.from_numpy(np.array(_center_crop(img, size))).permute(2, 0, 1).contiguous()
+    array = np.array(_center_crop(img, size))
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1).contiguous()
 
 
 def decode_all(data: Dataset, batch: int = 256) -> torch.Tensor:
@@ -164,6 +173,11 @@ class DataSpec(Component):
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     is_image: ClassVar[bool] = False  # 8-bit images: `to_uint8` exists, samples are pictures
 
+    def resolved(self) -> DataSpec:
+        """This spec with every setting fixed that is otherwise read from the data (a
+        checkpoint's recipe then needs no data to rebuild its network)."""
+        return self
+
     @property
     def shape(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -221,7 +235,7 @@ class DataSpec(Component):
 class ImageData(DataSpec):
     """Images as uint8 (C, image_size, image_size) tensors read from ``root``."""
 
-    channels: ClassVar[int] = 3
+    native_channels: ClassVar[int] = 3
     native_size: ClassVar[int | None] = None  # the only image_size allowed, if any
     downloadable: ClassVar[bool] = False
 
@@ -271,7 +285,10 @@ class ImageData(DataSpec):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.channels, self.image_size, self.image_size)
+        return (self.n_channels(), self.image_size, self.image_size)
+
+    def n_channels(self) -> int:
+        return self.native_channels
 
     def transform(self, batch: torch.Tensor, generator: torch.Generator | None = None):
         """uint8 (B, C, H, W) -> float32 on the same device (the generator's device too): flip
@@ -304,7 +321,7 @@ class Digits(ImageData):
     (antialiased bilinear), zero-padded.  train = first 1500, test = the other 297."""
 
     name: Literal["digits"] = "digits"
-    channels: ClassVar[int] = 1
+    native_channels: ClassVar[int] = 1
     splits: ClassVar[tuple[str, ...]] = ("train", "test", "all")
     ranges: ClassVar[dict[str, slice]] = {"train": slice(1500), "test": slice(1500, None),
                                           "all": slice(None)}
@@ -331,27 +348,65 @@ class Digits(ImageData):
 
 @DATASETS.register
 class Folder(ImageData):
-    """Every png/jpg/jpeg/bmp/webp under root (recursive, sorted), as RGB: short side resized
-    to image_size (bicubic), centre-cropped.  If root/train and root/test exist they are the
-    splits; otherwise all images are train."""
+    """Every png/jpg/jpeg/bmp/webp under root (recursive, sorted): short side resized to
+    image_size (bicubic), centre-cropped.  If root/train and root/test exist they are the
+    splits; otherwise all images are train.  channels: 3 reads RGB, 1 grayscale, "auto" 1 if
+    every image of the folder is grayscale, else 3."""
 
     name: Literal["folder"] = "folder"
+    channels: Literal["auto", 1, 3] = "auto"
+    _detected: int | None = PrivateAttr(None)
+
+    def n_channels(self) -> int:
+        if self.channels != "auto":
+            return self.channels
+        if not Path(self.root).is_dir():
+            return 3  # no data to look at (a recipe read without its data): RGB; training stops
+        if self._detected is None:  # every split's images decide, once
+            try:
+                self._detected = detect_channels(self._paths(Path(self.root)))
+            except UserError as err:
+                raise UserError(where_to_find(self, f"data.channels auto: {err}")) from None
+        return self._detected
+
+    def resolved(self) -> Folder:
+        return self.model_copy(update={"channels": self.n_channels()})
+
+    def _paths(self, root: Path) -> list[Path]:
+        if not root.is_dir():
+            raise UserError(f"dataset 'folder': image folder {root} does not exist")
+        return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
     def load(self, split: str) -> Dataset:
         root = Path(self.root)
-        if not root.is_dir():
-            raise UserError(f"dataset 'folder': image folder {root} does not exist")
-        if (root / "train").is_dir() and (root / "test").is_dir():
+        if root.is_dir() and (root / "train").is_dir() and (root / "test").is_dir():
             root = root / split
-        elif split != "train":
+        elif root.is_dir() and split != "train":
             raise UserError(f"dataset 'folder': {root} has no 'train' and 'test' subfolders, "
                             f"so it only has a 'train' split")
-        paths = sorted(p for p in root.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = self._paths(root)
         if not paths:
             raise UserError(f"dataset 'folder': no images ({', '.join(IMAGE_EXTENSIONS)}) "
                             f"under {root}")
-        return ImageFiles(paths, partial(read_image, size=self.image_size))
+        mode = "L" if self.n_channels() == 1 else "RGB"
+        return ImageFiles(paths, partial(read_image, size=self.image_size, mode=mode))
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def detect_channels(paths: list[Path]) -> int:
+    """1 if every image is grayscale (read from the file headers), else 3."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in GRAY_MODES:
+                    return 3
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"cannot read the image {path}: {err}") from None
+    return 1 if paths else 3
 
 
 def _torchvision(spec: ImageData, cls, folder: str, **kwargs):

@@ -42,7 +42,17 @@ from stcli import checkpoint
 from stcli.console import StepProgress, console, info
 from stcli.data import InMemory
 from stcli.errors import UserError
-from stcli.metrics import Metric, Reference, Settings, build_extractor, extract, warn
+from stcli.metrics import (
+    INCEPTION,
+    Metric,
+    Reference,
+    Settings,
+    build_extractor,
+    extract,
+    inception_weights,
+    sha256,
+    warn,
+)
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -170,7 +180,7 @@ def from_data(data, split: str, where: str) -> ImageSet:
     dataset = data.create(split)
     if len(dataset) == 0:
         raise UserError(f"{where}: split {split!r} of {data.name!r} holds no images")
-    if data.channels == 1:
+    if data.n_channels() == 1:
         warn(f"{data.name} images are grayscale: converted to 3 channels")
     source = {"kind": "recipe", "recipe": where, "data": data.model_dump(mode="json"),
               "split": split}
@@ -489,18 +499,40 @@ def run_fid(samples: str, ref_arg: str | None, *, metrics: list[Metric], setting
         ref = cached_reference(ref, extractor, settings)
     if images:
         results = _measure(images, ref, metrics, extractor, settings)
+        provenance = _folder_manifest(Path(samples))
     else:
-        results = _sample_and_measure(path, count, ref, metrics, extractor, settings,
-                                      samples_dir, seed, weights, sampler)
+        results, provenance = _sample_and_measure(path, count, ref, metrics, extractor, settings,
+                                                  samples_dir, seed, weights, sampler)
     report = {"samples": samples, "ref": ref_arg or recipe.eval.fid.ref, "n_samples": count,
               "n_ref": None if ref.features is None else len(ref.features),
               "ref_content_hash": ref.meta["content_hash"],
               "feature_extractor": settings.extractor, "resize": settings.resize_mode,
-              "metrics": results}
+              "metrics": results, "samples_provenance": provenance,
+              "ref_identity": {k: ref.meta.get(k) for k in REF_IDENTITY},
+              "extractor_identity": extractor_identity(settings)}
     _print_table(report, results)
     if json_path:
         _write_json(json_path, report)
     return report
+
+
+REF_IDENTITY = ("kind", "source", "content_hash", "feature_extractor", "resize", "n", "shape",
+                "torch_fidelity")
+
+
+def extractor_identity(settings: Settings) -> dict:
+    """Which features were compared: extractor, layer, weights (sha256 of the file) and versions."""
+    weights = inception_weights(settings) if settings.extractor == INCEPTION else None
+    return {"name": settings.extractor, "layer": settings.layers()["pool"],
+            "weights_sha256": sha256(weights) if weights else None,
+            "resize": settings.resize_mode, "torch_fidelity": torch_fidelity.__version__}
+
+
+def _folder_manifest(path: Path) -> dict | None:
+    """The `st sample` manifest of a folder of samples (None for other image sets)."""
+    from stcli.sample import read_manifest
+
+    return read_manifest(path) if path.is_dir() else None
 
 
 def _reference(arg: str | None, settings: Settings, recipe) -> Reference | ImageSet:
@@ -526,9 +558,10 @@ def _reference(arg: str | None, settings: Settings, recipe) -> Reference | Image
 
 def _sample_and_measure(ckpt: Path, count: int, ref: Reference, metrics: list[Metric],
                         extractor, settings: Settings, samples_dir: Path | None, seed: int,
-                        weights: str, sampler: str | None) -> dict[str, float]:
-    """Draw ``count`` samples with `st sample`'s machinery, then measure them."""
-    from stcli.sample import generate
+                        weights: str, sampler: str | None) -> tuple[dict[str, float], dict]:
+    """Draw ``count`` samples with `st sample`'s machinery (a kept --samples-dir made otherwise
+    is refused by its manifest), then measure them; the results and the samples' manifest."""
+    from stcli.sample import generate, read_manifest
 
     with _sample_folder(samples_dir) as out:
         generate(ckpt, count, out, sampler={"name": sampler} if sampler else None, seed=seed,
@@ -537,7 +570,7 @@ def _sample_and_measure(ckpt: Path, count: int, ref: Reference, metrics: list[Me
         if len(images.dataset) != count:
             raise UserError(f"{out} holds {len(images.dataset)} images, expected {count}: "
                             f"use a new or empty --samples-dir")
-        return _measure(images, ref, metrics, extractor, settings)
+        return _measure(images, ref, metrics, extractor, settings), read_manifest(out)
 
 
 ROWS = (("FID", "fid", None), ("IS", "isc_mean", "isc_std"), ("KID", "kid_mean", "kid_std"),

@@ -51,11 +51,14 @@ class Train(Section):
     steps: PositiveInt = 1300000
     batch_size: PositiveInt = 128  # global: split over ranks, then micro-batches
     micro_batches: PositiveInt = 1
+    batch_per_device: PositiveInt | None = None  # EDM's --batch-gpu: sets micro_batches per device
     ema: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True  # rate min(ema, (1+n)/(10+n)) at update n, as score_sde's EMA
     log_every: PositiveInt = 50
     ckpt_every: PositiveInt = 10000
     snapshot_every: NonNegativeInt = 0  # keep ckpt-<step>.safetensors every this many steps
+    keep_last: NonNegativeInt = 0  # keep only the newest this many snapshots (0: all)
+    snapshot_weights: Literal["full", "ema"] = "full"  # ema: snapshots hold the EMA weights only
     sample_every: NonNegativeInt = 50000  # 0: no sample grids during training
     grid_size: PositiveInt = 64
     out_dir: str | None = None  # default runs/<name>

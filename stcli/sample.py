@@ -11,11 +11,19 @@ temporary file and renamed.  ``fmt="npz"`` writes one ``samples.npz`` instead (`
 uint8 (N, H, W, C), the layout of OpenAI's evaluator; float32 (N, ...) for non-image data);
 it is written once at the end, so it resumes only when complete.  ``grid.png`` shows the
 first 64 images (for non-image data: the picture of all samples).
+
+``manifest.json`` records how the folder's images were made: the checkpoint's content hash
+(sha256 of the file) and step, the weights, the sampler with all its settings, the seed, the
+count, the format, the precision and the st version.  A run into a folder that already holds
+samples resumes only under the same manifest; anything else is refused naming the field that
+differs (``overwrite=True`` deletes the old samples and starts afresh).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -27,7 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stcli import distributed
+import stcli
+from stcli import checkpoint, distributed
 from stcli.console import StepProgress, fmt_eta, info
 from stcli.errors import UserError
 from stcli.images import save_grid
@@ -41,15 +50,18 @@ PER_FOLDER = 1000
 GRID = 64
 MIN_ROWS = 16  # network batches are padded to at least this many rows (see Job.score)
 NPZ = "samples.npz"
+MANIFEST = "manifest.json"
+MANIFEST_KIND = "st-samples/1"
 
 
 def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None = None,
              batch_size: int = 256, seed: int = 0, weights: str = "ema", fmt: str = "png",
-             device: str = "auto", precision: str = "fp32") -> Path:
+             device: str = "auto", precision: str = "fp32", overwrite: bool = False) -> Path:
     """Write n samples of checkpoint `ckpt` into folder `out` and return `out`.
 
     `sampler` overrides the recipe's `sample:` section (e.g. {"name": "ode", "rtol": 1e-3}).
-    Under torchrun every rank takes its share of the missing indices.
+    Under torchrun every rank takes its share of the missing indices.  A folder holding
+    samples made otherwise (see ``manifest.json``) is refused unless `overwrite`.
     """
     out = Path(out)
     _check(n, batch_size, weights, fmt, precision, out)
@@ -58,7 +70,8 @@ def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None 
     try:
         loaded = load_model(ckpt, weights, ctx.device)
         spec = resolve_sampler(loaded.recipe.sample, sampler or {})
-        Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision).run()
+        manifest = make_manifest(ckpt, loaded.step, weights, spec, seed, n, fmt, precision)
+        Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision, manifest, overwrite).run()
     finally:
         if owns_group:
             distributed.teardown()
@@ -90,6 +103,71 @@ def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sample
                         f"{', '.join(k for k in fields if k != 'name')}")
     params = {k: v for k, v in {**base, **overrides}.items() if k in fields and k != "name"}
     return SAMPLERS.validate(name, **params)
+
+
+def make_manifest(ckpt: str | Path, step: int, weights: str, spec: Sampler, seed: int, n: int,
+                  fmt: str, precision: str) -> dict:
+    """Everything the images of a sample folder depend on (the batch size and the number of
+    processes do not: image i is a function of the seed and i)."""
+    return {"kind": MANIFEST_KIND, "checkpoint_sha256": checkpoint.file_sha256(ckpt), "checkpoint_step": step,
+            "weights": weights, "sampler": spec.model_dump(mode="json"), "seed": seed, "count": n,
+            "format": fmt, "precision": precision, "st_version": stcli.__version__}
+
+
+def read_manifest(out: Path) -> dict | None:
+    """The manifest of sample folder `out`, or None if it has none."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"the sample manifest {path} is damaged ({err}); pass --overwrite to "
+                        "start afresh") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        raise UserError(f"{path} is not a manifest of `st sample`; use another folder")
+    return manifest
+
+
+def manifest_difference(old: dict, new: dict) -> str | None:
+    """The first field (dotted, e.g. ``sampler.steps``) whose value differs, with both values."""
+    for key in dict.fromkeys([*new, *old]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = manifest_difference(a, b)
+            if inner:
+                return f"{key}.{inner}"
+        elif a != b:
+            return f"{key} ({a!r} there, {b!r} requested)"
+    return None
+
+
+def sample_files(out: Path) -> list[Path]:
+    """What `st sample` writes into `out` (the files --overwrite deletes)."""
+    found = [p for p in (out / NPZ, out / "grid.png", out / MANIFEST) if p.is_file()]
+    folders = [d for d in out.glob("[0-9]" * 6) if d.is_dir()]
+    return found + [p for d in folders for p in d.glob("[0-9]" * 6 + ".png")] + folders
+
+
+def check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Refuse a folder of samples made otherwise; delete them under `overwrite`; then record
+    `manifest`.  Runs on the main process, with the folder locked."""
+    old, files = read_manifest(out), sample_files(out)
+    hint = "use another folder, or delete them and start afresh with `st sample --overwrite`"
+    if overwrite and (old or files):
+        for path in files:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        info(f"--overwrite: deleted the previous samples in {out}")
+    elif old is not None:
+        diff = manifest_difference(old, manifest)
+        if diff:
+            raise UserError(f"{out} holds samples made with another {diff}; {hint}")
+    elif files:
+        raise UserError(f"{out} holds samples without a manifest ({MANIFEST}), so how they "
+                        f"were made is unknown; {hint}")
+    if read_manifest(out) != manifest:
+        with atomic(out / MANIFEST) as tmp:
+            Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def image_path(out: Path, i: int) -> Path:
@@ -142,6 +220,8 @@ class Job:
     seed: int
     fmt: str
     precision: str
+    manifest: dict | None = None  # checked against and written to out/MANIFEST (None: neither)
+    overwrite: bool = False
 
     def __post_init__(self):
         self.data, self.sde, self.model = (self.loaded.recipe.data, self.loaded.recipe.sde,
@@ -194,6 +274,8 @@ class Job:
         if lock:
             try:
                 lock.acquire()
+                if self.manifest is not None:
+                    check_manifest(self.out, self.manifest, self.overwrite)
             except UserError as err:
                 failure = err
         try:

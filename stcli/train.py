@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
-             "workers", "device", "out_dir", "channels_last", "tf32"}
+             "workers", "device", "out_dir", "channels_last", "tf32", "keep_last",
+             "snapshot_weights"}
 
 
 class StepBatches:
@@ -93,8 +95,9 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False):
+        recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # e.g. channels: auto
         self.recipe, self.ctx = recipe, ctx
-        self.cfg, self.device = recipe.train, ctx.device
+        self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
         if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
             raise UserError(f"train.batch_size={self.cfg.batch_size} must be divisible by "
                             f"processes x micro_batches = {ctx.world_size * self.cfg.micro_batches}")
@@ -180,8 +183,9 @@ class Trainer:
                 "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size}
         return tensors, meta
 
-    def save(self, path: Path | None = None) -> None:
-        """Write a checkpoint, never one whose model or EMA weights are not all finite."""
+    def save(self, path: Path | None = None, ema_only: bool = False) -> None:
+        """Write a checkpoint, never one whose model or EMA weights are not all finite
+        (`ema_only`: a snapshot of the EMA weights for sampling, not for resuming)."""
         bad = [f"{prefix}.{k}" for prefix, module in (("model", self.model), ("ema", self.ema))
                for k, v in module.state_dict().items()
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -190,7 +194,11 @@ class Trainer:
                             f"e.g. {bad[0]}); nothing was written; {self._last_good()}. Try a "
                             "lower optim.lr, a longer optim.warmup or optim.grad_clip.")
         if self.ctx.is_main:
-            checkpoint.save(path or self.ckpt_path, *self._state())
+            tensors, meta = self._state()
+            if ema_only:
+                tensors = checkpoint.prefixed("ema", checkpoint.section("ema", tensors))
+                meta = {"step": meta["step"], "recipe": meta["recipe"], "snapshot_weights": "ema"}
+            checkpoint.save(path or self.ckpt_path, tensors, meta)
 
     def _last_good(self) -> str:
         return f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
@@ -201,10 +209,14 @@ class Trainer:
         self._ckpt_id = _file_id(path)
         opened = open_checkpoint(path)
         tensors, meta = opened.tensors, opened.meta
+        if meta.get("snapshot_weights") == "ema":
+            raise UserError(f"{path} is a snapshot of the EMA weights only (train.snapshot_weights: "
+                            "ema) and cannot be resumed; sample from it, or resume from a full checkpoint")
         if "export" in meta:
             raise UserError(f"{path} is an inference-only export (st export) and cannot be resumed; "
                             "use the training checkpoint or an st import")
-        check_compatible(opened.recipe, self.recipe, path)
+        saved = opened.recipe.model_copy(update={"data": opened.recipe.data.resolved()})
+        check_compatible(saved, self.recipe, path)  # data.channels auto (st import) = as resolved
         if self.cfg.steps <= opened.step:
             raise UserError(f"train.steps={self.cfg.steps} is not above the step of {path} "
                             f"({opened.step}): the run has nothing left to do; raise train.steps "
@@ -305,8 +317,9 @@ class Trainer:
                 batches, references = iter(loader), iter(extras) if extras is not None else None
                 while self.step < cfg.steps:
                     batch, extra = self._next_batch(batches, references)
-                    loss_sum, tau = self.train_step(batch, extra)
-                    grad_norm = self.optimizer_step()
+                    with self._out_of_memory_is_a_user_error():
+                        loss_sum, tau = self.train_step(batch, extra)
+                        grad_norm = self.optimizer_step()
                     stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
                     summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
                     total, stop, gnorm = torch.cat([summed, grad_norm[None]]).tolist()  # one sync
@@ -347,6 +360,17 @@ class Trainer:
                 log.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
 
+    @contextmanager
+    def _out_of_memory_is_a_user_error(self) -> Iterator[None]:
+        """A device out-of-memory error becomes one message: the settings in force and what
+        to change (the last checkpoint is untouched)."""
+        try:
+            yield
+        except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise
+            raise UserError(oom_message(self.cfg, self.ctx, self.step, self._last_good())) from None
+
     def _next_batch(self, batches, references):
         """The next batch (and the target's extra reference images); an unreadable item saves a checkpoint of
         the steps done so far, then stops with the loader's message."""
@@ -364,7 +388,9 @@ class Trainer:
         if s % cfg.ckpt_every == 0 or s == cfg.steps:
             self.save()
         if cfg.snapshot_every and s % cfg.snapshot_every == 0:
-            self.save(self.out_dir / f"ckpt-{s}.safetensors")
+            self.save(self.out_dir / f"ckpt-{s}.safetensors", cfg.snapshot_weights == "ema")
+            if cfg.keep_last and self.ctx.is_main:
+                prune_snapshots(self.out_dir, cfg.keep_last, s)
         if cfg.sample_every and (s % cfg.sample_every == 0 or s == cfg.steps) and self.ctx.is_main:
             self.sample_grid(self.out_dir / "samples" / f"grid-{s}.png")
 
@@ -396,6 +422,74 @@ class Trainer:
     def _restore_signal_handlers(handlers) -> None:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def prune_snapshots(out_dir: Path, keep: int, step: int) -> None:
+    """Delete all but the newest `keep` snapshots ckpt-<n>.safetensors with n <= `step` (later
+    ones, left by a run that crashed before its next checkpoint, are overwritten in turn)."""
+    snapshots = sorted((int(m[1]), p) for p in out_dir.glob("ckpt-*.safetensors")
+                       if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", p.name)) and int(m[1]) <= step)
+    for _, path in snapshots[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def resolve_resume(resume: bool | str, recipe: Recipe, ctx: distributed.Context) -> bool:
+    """`--resume auto`: resume if the run folder holds ckpt.safetensors, else start afresh; a
+    folder holding only snapshots is refused (never a silent fresh start over a trained run)."""
+    if resume != "auto":
+        return bool(resume)
+    ckpt = recipe.out_dir / "ckpt.safetensors"
+    if ckpt.exists():
+        if ctx.is_main:
+            info(f"--resume auto: {ckpt} exists; resuming")
+        return True
+    snapshots = sorted(recipe.out_dir.glob("ckpt-*.safetensors"))
+    if snapshots:
+        raise UserError(f"--resume auto: {recipe.out_dir} holds snapshots ({snapshots[-1].name}, ...) "
+                        "but no ckpt.safetensors; copy the snapshot to continue from to "
+                        "ckpt.safetensors, or choose another train.out_dir to start afresh")
+    if ctx.is_main:
+        info(f"--resume auto: no checkpoint in {recipe.out_dir}; starting afresh")
+    return False
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def resolve_micro_batches(cfg, world: int):
+    """The train section with micro_batches following from batch_per_device (EDM's
+    --batch-gpu): batch_size / processes / batch_per_device micro-batches per step."""
+    per_device = cfg.batch_per_device
+    if per_device is None:
+        return cfg
+    if cfg.batch_size % world or (cfg.batch_size // world) % per_device:
+        raise UserError(f"train.batch_per_device={per_device} must divide the batch of each "
+                        f"process, train.batch_size={cfg.batch_size} / {world} process(es)")
+    micro = cfg.batch_size // world // per_device
+    if "micro_batches" in cfg.model_fields_set and cfg.micro_batches not in (1, micro):
+        raise UserError(f"train.micro_batches={cfg.micro_batches} contradicts "
+                        f"train.batch_per_device={per_device} (which means {micro} micro-batches "
+                        f"with {world} process(es)): set only one of them")
+    return cfg.model_copy(update={"micro_batches": micro})
+
+
+def oom_message(cfg, ctx: distributed.Context, step: int, last_good: str) -> str:
+    per_device = cfg.batch_size // ctx.world_size
+    per_pass = per_device // cfg.micro_batches
+    peak = ""
+    if ctx.device.type == "cuda":
+        peak = f", peak {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GiB allocated"
+    advice = [f"train.batch_per_device={max(per_pass // 2, 1)} (or train.micro_batches="
+              f"{cfg.micro_batches * 2}: the same step in smaller passes)"]
+    if cfg.precision == "fp32":
+        advice.append("train.precision=bf16")
+    advice.append("a smaller net or train.batch_size (these change the run)")
+    return (f"out of memory on {ctx.device} at step {step + 1}{peak}: train.batch_size="
+            f"{cfg.batch_size} over {ctx.world_size} process(es) = {per_device} per device, in "
+            f"train.micro_batches={cfg.micro_batches} pass(es) of {per_pass} images, "
+            f"train.precision={cfg.precision}; try {'; or '.join(advice)}. {last_good[0].upper()}"
+            f"{last_good[1:]}.")
 
 
 def _file_id(path: Path) -> tuple[int, int, int]:
@@ -499,8 +593,9 @@ def _diff(a, b, prefix: str = ""):
         yield prefix.rstrip(".")
 
 
-def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end."""
+def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:
+    """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end.
+    `resume="auto"`: resume if the run folder holds a checkpoint, else start afresh."""
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
@@ -514,7 +609,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")
-        return Trainer(recipe, ctx, resume).run()
+        return Trainer(recipe, ctx, resolve_resume(resume, recipe, ctx)).run()
     finally:
         if lock:
             lock.release()

@@ -1,5 +1,6 @@
 """`st fid` / `st fid-ref` end to end on CPU with the test feature extractor (no download)."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -173,7 +174,7 @@ def test_checkpoint_with_statistics_of_other_data_is_refused(ckpt, tmp_path, com
     assert "pass it as --ref" in capsys.readouterr().err
 
 
-def test_fid_of_a_checkpoint_end_to_end(ckpt, tmp_path, common):
+def test_fid_of_a_checkpoint_end_to_end(ckpt, tmp_path, common, capsys):
     path, recipe = ckpt
     stats = tmp_path / "s.safetensors"
     assert st("fid-ref", recipe, "--out", stats, *common) == 0
@@ -184,6 +185,18 @@ def test_fid_of_a_checkpoint_end_to_end(ckpt, tmp_path, common):
     assert report["n_samples"] == 32 and report["metrics"]["fid"] > 0
     assert (kept / "grid.png").is_file()  # written by `st sample`, not measured
     assert len([p for p in kept.rglob("*.png") if p.name != "grid.png"]) == 32
+    made = json.loads((kept / "manifest.json").read_text())
+    assert report["samples_provenance"] == made and made["count"] == 32 and made["seed"] == 0
+    assert made["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert report["ref_identity"]["content_hash"] == report["ref_content_hash"]
+    assert report["ref_identity"]["source"]["kind"] == "recipe"
+    assert report["extractor_identity"]["name"] == "st-random-64"
+    # the kept folder's images were drawn with seed 0: a FID "with seed 5" of them is refused
+    capsys.readouterr()
+    assert st("fid", path, "-n", 32, "--ref", stats, "--samples-dir", kept, "--seed", 5, *common) == 2
+    assert "holds samples made with another seed (0 there, 5 requested)" in capsys.readouterr().err
+    assert st("fid", kept, "--ref", stats, "--json", tmp_path / "k.json", *common) == 0
+    assert json.loads((tmp_path / "k.json").read_text())["samples_provenance"] == made
     # defaults from the checkpoint's recipe: eval.fid.ref digits-test (its own data), n = 24
     assert st("fid", path, "--json", tmp_path / "d.json", *common) == 0
     report = json.loads((tmp_path / "d.json").read_text())

@@ -1,6 +1,8 @@
 """`st sample` end to end on a checkpoint of the tiny recipe: files, grid, resume, per-image
 seeds across batch sizes and processes, npz, and the bad-input messages."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ def test_layout_grid_and_resume_after_a_crash(ckpt, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate(ckpt, 9, tmp_path / "part", sampler=PC, batch_size=2, device="cpu")
     assert len(pngs(tmp_path / "part")) == 4 and not list((tmp_path / "part").rglob("*.tmp"))
+    assert (tmp_path / "part" / "manifest.json").is_file()  # written before the first image
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "part").glob("0*/*.png")}
     written.clear()
     monkeypatch.setattr(sample_mod, "write_png", lambda a, p: (written.append(p.name), real(a, p)))
@@ -129,3 +132,39 @@ def test_bad_input_is_one_message_and_exit_code_2(ckpt, tmp_path, capsys, case, 
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_of_other_samples_is_refused_naming_the_field(ckpt, tmp_path, capsys, tiny_recipe):
+    out = generate(ckpt, 3, tmp_path / "s", sampler=PC, batch_size=3, device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert (manifest["seed"], manifest["count"], manifest["weights"], manifest["sampler"]["steps"],
+            manifest["checkpoint_step"]) == (0, 3, "ema", 4, 2)
+    before = pngs(out)
+    other = train(load_recipe(tiny_recipe("other"), ["train.steps=1"])).out_dir / "ckpt.safetensors"
+    base = ["sample", str(ckpt), "-n", "3", "--out", str(out), "--device", "cpu",
+            "--sampler", "pc", "--steps", "4"]
+    for extra, field in [(["--seed", "5"], "seed (0 there, 5 requested)"),
+                         (["--steps", "3"], "sampler.steps (4 there, 3 requested)"),
+                         (["--weights", "raw"], "weights ('ema' there, 'raw' requested)"),
+                         (["-n", "4"], "count (3 there, 4 requested)"),
+                         (["CKPT"], "checkpoint_sha256")]:
+        args = [*base, *extra] if extra != ["CKPT"] else [base[0], str(other), *base[2:]]
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"holds samples made with another {field}" in err, err
+        assert "Traceback" not in err and pngs(out) == before
+    (out / "manifest.json").unlink()  # samples of unknown origin
+    with pytest.raises(SystemExit) as exit_:
+        main(base)
+    assert exit_.value.code == 2 and "without a manifest" in capsys.readouterr().err
+    # --overwrite starts afresh: the folder then holds exactly what a fresh run writes
+    (out / "stray.txt").write_text("not st's")
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--seed", "5", "--overwrite"])
+    assert exit_.value.code in (0, None)
+    fresh = generate(ckpt, 3, tmp_path / "fresh", sampler=PC, seed=5, device="cpu")
+    assert pngs(out) == pngs(fresh) and pngs(out) != before
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 5
+    assert (out / "stray.txt").is_file()  # --overwrite deletes only what st sample writes
