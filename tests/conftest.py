@@ -59,3 +59,16 @@ def run_st(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "stcli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=kw.get("cwd", ROOT))
+
+
+def st(capsys, *argv) -> tuple[int, str, str]:
+    """`st ARGV` in this process: (exit code, stdout, stderr)."""
+    from stcli.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

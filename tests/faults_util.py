@@ -11,19 +11,6 @@ from conftest import ROOT
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stcli.cli import main
-
-
-def st(capsys, *argv) -> tuple[int, str, str]:
-    """`st ARGV` in this process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def refused(result: tuple[int, str, str], *needles: str) -> str:
     """Assert exit code 2, no traceback and every needle in the one error message."""

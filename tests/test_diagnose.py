@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import st
 from scipy.integrate import quad
 
-from stcli.cli import main
 from stcli.diagnose import bound_integrand, iw_losses, iw_quantiles, lambda_P_density, log_grid
 from stcli.sdes import RVE, VP
 from stcli.truncation import Hard, Power
@@ -113,14 +113,6 @@ def ckpt(tiny_ckpt):
     return tiny_ckpt
 
 
-def st(capsys, *argv):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 FAST = ["--limit", "8", "--points", "4", "--samples", "16", "--device", "cpu"]

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import st
 from faults_util import (
     log_steps,
     mount_tmpfs,
@@ -17,7 +18,6 @@ from faults_util import (
     refused,
     same_tensors,
     snapshot,
-    st,
     unmount,
 )
 from safetensors.torch import load_file

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from faults_util import damaged, raw, refused, snapshot, st
+from conftest import st
+from faults_util import damaged, raw, refused, snapshot
 from PIL import Image
 
 from stcli import metrics

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_st
+from conftest import ROOT, run_st, st
 from PIL import Image
 from safetensors.torch import load_file
 
 from stcli import checkpoint, importer
-from stcli.cli import main
 from stcli.loading import load_model
 from stcli.recipe import load_recipe
 
@@ -45,11 +44,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def st(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-from conftest import run_st
+from conftest import run_st, st
 
 from stcli import checkpoint
-from stcli.cli import main
 
 FAST = ["--limit", "6", "--batch-size", "4", "--rtol", "1e-3", "--atol", "1e-3"]
 
@@ -16,11 +15,6 @@ def ckpt(tiny_ckpt):
     return tiny_ckpt
 
 
-def st(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
 
 
 def test_nll_and_nelbo_with_json(ckpt, tmp_path, capsys):

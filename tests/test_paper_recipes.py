@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, st
 from PIL import Image
 
-from stcli.cli import main
 from stcli.errors import UserError
 from stcli.recipe import load_recipe
 
@@ -304,11 +303,6 @@ def test_reduce_mean_value_by_hand():
 
 
 # ---- bad input through the CLI --------------------------------------------------------------
-def st(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("override, field", [

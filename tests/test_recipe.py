@@ -3,20 +3,14 @@
 
 import pytest
 import yaml
-from conftest import ROOT, run_st
+from conftest import ROOT, run_st, st
 
-from stcli.cli import main
 from stcli.errors import UserError
 from stcli.recipe import apply_overrides, load_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
-def st(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
