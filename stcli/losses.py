@@ -120,6 +120,11 @@ class ScoreMatchingLoss(BaseModel):
                  reference=None) -> torch.Tensor:
         """Per-sample loss, shape (B,). `model(x, t)` predicts the noise; `reference` is what
         the target's feed made of the step's reference images (see stcli.targets)."""
+        return self.with_times(model, sde, x0, tau, generator, reference)[0]
+
+    def with_times(self, model, sde: LinearSDE, x0: torch.Tensor, tau: float, generator=None,
+                   reference=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss, the diffusion time t ~ p(t) on [tau, T] of each sample)."""
         n, device = x0.shape[0], x0.device
         t = self.sample_time(sde, n, tau, generator, device)
         z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -129,7 +134,7 @@ class ScoreMatchingLoss(BaseModel):
         loss = 0.5 * self.weight(sde, t, tau) * self._sq(model(x_t, t) - target)
         if self.reconstruction:
             loss = loss + self.reconstruction_term(model, sde, x0, tau, generator)
-        return loss
+        return loss, t
 
     def reconstruction_term(self, model, sde: LinearSDE, x0, tau: float, generator=None):
         """R_tau (Eq. 7) with the Tweedie decoder at the step's tau; per dimension with reduce: mean."""

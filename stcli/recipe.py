@@ -26,7 +26,16 @@ from pydantic import (
 
 from stcli.errors import UserError
 from stcli.losses import ScoreMatchingLoss
-from stcli.registry import DATASETS, NETS, SAMPLERS, SDES, TRUNCATIONS, format_validation_error, live_unions
+from stcli.registry import (
+    DATASETS,
+    LOGGERS,
+    NETS,
+    SAMPLERS,
+    SDES,
+    TRUNCATIONS,
+    format_validation_error,
+    live_unions,
+)
 from stcli.sdes import LinearSDE
 from stcli.truncation import Hard
 
@@ -68,6 +77,18 @@ class Train(Section):
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (fp32 storage, 10-bit mantissa products)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
     workers: NonNegativeInt = 0  # data-loader processes
+    log: list[str] = ["jsonl"]  # loggers (stcli.tracking): jsonl (always on), csv, tensorboard, wandb
+    heldout_every: NonNegativeInt = 0  # loss on a fixed batch of the test split every this many steps
+    heldout_size: PositiveInt = 256  # test items in that batch
+
+    @field_validator("log")
+    @classmethod
+    def _known_loggers(cls, names: list[str]) -> list[str]:
+        """Registered logger names, each once; jsonl is always on."""
+        unknown = [n for n in names if n not in LOGGERS]
+        if unknown:
+            raise ValueError(f"unknown logger {unknown[0]!r}; available: {', '.join(LOGGERS.names())}")
+        return list(dict.fromkeys(["jsonl", *names]))
 
     @model_validator(mode="after")
     def _micro(self):

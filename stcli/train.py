@@ -12,7 +12,6 @@ global RNG (dropout) needs saving, and the checkpoint holds it.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import signal
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from stcli import checkpoint, distributed
+from stcli import checkpoint, distributed, tracking
 from stcli.console import StepProgress, fmt_eta, info
 from stcli.data import collate
 from stcli.errors import TrainingStopped, UserError, plain_message
@@ -33,13 +32,13 @@ from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
 from stcli.recipe import Recipe
-from stcli.runlock import RunLock, is_disk_full, remove_temporaries, temporary_name
+from stcli.runlock import RunLock, remove_temporaries, temporary_name
 from stcli.seeding import generator, seed_for
 
 # Fields that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
              "workers", "device", "out_dir", "channels_last", "tf32", "keep_last",
-             "snapshot_weights"}
+             "snapshot_weights", "log", "heldout_every", "heldout_size"}
 
 
 class StepBatches:
@@ -122,12 +121,18 @@ class Trainer:
         self.step = 0
         torch.manual_seed(seed_for(recipe.seed, "global", ctx.rank))
         self.resume, self._ckpt_id = resume, None
+        self.clock = tracking.Clock()
         self._check_out_dir()
         if resume:
             self._load(self.ckpt_path)
         self.ddp = distributed.wrap(self.model, ctx)
         self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
         self._stop_signal = 0
+        self.tracker = tracking.Tracker(self.cfg.log, self.out_dir, recipe.to_dict(), ctx.is_main)
+        self.window = tracking.Window(recipe.truncation.eps, self.sde.T, self.cfg.batch_size, self.device)
+        self.heldout = tracking.HeldOut(recipe, ctx, self.cfg.heldout_size,
+                                        self.cfg.batch_size // ctx.world_size // self.cfg.micro_batches) \
+            if self.cfg.heldout_every else None
 
     # --- run directory and checkpoints ------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -151,12 +156,7 @@ class Trainer:
                 info(f"removed {removed} temporary file(s) left in {self.out_dir} by an interrupted run")
             (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
             write_text(self.out_dir / "recipe.yaml", self.recipe.to_yaml())
-            log = self.out_dir / "log.jsonl"
-            if self.resume:
-                trim_log(log, self.step)
-            elif log.exists():
-                old = rotate(log)
-                info(f"{log} held the log of an earlier run (no checkpoint): moved to {old.name}")
+            self.tracker.open(self.step if self.resume else None)
         except OSError as err:
             raise UserError(f"cannot write to the output folder {self.out_dir}: {err}") from None
 
@@ -180,7 +180,8 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"step": self.step, "recipe": self.recipe.to_dict(),
-                "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size}
+                "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size,
+                "wall_s": self.clock.now()}
         return tensors, meta
 
     def save(self, path: Path | None = None, ema_only: bool = False) -> None:
@@ -226,6 +227,7 @@ class Trainer:
         if "source" in meta and "optim_groups" not in meta:
             self.step = opened.step  # an st import: the weights only, a fresh Adam and RNG
             return
+        self.clock = tracking.Clock.resumed(meta, path)
         try:
             self.optimizer.load_state_dict(optimizer_state(tensors, meta, self.model, opened.step, path))
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
@@ -263,10 +265,11 @@ class Trainer:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             sync = i == len(micro) - 1 or self.ctx.world_size == 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
-                losses = self.recipe.loss(self.forward, self.sde, x0, tau, generator=g,
-                                          reference=reference)
+                losses, t = self.recipe.loss.with_times(self.forward, self.sde, x0, tau, generator=g,
+                                                        reference=reference)
                 (losses.sum() / batch.shape[0]).backward()
             loss_sum += losses.detach().sum()
+            self.window.add_samples(t, losses)
         return loss_sum, tau
 
     def _reference(self, inputs: list[torch.Tensor], extra: torch.Tensor | None):
@@ -307,10 +310,9 @@ class Trainer:
         extras = make_loader(self.dataset, self.feed.batches(steps), cfg.workers, self.device) \
             if self.feed is not None and self.feed.extra else None
         self._claim_out_dir()
-        log = LogWriter(self.out_dir / "log.jsonl") if ctx.is_main else None
         handlers = self._install_signal_handlers()
-        t0, s0, loss_avg = time.perf_counter(), self.step, float("nan")
-        window_loss, window_n = 0.0, 0
+        t0, loss_avg = time.perf_counter(), float("nan")
+        self.window.reset()
         self.model.train()
         try:
             with StepProgress("train", cfg.steps, self.step, enabled=ctx.is_main) as progress:
@@ -330,23 +332,22 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.update_ema()
                     self.step += 1
-                    window_loss, window_n = window_loss + loss, window_n + 1
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        loss_avg = window_loss / window_n
-                        rate = (self.step - s0) / (time.perf_counter() - t0)
-                        record = {"step": self.step, "loss": loss_avg, "tau": tau,
-                                  "grad_norm": gnorm, "lr": self.optimizer.param_groups[0]["lr"],
-                                  "steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
-                                  "elapsed_s": time.perf_counter() - t0}
+                    self.window.add_step(loss, tau, gnorm)
+                    heldout = self.heldout is not None and self.step % cfg.heldout_every == 0
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or heldout:
+                        record = {"step": self.step, **self.window.summary(),
+                                  "lr": self.optimizer.param_groups[0]["lr"],
+                                  "wall_s": self.clock.now(), "elapsed_s": time.perf_counter() - t0}
+                        loss_avg, rate = record["loss"], record["steps_per_s"]
+                        if heldout:
+                            record.update(self._heldout_losses())
                         if self.feed is not None:
                             record.update(self.feed.flush())
-                        if log:
-                            log.write(record)
+                        self.tracker.write(record)
                         progress.update(self.step, {
                             "loss": f"{loss_avg:.4g}", "steps/s": f"{rate:.2f}",
                             "img/s": f"{rate * cfg.batch_size:.0f}",
                             "eta": fmt_eta((cfg.steps - self.step) / max(rate, 1e-9))}, force=True)
-                        window_loss, window_n = 0.0, 0
                     if stop:
                         self.save()
                         signum = self._stop_signal or signal.SIGTERM
@@ -356,8 +357,7 @@ class Trainer:
                     self._periodic()
         finally:
             self._restore_signal_handlers(handlers)
-            if log:
-                log.close()
+            self.tracker.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
 
     @contextmanager
@@ -393,6 +393,14 @@ class Trainer:
                 prune_snapshots(self.out_dir, cfg.keep_last, s)
         if cfg.sample_every and (s % cfg.sample_every == 0 or s == cfg.steps) and self.ctx.is_main:
             self.sample_grid(self.out_dir / "samples" / f"grid-{s}.png")
+            self.tracker.image(self.out_dir / "samples" / f"grid-{s}.png", s)
+
+    def _heldout_losses(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            return self.heldout.evaluate(self.model, self.ema)
+        finally:
+            self.model.train()
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
@@ -507,30 +515,6 @@ def write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def trim_log(path: Path, step: int) -> None:
-    """Keep the records of steps up to `step` (a resumed run logs the later ones again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut by a kill
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
-
-
-def rotate(path: Path) -> Path:
-    """Move `path` (log.jsonl) to the first free log.<n>.jsonl beside it."""
-    n = 1
-    while (old := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-        n += 1
-    path.rename(old)
-    return old
-
-
 def optimizer_state(tensors: dict, meta: dict, model: torch.nn.Module, step: int, path) -> dict:
     """Adam's state dict from a checkpoint, every tensor present with its parameter's shape."""
     params = list(model.parameters())
@@ -557,24 +541,6 @@ def optimizer_state(tensors: dict, meta: dict, model: torch.nn.Module, step: int
     return {"state": states, "param_groups": groups}
 
 
-class LogWriter:
-    """Appends one JSON record per line to log.jsonl, flushed at once."""
-
-    def __init__(self, path: Path):
-        self.path, self.file = path, open(path, "a")
-
-    def write(self, record: dict) -> None:
-        try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as err:
-            what = "no space left on the device" if is_disk_full(err) else str(err)
-            raise UserError(f"cannot write the log {self.path}: {what}") from None
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def check_compatible(saved: Recipe, requested: Recipe, path: Path) -> None:
     """Refuse to resume (or evaluate) with a recipe that differs in anything but run settings."""
     a, b = saved.to_dict(), requested.to_dict()
@@ -596,6 +562,7 @@ def _diff(a, b, prefix: str = ""):
 def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:
     """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end.
     `resume="auto"`: resume if the run folder holds a checkpoint, else start afresh."""
+    tracking.check(recipe.train.log)  # e.g. wandb requested but not installed: before any folder
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:

@@ -268,7 +268,7 @@ def test_disk_full_during_sampling_keeps_the_images_written(tiny_ckpt, tmp_path,
 
 def test_a_full_disk_while_logging_is_one_message(tmp_path, monkeypatch):
     from stcli.errors import UserError
-    from stcli.train import LogWriter
+    from stcli.tracking import LogWriter
 
     log = LogWriter(tmp_path / "log.jsonl")
 
