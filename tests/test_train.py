@@ -1,5 +1,6 @@
 """Training end to end: checkpoints, exact resume, Ctrl-C, the NaN guard, DDP over gloo."""
 
+import csv
 import json
 import os
 import signal
@@ -99,20 +100,21 @@ def test_cli_train_end_to_end_writes_grid_log_and_checkpoint(tiny_recipe):
     assert (out / "samples" / "grid-6.png").is_file()
     assert (out / "recipe.yaml").is_file() and (out / "ckpt.safetensors").is_file()
     records = [json.loads(line) for line in (out / "log.jsonl").open()]
-    assert {"loss", "steps_per_s", "images_per_s", "tau"} <= records[-1].keys()
+    assert {"loss", "steps_per_s", "images_per_s", "tau_mean", "tau_q50", "grad_norm", "peak_mem_mb",
+            "wall_s"} <= records[-1].keys()
     from PIL import Image
 
     assert Image.open(out / "samples" / "grid-6.png").size == (22, 22)  # 2x2 grid of 8px + padding
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_recipe):
-    path = tiny_recipe("sig", train={"steps": 100000, "ckpt_every": 100000})
+    path = tiny_recipe("sig", train={"steps": 100000, "ckpt_every": 3, "log": ["csv", "tensorboard"]})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stcli", "train", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = path.parent / "sig" / "log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 5):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -120,10 +122,19 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_recipe):
     assert "interrupted by SIGINT" in err and "Traceback" not in err
     ckpt = path.parent / "sig" / "ckpt.safetensors"
     k = checkpoint.load(ckpt)[1]["step"]
-    assert k >= 2
+    assert k >= 5  # after a checkpoint (step 3) and more log windows
     train(load_recipe(path, [f"train.steps={k + 2}"]), resume=True)
     ref = train(load_recipe(tiny_recipe("ref"), [f"train.steps={k + 2}"]))
     assert_same_tensors(tensors(ckpt), tensors(ref.out_dir / "ckpt.safetensors"))
+    steps = list(range(1, k + 3))  # each step logged once, in every logger
+    assert [json.loads(line)["step"] for line in log.open()] == steps
+    with open(log.parent / "log.csv", newline="") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log.parent / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == steps
 
 
 def test_unwritable_output_folder(tiny_recipe, tmp_path):
