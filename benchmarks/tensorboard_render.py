@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
@@ -62,8 +63,8 @@ def render(run: Path, out: Path) -> None:
     scalars = set(tags["scalars"])
     cards = [t for t in CARDS if t in scalars]
     bins = sorted((t for t in scalars if t.startswith("loss_t/")), key=edges)
-    fig = plt.figure(figsize=(16, 10))
-    grid = fig.add_gridspec(3, 5)
+    fig = plt.figure(figsize=(20, 10))
+    grid = fig.add_gridspec(3, 6)
     for i, tag in enumerate(cards):
         ax = fig.add_subplot(grid[i // 4, i % 4])
         card(ax, acc, tag)
@@ -101,11 +102,12 @@ def render(run: Path, out: Path) -> None:
     ax.legend(fontsize=7)
     if "samples" in tags["images"]:
         last = acc.Images("samples")[-1]
-        ax = fig.add_subplot(grid[1:, 3:])
+        ax = fig.add_subplot(grid[:, 4:])
         ax.imshow(Image.open(io.BytesIO(last.encoded_image_string)), interpolation="nearest")
         ax.set_title(f"IMAGES: samples, step {last.step}", fontsize=10)
         ax.axis("off")
-    fig.suptitle(f"TensorBoard event files of {run.name}, read with event_accumulator "
+    name = yaml.safe_load((run / "recipe.yaml").read_text())["name"]
+    fig.suptitle(f"TensorBoard event files of a {name} run, read with event_accumulator "
                  "(a rendering, not the TensorBoard UI)", fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
