@@ -83,6 +83,6 @@ def test_components_registered_after_import_train(plugins, tmp_path):
     log = [json.loads(line) for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
     # tau of step k is the plugin's draw from the generator (seed, "tau", k)
     expected = [LogUniform(eps=1e-3).sample(generator("cpu", 4, "tau", k)) for k in range(2)]
-    assert [r["tau"] for r in log] == pytest.approx(expected, rel=1e-12)
+    assert [r["tau_mean"] for r in log] == pytest.approx(expected, rel=1e-12)
     assert all(1e-3 <= t <= 1 for t in expected) and math.isfinite(result.loss)
     assert "plugin_loguniform" in (result.out_dir / "recipe.yaml").read_text()
