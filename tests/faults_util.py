@@ -1,5 +1,6 @@
 """Helpers of the fault tests: the CLI in this process, refusals, snapshots, damaged files."""
 
+import csv
 import json
 import os
 import subprocess
@@ -54,6 +55,18 @@ def damaged(src: Path, dst: Path, *, drop=(), meta=None, drop_meta=(), tensors=N
 
 def log_steps(path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def csv_and_tensorboard_steps(run: Path, tag: str = "loss") -> tuple[list[int], list[int]]:
+    """The steps of log.csv's rows and of TensorBoard's scalar `tag` (read as TensorBoard
+    does, purges applied) in run folder `run`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with open(run / "log.csv", newline="") as f:
+        rows = [int(row["step"]) for row in csv.DictReader(f)]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return rows, [e.step for e in events.Scalars(tag)]
 
 
 def popen_st(*args) -> subprocess.Popen:

@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import st
 from faults_util import (
+    csv_and_tensorboard_steps,
     log_steps,
     mount_tmpfs,
     popen_st,
@@ -46,8 +47,9 @@ def last_step(log) -> int:
 
 def test_two_trains_on_one_folder_the_second_is_refused_then_kill_and_resume(tiny_recipe, capsys):
     """Issue items 1, 4, 5: a lock naming its holder; after SIGKILL between two checkpoints
-    the stale lock is taken over, temporaries are removed and the log holds every step once."""
-    a = tiny_recipe("run", train={"steps": 100000, "ckpt_every": 10})
+    the stale lock is taken over, temporaries are removed and every log (jsonl, csv, TensorBoard)
+    holds every step once; the wall clock continues from the checkpoint's."""
+    a = tiny_recipe("run", train={"steps": 100000, "ckpt_every": 10, "log": ["csv", "tensorboard"]})
     b = tiny_recipe("other", seed=99)
     data = yaml.safe_load(b.read_text())
     data["train"]["out_dir"] = str(a.parent / "run")
@@ -70,8 +72,10 @@ def test_two_trains_on_one_folder_the_second_is_refused_then_kill_and_resume(tin
         first.kill()
     assert yaml.safe_load((run / "recipe.yaml").read_text())["seed"] == 3  # the first run's
     assert (run / LOCK).exists()  # left behind by the killed process
-    saved = checkpoint.load(run / "ckpt.safetensors")[1]["step"]
+    saved, wall = (checkpoint.load(run / "ckpt.safetensors")[1][k] for k in ("step", "wall_s"))
     assert max(log_steps(log)) > saved  # steps after the checkpoint were logged
+    crashed = csv_and_tensorboard_steps(run)
+    assert crashed[0] == crashed[1] == log_steps(log)  # flushed at every window
     (run / f"{TMP_PREFIX}ckpt.safetensors.x").mkdir(exist_ok=True)
     (run / f"{TMP_PREFIX}ckpt.safetensors.x" / ".tmpAbC123").write_bytes(b"\0" * 1000)
     (run / f"{TMP_PREFIX}recipe.yaml.7").write_bytes(b"")
@@ -79,8 +83,12 @@ def test_two_trains_on_one_folder_the_second_is_refused_then_kill_and_resume(tin
     assert code == 0, err
     assert "taking over the stale lock" in out and "removed 2 temporary file(s)" in out
     assert log_steps(log) == list(range(1, saved + 4))
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt.safetensors", "log.jsonl",
-                                                     "recipe.yaml", "samples"]
+    assert csv_and_tensorboard_steps(run) == (log_steps(log),) * 2
+    walls = [json.loads(line)["wall_s"] for line in log.read_text().splitlines()]
+    assert walls[saved - 1] < wall < walls[saved]  # steps saved and saved + 1 (after the resume)
+    assert all(a < b for a, b in zip(walls, walls[1:]))
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.safetensors", "log.csv", "log.jsonl",
+                                                     "recipe.yaml", "samples", "tensorboard"]
 
 
 def test_a_stale_lock_is_taken_over_and_a_held_one_refuses_st_sample(tiny_ckpt, tmp_path, capsys):
