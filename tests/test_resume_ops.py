@@ -36,16 +36,16 @@ def meta(path) -> dict:
 
 
 def test_run_folder_resumes_from_its_recipe_wherever_it_now_lies(tiny_recipe, tmp_path, capsys):
-    full = train(load_recipe(tiny_recipe("full")))
-    path = tiny_recipe("part", train={"steps": 4})
+    full = train(load_recipe(tiny_recipe("full", train={"steps": 4})))
+    path = tiny_recipe("part", train={"steps": 2})
     assert st(capsys, "train", path)[0] == 0
     moved = tmp_path / "moved"  # the recipe.yaml inside still names the old train.out_dir
     shutil.move(path.parent / "part", moved)
-    code, out, err = st(capsys, "train", moved, "train.steps=6", "train.log_every=2")
+    code, out, err = st(capsys, "train", moved, "train.steps=4", "train.log_every=2")
     assert code == 0, err
     assert not (path.parent / "part").exists()
     same_checkpoints(full.out_dir / "ckpt.safetensors", moved / "ckpt.safetensors")  # bit-exact
-    assert [r["step"] for r in log(moved)] == [1, 2, 3, 4, 6]
+    assert [r["step"] for r in log(moved)] == [1, 2, 4]
     assert yaml.safe_load((moved / "recipe.yaml").read_text())["train"]["out_dir"] == str(moved)
 
 
