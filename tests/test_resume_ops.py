@@ -87,6 +87,20 @@ def test_run_folder_bad_input(tiny_recipe, tmp_path, capsys):
     assert code == 2 and "is not valid YAML" in err
 
 
+def test_run_folder_without_a_checkpoint(tiny_recipe, tmp_path, capsys):
+    """Only --resume auto starts afresh from the folder's recipe.yaml (a requeued job whose first
+    run died before its first checkpoint); a plain `st train RUN_DIR` says there is nothing."""
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    shutil.copy(tiny_recipe("elsewhere"), folder / "recipe.yaml")
+    code, _, err = st(capsys, "train", folder, "train.steps=1")
+    assert code == 2 and "nothing to resume" in err and not (folder / "log.jsonl").exists()
+    code, out, err = st(capsys, "train", folder, "--resume", "auto", "train.steps=1")
+    assert code == 0 and "starting afresh" in out, err
+    assert meta(folder / "ckpt.safetensors")["step"] == 1
+    assert not (tmp_path / "elsewhere").exists()  # the folder, not the recipe's train.out_dir
+
+
 def test_run_settings_may_change_on_resume_the_trajectory_may_not(tiny_recipe, capsys):
     """micro_batches / batch_per_device (the same global batch), cadences and workers are
     accepted; the step's schedule (tau, learning rate) carries on as in an unbroken run."""
