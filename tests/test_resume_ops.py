@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import stcli.train as train_mod
+from stcli import checkpoint
 from stcli.errors import UserError
 from stcli.recipe import load_recipe
 from stcli.train import default_workers, resolve_workers, train
@@ -169,6 +170,11 @@ def test_fp16_resume_is_bit_exact_with_the_loss_scale_restored(tiny_recipe, monk
     same_checkpoints(full.out_dir / "ckpt.safetensors", part.parent / "part" / "ckpt.safetensors")
     assert [r["loss_scale"] for r in log(full.out_dir)] == \
         [r["loss_scale"] for r in log(part.parent / "part")]
+    ckpt = part.parent / "part" / "ckpt.safetensors"  # without its scaler state: damaged
+    tensors, info = checkpoint.load(ckpt)
+    checkpoint.save(ckpt, tensors, {k: v for k, v in info.items() if k != "grad_scaler"})
+    with pytest.raises(UserError, match="damaged: it holds no valid fp16 loss scaler state"):
+        train(load_recipe(part, ["train.steps=5"]), resume=True)
 
 
 def test_fp16_gradients_that_never_become_finite_stop_the_run(tiny_recipe, monkeypatch):
