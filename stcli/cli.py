@@ -26,6 +26,9 @@ app.add_typer(data_app, name="data")
 Procs = Annotated[int, typer.Option(
     "--procs", min=1, help="Processes on this node (relaunches itself through torchrun).")]
 RecipeArg = Annotated[str, typer.Argument(help="Path of a YAML recipe.", metavar="RECIPE")]
+TrainArg = Annotated[str, typer.Argument(
+    help="Path of a YAML recipe, or a run folder (runs/NAME) to resume from its recipe.yaml.",
+    metavar="RECIPE|RUN_DIR")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(
     help="Dotted overrides key.path=value (values parsed as YAML), e.g. train.steps=100.",
     metavar="[KEY=VALUE]...", show_default=False)]
@@ -47,7 +50,7 @@ def _options(version: Annotated[bool, typer.Option(
 
 @app.command(epilog=epilog("train"))
 def train(
-    recipe: RecipeArg,
+    recipe: TrainArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in train.out_dir from its ckpt.safetensors. "
@@ -56,14 +59,23 @@ def train(
     resume_auto: Annotated[bool, typer.Option("--resume-auto", hidden=True)] = False,
     procs: Procs = 1,
 ):
-    """Train a score model from RECIPE (Soft Truncation, EMA, checkpoints, sample grids)."""
+    """Train a score model from RECIPE (Soft Truncation, EMA, checkpoints, sample grids), or
+    continue the run in a run folder (runs/NAME) from its recipe.yaml and checkpoint."""
+    from pathlib import Path
+
     from stcli.recipe import load_recipe
 
-    spec = load_recipe(recipe, overrides)  # validate before spawning anything
+    resume = "auto" if resume_auto else resume
+    if Path(recipe).is_dir():  # a run folder: its stored recipe, resumed
+        from stcli.train import load_run_folder
+
+        spec, resume = load_run_folder(Path(recipe), list(overrides or [])), resume or True
+    else:
+        spec = load_recipe(recipe, overrides)  # validate before spawning anything
     _relaunch_if_asked(procs)
     from stcli.train import train as run_training
 
-    result = run_training(spec, resume="auto" if resume_auto else resume)
+    result = run_training(spec, resume=resume)
     if result.step and _is_rank0():
         info(f"done: step {result.step}, loss {result.loss:.4g}; "
              f"checkpoint {result.out_dir / 'ckpt.safetensors'}")

@@ -131,11 +131,12 @@ def _env_int(env, key: str) -> int:
         raise UserError(f"inconsistent Slurm environment: {key}={value!r} is not an integer") from None
 
 
-# Rank 0 alone draws the periodic sample grid and writes checkpoints while the other ranks wait
-# in their next collective.  A full-length sampler on a large grid (e.g. 2000 predictor-corrector
-# evaluations of a 256x256 NCSN++) takes longer than torch's default process-group timeout
-# (10 minutes under NCCL), which would kill a healthy run; so the timeout is 2 hours by default,
-# or ST_DIST_TIMEOUT seconds.
+# Every rank draws its share of the periodic sample grid, but rank 0 alone writes checkpoints and
+# snapshots while the other ranks wait in their next collective.  A checkpoint of a large net
+# (about 1 GB for DDPM++) written to a slow shared file system, or a first torch.compile slower
+# on one rank, can approach torch's default process-group timeout (10 minutes under NCCL),
+# which would kill a healthy run; so the timeout is 2 hours by default, or ST_DIST_TIMEOUT
+# seconds.
 DEFAULT_TIMEOUT_S = 7200
 
 

@@ -8,6 +8,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("st train recipes/quickstart_digits.yaml train.steps=500 optim.lr=1e-3", "dotted overrides"),
         ("st train recipes/quickstart_digits.yaml --resume train.steps=2000",
          "continue (bit-exact) and train longer"),
+        ("st train runs/quickstart_digits train.steps=2000 train.workers=4",
+         "continue a run folder from its recipe.yaml (run settings may change)"),
         ("st train recipes/cifar10_ddpmpp_vp_nll_st.yaml --procs 8", "8 GPUs of this node"),
         ("srun --ntasks-per-node=8 st train recipes/cifar10_ddpmpp_vp_nll_st.yaml",
          "under Slurm (N nodes x 8 GPUs): see examples/slurm/train.sbatch"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import signal
 import time
@@ -31,14 +32,20 @@ from stcli.errors import TrainingStopped, UserError, plain_message
 from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
-from stcli.recipe import Recipe
+from stcli.recipe import Recipe, Train, apply_overrides, parse_recipe, read_yaml
 from stcli.runlock import RunLock, remove_temporaries, temporary_name
+from stcli.sample import MIN_ROWS
 from stcli.seeding import generator, seed_for
 
-# Fields that may change when a run is resumed; everything else must match the checkpoint.
+# Fields of `train` that may change when a run is resumed (they leave the model's trajectory
+# alone); everything else must match the checkpoint.  micro_batches / batch_per_device split the
+# same global batch (train.batch_size) differently: the step's expectation is the same, though
+# its noise draws, keyed by micro-batch, are not.  log / eval_every: experiment tracking.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
              "workers", "device", "out_dir", "channels_last", "tf32", "keep_last",
-             "snapshot_weights", "log", "heldout_every", "heldout_size"}
+             "snapshot_weights", "micro_batches", "batch_per_device", "compile", "log", "eval_every",
+             "heldout_every", "heldout_size"}
+INITIAL_LOSS_SCALE = 2.0**16  # fp16: the loss scale of a fresh run (torch's GradScaler default)
 
 
 class StepBatches:
@@ -97,6 +104,7 @@ class Trainer:
         recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # e.g. channels: auto
         self.recipe, self.ctx = recipe, ctx
         self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
+        self.cfg = resolve_workers(self.cfg, self.device)
         if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
             raise UserError(f"train.batch_size={self.cfg.batch_size} must be divisible by "
                             f"processes x micro_batches = {ctx.world_size * self.cfg.micro_batches}")
@@ -118,7 +126,9 @@ class Trainer:
         o = recipe.optim
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                           eps=o.eps, weight_decay=o.weight_decay, fused=True)
-        self.step = 0
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=INITIAL_LOSS_SCALE,
+                                           enabled=self.cfg.precision == "fp16")
+        self.step, self.skipped = 0, 0  # skipped: fp16 attempts redone since the last log record
         torch.manual_seed(seed_for(recipe.seed, "global", ctx.rank))
         self.resume, self._ckpt_id = resume, None
         self.clock = tracking.Clock()
@@ -182,6 +192,8 @@ class Trainer:
         meta = {"step": self.step, "recipe": self.recipe.to_dict(),
                 "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size,
                 "wall_s": self.clock.now()}
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict()
         return tensors, meta
 
     def save(self, path: Path | None = None, ema_only: bool = False) -> None:
@@ -233,6 +245,7 @@ class Trainer:
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             raise UserError(f"checkpoint {path} is damaged: its optimizer state does not fit "
                             f"({str(err).splitlines()[0]})") from None
+        self._load_scaler(meta, opened.step, path)
         if "rng.cpu" not in tensors:
             raise UserError(f"checkpoint {path} is damaged: it holds no CPU RNG state (rng.cpu)")
         if meta.get("world_size", 1) == self.ctx.world_size:
@@ -244,6 +257,17 @@ class Trainer:
                 raise UserError(f"checkpoint {path} is damaged: its RNG state cannot be restored "
                                 f"({str(err).splitlines()[0]})") from None
         self.step = opened.step
+
+    def _load_scaler(self, meta: dict, step: int, path: Path) -> None:
+        """fp16: the loss scale (and its growth count) of the checkpoint."""
+        if not self.scaler.is_enabled() or step == 0:
+            return
+        state = meta.get("grad_scaler")
+        try:
+            self.scaler.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError, AttributeError):
+            raise UserError(f"checkpoint {path} is damaged: it holds no valid fp16 loss scaler "
+                            "state (grad_scaler)") from None
 
     # --- one optimisation step ---------------------------------------------------------------
     def train_step(self, batch: torch.Tensor, extra: torch.Tensor | None = None
@@ -258,8 +282,9 @@ class Trainer:
         inputs = [self.data.transform(xb, g) for xb, g in zip(micro, gens)]
         reference = self._reference(inputs, extra)
         loss_sum = torch.zeros((), device=self.device)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.precision == "bf16")
+        times, per_sample = [], []
+        autocast = torch.autocast(self.device.type, dtype=AUTOCAST.get(cfg.precision),
+                                  enabled=cfg.precision in AUTOCAST)
         for i, (x0, g) in enumerate(zip(inputs, gens)):
             if self.channels_last and x0.dim() == 4:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -267,9 +292,11 @@ class Trainer:
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
                 losses, t = self.recipe.loss.with_times(self.forward, self.sde, x0, tau, generator=g,
                                                         reference=reference)
-                (losses.sum() / batch.shape[0]).backward()
+                self.scaler.scale(losses.sum() / batch.shape[0]).backward()
             loss_sum += losses.detach().sum()
-            self.window.add_samples(t, losses)
+            times.append(t)
+            per_sample.append(losses.detach())
+        self.step_samples = torch.cat(times), torch.cat(per_sample)  # for the log window
         return loss_sum, tau
 
     def _reference(self, inputs: list[torch.Tensor], extra: torch.Tensor | None):
@@ -288,6 +315,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * min(1.0, (self.step + 1) / o.warmup) if o.warmup else o.lr
         clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+        self.scaler.unscale_(self.optimizer)  # fp16: the gradients / loss scale (else nothing)
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
 
     @torch.no_grad()
@@ -319,19 +347,10 @@ class Trainer:
                 batches, references = iter(loader), iter(extras) if extras is not None else None
                 while self.step < cfg.steps:
                     batch, extra = self._next_batch(batches, references)
-                    with self._out_of_memory_is_a_user_error():
-                        loss_sum, tau = self.train_step(batch, extra)
-                        grad_norm = self.optimizer_step()
-                    stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
-                    summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
-                    total, stop, gnorm = torch.cat([summed, grad_norm[None]]).tolist()  # one sync
-                    loss = total / cfg.batch_size
-                    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                        self._fail_non_finite(loss, gnorm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    loss, tau, gnorm, stop = self._good_step(batch, extra)
                     self.update_ema()
                     self.step += 1
+                    self.window.add_samples(*self.step_samples)  # of the attempt that counted (fp16)
                     self.window.add_step(loss, tau, gnorm)
                     heldout = self.heldout is not None and self.step % cfg.heldout_every == 0
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps or heldout:
@@ -343,22 +362,68 @@ class Trainer:
                             record.update(self._heldout_losses())
                         if self.feed is not None:
                             record.update(self.feed.flush())
+                        record.update(self._scaler_record())
                         self.tracker.write(record)
                         progress.update(self.step, {
                             "loss": f"{loss_avg:.4g}", "steps/s": f"{rate:.2f}",
                             "img/s": f"{rate * cfg.batch_size:.0f}",
                             "eta": fmt_eta((cfg.steps - self.step) / max(rate, 1e-9))}, force=True)
                     if stop:
-                        self.save()
-                        signum = self._stop_signal or signal.SIGTERM
-                        raise TrainingStopped(signum, f"interrupted by {signal.Signals(signum).name}"
-                                              f" after step {self.step}; checkpoint saved to "
-                                              f"{self.ckpt_path}; continue with --resume")
+                        self._stop()
                     self._periodic()
         finally:
             self._restore_signal_handlers(handlers)
             self.tracker.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
+
+    def _good_step(self, batch: torch.Tensor, extra: torch.Tensor | None
+                   ) -> tuple[float, float, float, bool]:
+        """One optimizer step on `batch`: (loss, tau, gradient norm, stop requested).
+
+        With fp16, an attempt whose scaled gradients overflowed (finite loss, non-finite
+        gradient norm) changes nothing but the loss scale, which the scaler halves, and is
+        redone on the same batch: no Adam update, no EMA update, not counted as a step.  Its
+        draws are keyed by the step, so only the scale differs (and dropout's global RNG)."""
+        while True:
+            with self._out_of_memory_is_a_user_error():
+                loss_sum, tau = self.train_step(batch, extra)
+                grad_norm = self.optimizer_step()
+            stop_flag = torch.tensor(float(self._stop_signal), device=self.device)
+            summed = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag]))
+            total, stop, gnorm = torch.cat([summed, grad_norm[None]]).tolist()  # one sync
+            loss = total / self.cfg.batch_size
+            overflow = self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(gnorm)
+            if not overflow and not (math.isfinite(loss) and math.isfinite(gnorm)):
+                self._fail_non_finite(loss, gnorm)
+            scale = self.scaler.get_scale() if overflow else None
+            if not overflow:
+                self.scaler.step(self.optimizer)  # fp32 / bf16: optimizer.step()
+            self.scaler.update()  # fp16: halve the scale after an overflow, grow it after many good steps
+            self.optimizer.zero_grad(set_to_none=True)
+            if not overflow:
+                return loss, tau, gnorm, bool(stop)
+            self.skipped += 1
+            if stop:
+                self._stop()
+            if not 1.0 <= self.scaler.get_scale() < scale:  # below 1, or the scaler saw no overflow
+                self._fail_non_finite(loss, gnorm, f"loss scale {scale:g} could not make the "
+                                      "gradients finite; ")
+
+    def _scaler_record(self) -> dict:
+        """fp16: the loss scale and the attempts redone since the last record (for the log)."""
+        if not self.scaler.is_enabled():
+            return {}
+        record = {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped}
+        self.skipped = 0
+        return record
+
+    def _stop(self) -> None:
+        """A stop signal reached every rank: write a checkpoint and stop."""
+        self.save()
+        signum = self._stop_signal or signal.SIGTERM
+        raise TrainingStopped(signum, f"interrupted by {signal.Signals(signum).name}"
+                              f" after step {self.step}; checkpoint saved to "
+                              f"{self.ckpt_path}; continue with --resume")
 
     @contextmanager
     def _out_of_memory_is_a_user_error(self) -> Iterator[None]:
@@ -391,7 +456,7 @@ class Trainer:
             self.save(self.out_dir / f"ckpt-{s}.safetensors", cfg.snapshot_weights == "ema")
             if cfg.keep_last and self.ctx.is_main:
                 prune_snapshots(self.out_dir, cfg.keep_last, s)
-        if cfg.sample_every and (s % cfg.sample_every == 0 or s == cfg.steps) and self.ctx.is_main:
+        if cfg.sample_every and (s % cfg.sample_every == 0 or s == cfg.steps):
             self.sample_grid(self.out_dir / "samples" / f"grid-{s}.png")
             self.tracker.image(self.out_dir / "samples" / f"grid-{s}.png", s)
 
@@ -404,14 +469,23 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
-        g = generator(self.device, self.recipe.seed, "grid")
-        shape = (self.cfg.grid_size, *self.data.shape)
-        x = self.sde.prior_sample(shape, generator=g, device=self.device)
-        x, _ = self.recipe.sample(self.ema.score, self.sde, x, generator=g)
-        save_grid(self.data.picture(x), path)
+        """The EMA model's sample grid, drawn by every rank (a share of the rows each, then
+        gathered) so that no rank waits in a collective while another samples.  Row i comes
+        from its own generator (seed, "grid", i) and network batches are padded to MIN_ROWS
+        rows, so the grid is the same whatever the number of processes."""
+        rows = grid_share(self.cfg.grid_size, self.ctx)
+        x = torch.zeros((0, *self.data.shape), device=self.device)
+        if len(rows):
+            gens = [generator(self.device, self.recipe.seed, "grid", i) for i in rows]
+            x = torch.stack([self.sde.prior_sample(self.data.shape, generator=g, device=self.device)
+                             for g in gens])
+            x, _ = self.recipe.sample(padded_score(self.ema.score), self.sde, x, generator=gens)
+        x = distributed.all_gather_rows(x.float().contiguous())
+        if self.ctx.is_main:
+            save_grid(self.data.picture(x), path)
 
-    def _fail_non_finite(self, loss: float, gnorm: float) -> None:
-        raise UserError(f"non-finite training signal at step {self.step + 1} (loss {loss}, "
+    def _fail_non_finite(self, loss: float, gnorm: float, why: str = "") -> None:
+        raise UserError(f"non-finite training signal at step {self.step + 1} ({why}loss {loss}, "
                         f"gradient norm {gnorm}); stopped without updating the weights; "
                         f"{self._last_good()}. "
                         "Try a lower optim.lr, a longer optim.warmup or optim.grad_clip.")
@@ -430,6 +504,75 @@ class Trainer:
     def _restore_signal_handlers(handlers) -> None:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
+
+
+def grid_share(n: int, ctx: distributed.Context) -> range:
+    """The rows of an n-image sample grid that rank `ctx.rank` draws (contiguous, in rank order)."""
+    return range(n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size)
+
+
+def padded_score(score):
+    """`score` on batches padded to MIN_ROWS rows (copies of the first): CPU BLAS switches
+    kernels for a few rows, so unpadded a row's output would depend on its batch's size."""
+    def padded(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        k = x.shape[0]
+        if k < MIN_ROWS:
+            x = torch.cat([x, x[:1].expand(MIN_ROWS - k, *x.shape[1:])])
+            t = torch.cat([t, t[:1].expand(MIN_ROWS - k)])
+        return score(x, t)[:k]
+
+    return padded
+
+
+def default_workers(device: torch.device, cpus: int, local_procs: int) -> int:
+    """train.workers when unset.  On CUDA: min(8, the CPUs of each process on this node), so that
+    decoding and augmenting the next batches overlaps the GPU's work.  On the CPU: 0 -- the net's
+    forward and backward already use every core (torch's intra-op threads), and worker processes
+    would compete with them for the same cores at a start-up cost per run."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, cpus // max(1, local_procs)))
+
+
+def resolve_workers(cfg, device: torch.device):
+    """The train section with `workers` set (default_workers when the recipe leaves it unset)."""
+    if cfg.workers is not None:
+        return cfg
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the processes on this node
+    return cfg.model_copy(update={"workers": default_workers(device, cpus, local)})
+
+
+def load_run_folder(folder: Path, overrides: list[str]) -> Recipe:
+    """The recipe of run folder `folder` (its recipe.yaml, train.out_dir = the folder) with
+    `overrides`, each of a field that may change on resume (RESUMABLE)."""
+    path = folder / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{folder} is a folder without recipe.yaml, not a run folder of st train; "
+                        "give a recipe file, or the folder st train wrote")
+    apply_overrides({}, overrides)  # their form, first
+    allowed = sorted(RESUMABLE & Train.model_fields.keys() - {"out_dir"})
+    for item in overrides:
+        key = item.partition("=")[0]
+        section, _, field = key.partition(".")
+        if section != "train" or field not in allowed:
+            raise UserError(f"{key} cannot be overridden when resuming the run folder {folder}: it "
+                            f"would change the run's trajectory (may change: "
+                            f"{', '.join('train.' + f for f in allowed)}); start a new run with "
+                            "a recipe file instead")
+    data = read_yaml(path)
+    if not isinstance(data.get("train", {}), dict):
+        raise UserError(f"recipe {path} is invalid: train must be a section")
+    keys = {item.partition("=")[0] for item in overrides}
+    for new, old in (("batch_per_device", "micro_batches"), ("micro_batches", "batch_per_device")):
+        if f"train.{new}" in keys and f"train.{old}" not in keys:  # one replaces the other
+            data.get("train", {}).pop(old, None)
+    data = apply_overrides(data, overrides)
+    data["train"] = {**data.get("train", {}), "out_dir": str(folder)}
+    return parse_recipe(data, source=f"recipe {path}")
 
 
 def prune_snapshots(out_dir: Path, keep: int, step: int) -> None:
@@ -491,7 +634,7 @@ def oom_message(cfg, ctx: distributed.Context, step: int, last_good: str) -> str
     advice = [f"train.batch_per_device={max(per_pass // 2, 1)} (or train.micro_batches="
               f"{cfg.micro_batches * 2}: the same step in smaller passes)"]
     if cfg.precision == "fp32":
-        advice.append("train.precision=bf16")
+        advice.append("train.precision=bf16 (fp16 before Ampere GPUs)")
     advice.append("a smaller net or train.batch_size (these change the run)")
     return (f"out of memory on {ctx.device} at step {step + 1}{peak}: train.batch_size="
             f"{cfg.batch_size} over {ctx.world_size} process(es) = {per_device} per device, in "

@@ -1,7 +1,8 @@
 """Run by torchrun in test_ddp.py: trains a tiny recipe and records, per rank, every tau drawn
 (through a truncation registered here, the public registry API), every STF reference batch
-with the micro-batch it served, and the final parameters.  Extra arguments after the output
-folder are recipe overrides."""
+with the micro-batch it served, the rows of each sample grid it drew (and rank 0 the last
+grid again, alone), and the final parameters.  Extra arguments after the output folder are
+recipe overrides."""
 
 import json
 import sys
@@ -10,6 +11,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
+from stcli.distributed import Context
 from stcli.registry import TRUNCATIONS
 from stcli.stf import STF
 from stcli.truncation import Power
@@ -50,6 +52,14 @@ if __name__ == "__main__":
         trainer_box["t"] = self
 
     train_mod.Trainer.__init__ = keep
+    grid_rows, real_share = [], train_mod.grid_share
+
+    def share(n, ctx):
+        rows = real_share(n, ctx)
+        grid_rows.append(list(rows))
+        return rows
+
+    train_mod.grid_share = share
     train_mod.train(recipe)
     t = trainer_box["t"]
     rank = t.ctx.rank
@@ -58,4 +68,7 @@ if __name__ == "__main__":
     save_file({f"{kind}.{i}": t.contiguous() for i, pair in enumerate(REFERENCES)
                for kind, t in zip(("reference", "x0"), pair)}, f"{out}/references-{rank}.safetensors")
     with open(f"{out}/tau-{rank}.json", "w") as f:
-        json.dump({"tau": DRAWN, "world": t.ctx.world_size}, f)
+        json.dump({"tau": DRAWN, "world": t.ctx.world_size, "grid_rows": grid_rows}, f)
+    if recipe.train.sample_every and rank == 0:  # the last grid again, from the same EMA, alone
+        t.ctx = Context(0, 1, t.device)
+        t.sample_grid(f"{out}/single-process-grid.png")

@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from conftest import ROOT, run_st
+from PIL import Image
 from safetensors.torch import load_file
 
 
@@ -19,7 +21,11 @@ def run_probe(path, out, *overrides):
 
 
 def test_two_gloo_processes_stay_in_lockstep(tiny_recipe, tmp_path):
-    path = tiny_recipe("ddp", train={"steps": 4, "micro_batches": 2})
+    """...and draw the sample grid together: each rank its share of the rows (no rank waits in
+    a collective while another samples); row i depends only on (seed, i), so the gathered grid
+    is the one a single process draws from the same EMA weights."""
+    path = tiny_recipe("ddp", train={"steps": 4, "micro_batches": 2, "sample_every": 4,
+                                     "grid_size": 3})
     run_probe(path, tmp_path)
     taus = [json.loads((tmp_path / f"tau-{r}.json").read_text()) for r in (0, 1)]
     assert taus[0]["world"] == taus[1]["world"] == 2
@@ -28,6 +34,12 @@ def test_two_gloo_processes_stay_in_lockstep(tiny_recipe, tmp_path):
     p0, p1 = (load_file(str(tmp_path / f"params-{r}.safetensors")) for r in (0, 1))
     for k in p0:
         assert torch.equal(p0[k], p1[k]), k
+    assert [t["grid_rows"] for t in taus] == [[[0]], [[1, 2]]]  # one grid (step 4), 1 + 2 rows
+    two, one = (np.asarray(Image.open(p)) for p in (path.parent / "ddp" / "samples" / "grid-4.png",
+                                                    tmp_path / "single-process-grid.png"))
+    assert one.shape == two.shape == (22, 22, 3) and np.array_equal(one, two)
+    cells = [one[2:10, 2:10], one[2:10, 12:20], one[12:20, 2:10]]  # 8px images, 2px padding
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
 
 
 def test_stf_reference_gathered_across_ranks(tiny_recipe, tmp_path):
@@ -58,3 +70,4 @@ def test_cli_procs_relaunches_through_torchrun(tiny_recipe):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "x 2 process(es)" in res.stdout
     assert (path.parent / "procs" / "ckpt.safetensors").is_file()
+

@@ -154,7 +154,9 @@ def test_recipe_files_that_are_not_yaml_text(tmp_path, capsys):
     binary = tmp_path / "model.safetensors"
     binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\x00\x00")
     refused(st(capsys, "train", binary), f"recipe {binary} is a binary file")
-    refused(st(capsys, "train", tmp_path), f"recipe {tmp_path} is a folder, not a YAML file")
+    refused(st(capsys, "recipe", "validate", tmp_path), f"recipe {tmp_path} is a folder, not a YAML file")
+    refused(st(capsys, "train", tmp_path), f"{tmp_path} is a folder without recipe.yaml, not a run "
+            "folder of st train")  # st train accepts run folders
 
 
 def test_a_repeated_yaml_key_is_refused(tiny_recipe, capsys):
