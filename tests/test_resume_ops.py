@@ -120,7 +120,7 @@ def test_run_settings_may_change_on_resume_the_trajectory_may_not(tiny_recipe, c
     assert code == 0, err
     steps, ref = log(folder), {r["step"]: r for r in log(full.out_dir)}
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    assert all(r["tau"] == ref[r["step"]]["tau"] and r["lr"] == ref[r["step"]]["lr"] for r in steps)
+    assert all(r["tau_mean"] == ref[r["step"]]["tau_mean"] and r["lr"] == ref[r["step"]]["lr"] for r in steps)
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert (folder / "samples" / "grid-5.png").is_file()
     assert meta(folder / "ckpt.safetensors")["step"] == 6
