@@ -40,7 +40,7 @@ from stcli.seeding import generator, seed_for
 # Fields of `train` that may change when a run is resumed (they leave the model's trajectory
 # alone); everything else must match the checkpoint.  micro_batches / batch_per_device split the
 # same global batch (train.batch_size) differently: the step's expectation is the same, though
-# its noise draws, keyed by micro-batch, are not.  log / eval_every: experiment tracking.
+# its noise draws, keyed by micro-batch, are not.  log, heldout_*: experiment tracking.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
              "workers", "device", "out_dir", "channels_last", "tf32", "keep_last",
              "snapshot_weights", "micro_batches", "batch_per_device", "compile", "log", "eval_every",
