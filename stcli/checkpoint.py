@@ -3,6 +3,8 @@
 A checkpoint holds the model, its EMA, the optimizer state, every RNG state, the step and
 the resolved recipe.  Writes go to a temporary file in the same folder, are fsynced, then
 renamed over the target, so an interrupted write never damages the last good checkpoint.
+The training-state helpers at the end pack these states for `st train` and restore them on
+resume, each part checked.
 """
 
 from __future__ import annotations
@@ -112,3 +114,81 @@ def section(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """The tensors saved under `prefix.`, with the prefix removed."""
     p = prefix + "."
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+# --- the training state a resume restores, each part checked ------------------------------------
+def training_state(model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   device: torch.device) -> tuple[dict[str, torch.Tensor], list]:
+    """The tensors of a resumable checkpoint (weights, EMA weights, Adam's state, the global RNG
+    states) and the optimizer's parameter groups (for the metadata, `optim_groups`)."""
+    opt = optimizer.state_dict()
+    tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()),
+               "rng.cpu": torch.get_rng_state()}
+    for i, state in opt["state"].items():
+        tensors.update(prefixed(f"optim.{i}", state))
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors, opt["param_groups"]
+
+
+def optimizer_state(tensors: dict, meta: dict, model: torch.nn.Module, step: int, path) -> dict:
+    """Adam's state dict from a checkpoint, every tensor present with its parameter's shape."""
+    params = list(model.parameters())
+    groups = meta.get("optim_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise UserError(f"checkpoint {path} is damaged: it holds no optimizer settings (optim_groups)")
+    if sorted(i for g in groups for i in g["params"]) != list(range(len(params))):
+        raise UserError(f"checkpoint {path} does not match the net: its optimizer covers other "
+                        "parameters")
+    states = {}
+    for i, p in enumerate(params):
+        state = section(f"optim.{i}", tensors)
+        if not state and step == 0:
+            continue
+        for key, shape in (("exp_avg", p.shape), ("exp_avg_sq", p.shape), ("step", None)):
+            if key not in state:
+                raise UserError(f"checkpoint {path} is damaged: it lacks the optimizer tensor "
+                                f"optim.{i}.{key}")
+            if shape is not None and state[key].shape != shape:
+                raise UserError(f"checkpoint {path} is damaged: optim.{i}.{key} has shape "
+                                f"{tuple(state[key].shape)}, its parameter {tuple(shape)}")
+        states[i] = state
+    return {"state": states, "param_groups": groups}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict,
+                      meta: dict, step: int, path) -> None:
+    """Load Adam's state of the checkpoint into `optimizer` (of `model`'s parameters)."""
+    try:
+        optimizer.load_state_dict(optimizer_state(tensors, meta, model, step, path))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"checkpoint {path} is damaged: its optimizer state does not fit "
+                        f"({str(err).splitlines()[0]})") from None
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, meta: dict, step: int, path) -> None:
+    """fp16: the loss scale (and its growth count) of the checkpoint."""
+    if not scaler.is_enabled() or step == 0:
+        return
+    state = meta.get("grad_scaler")
+    try:
+        scaler.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError, AttributeError):
+        raise UserError(f"checkpoint {path} is damaged: it holds no valid fp16 loss scaler "
+                        "state (grad_scaler)") from None
+
+
+def restore_rng(tensors: dict, meta: dict, world_size: int, device: torch.device, path) -> None:
+    """The global RNG states (dropout) of the checkpoint, restored only when it was written by
+    as many processes."""
+    if "rng.cpu" not in tensors:
+        raise UserError(f"checkpoint {path} is damaged: it holds no CPU RNG state (rng.cpu)")
+    if meta.get("world_size", 1) == world_size:
+        try:
+            torch.set_rng_state(tensors["rng.cpu"])
+            if device.type == "cuda" and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        except (RuntimeError, TypeError) as err:
+            raise UserError(f"checkpoint {path} is damaged: its RNG state cannot be restored "
+                            f"({str(err).splitlines()[0]})") from None

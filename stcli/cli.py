@@ -67,7 +67,7 @@ def train(
 
     resume = "auto" if resume_auto else resume
     if Path(recipe).is_dir():  # a run folder: its stored recipe, resumed
-        from stcli.train import load_run_folder
+        from stcli.rundir import load_run_folder
 
         spec, resume = load_run_folder(Path(recipe), list(overrides or [])), resume or True
     else:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -25,26 +23,23 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from stcli import checkpoint, distributed, tracking
+from stcli import checkpoint, distributed, rundir, tracking
 from stcli.console import StepProgress, fmt_eta, info
 from stcli.data import collate
 from stcli.errors import TrainingStopped, UserError, plain_message
 from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
-from stcli.recipe import Recipe, Train, apply_overrides, parse_recipe, read_yaml
-from stcli.runlock import RunLock, remove_temporaries, temporary_name
+from stcli.recipe import Recipe
+from stcli.resources import default_workers as default_workers  # still importable from here
+from stcli.resources import is_out_of_memory, oom_message, resolve_micro_batches, resolve_workers
+from stcli.rundir import RESUMABLE as RESUMABLE  # still importable from here
+from stcli.rundir import check_compatible, prune_snapshots, resolve_resume
+from stcli.rundir import load_run_folder as load_run_folder  # still importable from here
+from stcli.runlock import RunLock
 from stcli.sample import MIN_ROWS
 from stcli.seeding import generator, seed_for
 
-# Fields of `train` that may change when a run is resumed (they leave the model's trajectory
-# alone); everything else must match the checkpoint.  micro_batches / batch_per_device split the
-# same global batch (train.batch_size) differently: the step's expectation is the same, though
-# its noise draws, keyed by micro-batch, are not.  log, heldout_*: experiment tracking.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every", "grid_size",
-             "workers", "device", "out_dir", "channels_last", "tf32", "keep_last",
-             "snapshot_weights", "micro_batches", "batch_per_device", "compile", "log", "eval_every",
-             "heldout_every", "heldout_size"}
 INITIAL_LOSS_SCALE = 2.0**16  # fp16: the loss scale of a fresh run (torch's GradScaler default)
 
 
@@ -109,7 +104,7 @@ class Trainer:
             raise UserError(f"train.batch_size={self.cfg.batch_size} must be divisible by "
                             f"processes x micro_batches = {ctx.world_size * self.cfg.micro_batches}")
         self.out_dir = recipe.out_dir
-        self.ckpt_path = self.out_dir / "ckpt.safetensors"
+        self.ckpt_path = self.out_dir / rundir.CHECKPOINT
         self.data = recipe.data
         self.dataset = self.data.create(self.data.training_split)
         self.sde = recipe.sde
@@ -132,7 +127,7 @@ class Trainer:
         torch.manual_seed(seed_for(recipe.seed, "global", ctx.rank))
         self.resume, self._ckpt_id = resume, None
         self.clock = tracking.Clock()
-        self._check_out_dir()
+        rundir.check_out_dir(self.out_dir, resume)
         if resume:
             self._load(self.ckpt_path)
         self.ddp = distributed.wrap(self.model, ctx)
@@ -145,53 +140,18 @@ class Trainer:
             if self.cfg.heldout_every else None
 
     # --- run directory and checkpoints ------------------------------------------------------
-    def _check_out_dir(self) -> None:
-        """What the run folder must (not) hold; writes nothing."""
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise UserError(f"train.out_dir {self.out_dir} exists and is not a folder")
-        if self.resume and not self.ckpt_path.is_file():
-            raise UserError(f"nothing to resume: {self.ckpt_path} does not exist")
-        if not self.resume and self.ckpt_path.exists():
-            raise UserError(f"{self.out_dir} already holds a run; continue it with --resume or "
-                            "choose another train.out_dir")
-
-    def _prepare_out_dir(self) -> None:
-        """Under the run lock, once every check has passed: the folder as this run needs it."""
-        self._check_out_dir()  # again: another run may have finished since
-        if self.resume and _file_id(self.ckpt_path) != self._ckpt_id:
-            raise UserError(f"{self.ckpt_path} changed while it was being read; run again")
-        try:
-            removed = remove_temporaries(self.out_dir)
-            if removed:
-                info(f"removed {removed} temporary file(s) left in {self.out_dir} by an interrupted run")
-            (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            write_text(self.out_dir / "recipe.yaml", self.recipe.to_yaml())
-            self.tracker.open(self.step if self.resume else None)
-        except OSError as err:
-            raise UserError(f"cannot write to the output folder {self.out_dir}: {err}") from None
-
     def _claim_out_dir(self) -> None:
-        """Prepare the run folder on rank 0; every rank learns whether it worked."""
-        failure = None
-        if self.ctx.is_main:
-            try:
-                self._prepare_out_dir()
-            except UserError as err:
-                failure = err
-        distributed.agree(failure, self.ctx, "prepare the run folder")
+        """Prepare the run folder on rank 0 (under the run lock, once every check has passed)."""
+        def prepare() -> None:
+            rundir.prepare_out_dir(self.out_dir, self.resume, self._ckpt_id, self.recipe,
+                                   open_log=lambda: self.tracker.open(self.step if self.resume else None))
+
+        rundir.claim_out_dir(self.ctx, prepare)
 
     def _state(self) -> tuple[dict, dict]:
-        opt = self.optimizer.state_dict()
-        tensors = {**checkpoint.prefixed("model", self.model.state_dict()),
-                   **checkpoint.prefixed("ema", self.ema.state_dict()),
-                   "rng.cpu": torch.get_rng_state()}
-        for i, state in opt["state"].items():
-            tensors.update(checkpoint.prefixed(f"optim.{i}", state))
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {"step": self.step, "recipe": self.recipe.to_dict(),
-                "optim_groups": opt["param_groups"], "world_size": self.ctx.world_size,
-                "wall_s": self.clock.now()}
+        tensors, groups = checkpoint.training_state(self.model, self.ema, self.optimizer, self.device)
+        meta = {"step": self.step, "recipe": self.recipe.to_dict(), "optim_groups": groups,
+                "world_size": self.ctx.world_size, "wall_s": self.clock.now()}
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict()
         return tensors, meta
@@ -219,7 +179,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         """Restore every state of checkpoint `path`, each part checked (a UserError if not)."""
-        self._ckpt_id = _file_id(path)
+        self._ckpt_id = rundir.file_id(path)
         opened = open_checkpoint(path)
         tensors, meta = opened.tensors, opened.meta
         if meta.get("snapshot_weights") == "ema":
@@ -240,34 +200,10 @@ class Trainer:
             self.step = opened.step  # an st import: the weights only, a fresh Adam and RNG
             return
         self.clock = tracking.Clock.resumed(meta, path)
-        try:
-            self.optimizer.load_state_dict(optimizer_state(tensors, meta, self.model, opened.step, path))
-        except (ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise UserError(f"checkpoint {path} is damaged: its optimizer state does not fit "
-                            f"({str(err).splitlines()[0]})") from None
-        self._load_scaler(meta, opened.step, path)
-        if "rng.cpu" not in tensors:
-            raise UserError(f"checkpoint {path} is damaged: it holds no CPU RNG state (rng.cpu)")
-        if meta.get("world_size", 1) == self.ctx.world_size:
-            try:
-                torch.set_rng_state(tensors["rng.cpu"])
-                if self.device.type == "cuda" and "rng.cuda" in tensors:
-                    torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-            except (RuntimeError, TypeError) as err:
-                raise UserError(f"checkpoint {path} is damaged: its RNG state cannot be restored "
-                                f"({str(err).splitlines()[0]})") from None
+        checkpoint.restore_optimizer(self.optimizer, self.model, tensors, meta, opened.step, path)
+        checkpoint.restore_scaler(self.scaler, meta, opened.step, path)
+        checkpoint.restore_rng(tensors, meta, self.ctx.world_size, self.device, path)
         self.step = opened.step
-
-    def _load_scaler(self, meta: dict, step: int, path: Path) -> None:
-        """fp16: the loss scale (and its growth count) of the checkpoint."""
-        if not self.scaler.is_enabled() or step == 0:
-            return
-        state = meta.get("grad_scaler")
-        try:
-            self.scaler.load_state_dict(state)
-        except (KeyError, TypeError, RuntimeError, AttributeError):
-            raise UserError(f"checkpoint {path} is damaged: it holds no valid fp16 loss scaler "
-                            "state (grad_scaler)") from None
 
     # --- one optimisation step ---------------------------------------------------------------
     def train_step(self, batch: torch.Tensor, extra: torch.Tensor | None = None
@@ -525,181 +461,6 @@ def padded_score(score):
         return score(x, t)[:k]
 
     return padded
-
-
-def default_workers(device: torch.device, cpus: int, local_procs: int) -> int:
-    """train.workers when unset.  On CUDA: min(8, the CPUs of each process on this node), so that
-    decoding and augmenting the next batches overlaps the GPU's work.  On the CPU: 0 -- the net's
-    forward and backward already use every core (torch's intra-op threads), and worker processes
-    would compete with them for the same cores at a start-up cost per run."""
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, cpus // max(1, local_procs)))
-
-
-def resolve_workers(cfg, device: torch.device):
-    """The train section with `workers` set (default_workers when the recipe leaves it unset)."""
-    if cfg.workers is not None:
-        return cfg
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the processes on this node
-    return cfg.model_copy(update={"workers": default_workers(device, cpus, local)})
-
-
-def load_run_folder(folder: Path, overrides: list[str]) -> Recipe:
-    """The recipe of run folder `folder` (its recipe.yaml, train.out_dir = the folder) with
-    `overrides`, each of a field that may change on resume (RESUMABLE)."""
-    path = folder / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{folder} is a folder without recipe.yaml, not a run folder of st train; "
-                        "give a recipe file, or the folder st train wrote")
-    apply_overrides({}, overrides)  # their form, first
-    allowed = sorted(RESUMABLE & Train.model_fields.keys() - {"out_dir"})
-    for item in overrides:
-        key = item.partition("=")[0]
-        section, _, field = key.partition(".")
-        if section != "train" or field not in allowed:
-            raise UserError(f"{key} cannot be overridden when resuming the run folder {folder}: it "
-                            f"would change the run's trajectory (may change: "
-                            f"{', '.join('train.' + f for f in allowed)}); start a new run with "
-                            "a recipe file instead")
-    data = read_yaml(path)
-    if not isinstance(data.get("train", {}), dict):
-        raise UserError(f"recipe {path} is invalid: train must be a section")
-    keys = {item.partition("=")[0] for item in overrides}
-    for new, old in (("batch_per_device", "micro_batches"), ("micro_batches", "batch_per_device")):
-        if f"train.{new}" in keys and f"train.{old}" not in keys:  # one replaces the other
-            data.get("train", {}).pop(old, None)
-    data = apply_overrides(data, overrides)
-    data["train"] = {**data.get("train", {}), "out_dir": str(folder)}
-    return parse_recipe(data, source=f"recipe {path}")
-
-
-def prune_snapshots(out_dir: Path, keep: int, step: int) -> None:
-    """Delete all but the newest `keep` snapshots ckpt-<n>.safetensors with n <= `step` (later
-    ones, left by a run that crashed before its next checkpoint, are overwritten in turn)."""
-    snapshots = sorted((int(m[1]), p) for p in out_dir.glob("ckpt-*.safetensors")
-                       if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", p.name)) and int(m[1]) <= step)
-    for _, path in snapshots[:-keep]:
-        path.unlink(missing_ok=True)
-
-
-def resolve_resume(resume: bool | str, recipe: Recipe, ctx: distributed.Context) -> bool:
-    """`--resume auto`: resume if the run folder holds ckpt.safetensors, else start afresh; a
-    folder holding only snapshots is refused (never a silent fresh start over a trained run)."""
-    if resume != "auto":
-        return bool(resume)
-    ckpt = recipe.out_dir / "ckpt.safetensors"
-    if ckpt.exists():
-        if ctx.is_main:
-            info(f"--resume auto: {ckpt} exists; resuming")
-        return True
-    snapshots = sorted(recipe.out_dir.glob("ckpt-*.safetensors"))
-    if snapshots:
-        raise UserError(f"--resume auto: {recipe.out_dir} holds snapshots ({snapshots[-1].name}, ...) "
-                        "but no ckpt.safetensors; copy the snapshot to continue from to "
-                        "ckpt.safetensors, or choose another train.out_dir to start afresh")
-    if ctx.is_main:
-        info(f"--resume auto: no checkpoint in {recipe.out_dir}; starting afresh")
-    return False
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def resolve_micro_batches(cfg, world: int):
-    """The train section with micro_batches following from batch_per_device (EDM's
-    --batch-gpu): batch_size / processes / batch_per_device micro-batches per step."""
-    per_device = cfg.batch_per_device
-    if per_device is None:
-        return cfg
-    if cfg.batch_size % world or (cfg.batch_size // world) % per_device:
-        raise UserError(f"train.batch_per_device={per_device} must divide the batch of each "
-                        f"process, train.batch_size={cfg.batch_size} / {world} process(es)")
-    micro = cfg.batch_size // world // per_device
-    if "micro_batches" in cfg.model_fields_set and cfg.micro_batches not in (1, micro):
-        raise UserError(f"train.micro_batches={cfg.micro_batches} contradicts "
-                        f"train.batch_per_device={per_device} (which means {micro} micro-batches "
-                        f"with {world} process(es)): set only one of them")
-    return cfg.model_copy(update={"micro_batches": micro})
-
-
-def oom_message(cfg, ctx: distributed.Context, step: int, last_good: str) -> str:
-    per_device = cfg.batch_size // ctx.world_size
-    per_pass = per_device // cfg.micro_batches
-    peak = ""
-    if ctx.device.type == "cuda":
-        peak = f", peak {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f} GiB allocated"
-    advice = [f"train.batch_per_device={max(per_pass // 2, 1)} (or train.micro_batches="
-              f"{cfg.micro_batches * 2}: the same step in smaller passes)"]
-    if cfg.precision == "fp32":
-        advice.append("train.precision=bf16 (fp16 before Ampere GPUs)")
-    advice.append("a smaller net or train.batch_size (these change the run)")
-    return (f"out of memory on {ctx.device} at step {step + 1}{peak}: train.batch_size="
-            f"{cfg.batch_size} over {ctx.world_size} process(es) = {per_device} per device, in "
-            f"train.micro_batches={cfg.micro_batches} pass(es) of {per_pass} images, "
-            f"train.precision={cfg.precision}; try {'; or '.join(advice)}. {last_good[0].upper()}"
-            f"{last_good[1:]}.")
-
-
-def _file_id(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomically replace `path` by `text` (a temporary file, then a rename)."""
-    tmp = path.with_name(temporary_name(path.name))
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def optimizer_state(tensors: dict, meta: dict, model: torch.nn.Module, step: int, path) -> dict:
-    """Adam's state dict from a checkpoint, every tensor present with its parameter's shape."""
-    params = list(model.parameters())
-    groups = meta.get("optim_groups")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in groups):
-        raise UserError(f"checkpoint {path} is damaged: it holds no optimizer settings (optim_groups)")
-    if sorted(i for g in groups for i in g["params"]) != list(range(len(params))):
-        raise UserError(f"checkpoint {path} does not match the net: its optimizer covers other "
-                        "parameters")
-    states = {}
-    for i, p in enumerate(params):
-        state = checkpoint.section(f"optim.{i}", tensors)
-        if not state and step == 0:
-            continue
-        for key, shape in (("exp_avg", p.shape), ("exp_avg_sq", p.shape), ("step", None)):
-            if key not in state:
-                raise UserError(f"checkpoint {path} is damaged: it lacks the optimizer tensor "
-                                f"optim.{i}.{key}")
-            if shape is not None and state[key].shape != shape:
-                raise UserError(f"checkpoint {path} is damaged: optim.{i}.{key} has shape "
-                                f"{tuple(state[key].shape)}, its parameter {tuple(shape)}")
-        states[i] = state
-    return {"state": states, "param_groups": groups}
-
-
-def check_compatible(saved: Recipe, requested: Recipe, path: Path) -> None:
-    """Refuse to resume (or evaluate) with a recipe that differs in anything but run settings."""
-    a, b = saved.to_dict(), requested.to_dict()
-    for d in (a, b):
-        d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE}
-    diffs = sorted(_diff(a, b))
-    if diffs:
-        raise UserError(f"the recipe differs from the one in {path} at: {', '.join(diffs)}")
-
-
-def _diff(a, b, prefix: str = ""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in a.keys() | b.keys():
-            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif a != b:
-        yield prefix.rstrip(".")
 
 
 def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:

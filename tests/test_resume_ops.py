@@ -13,10 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import stcli.train as train_mod
-from stcli import checkpoint
+from stcli import checkpoint, resources
 from stcli.errors import UserError
 from stcli.recipe import load_recipe
-from stcli.train import default_workers, resolve_workers, train
+from stcli.resources import default_workers, resolve_workers
+from stcli.train import train
 
 
 def same_checkpoints(a, b, prefixes=("model.", "ema.", "optim.")) -> None:
@@ -222,7 +223,7 @@ def test_workers_resolved_unless_set(tiny_recipe, monkeypatch):
     cfg = load_recipe(tiny_recipe("w")).train
     assert cfg.workers is None
     assert resolve_workers(cfg, torch.device("cpu")).workers == 0
-    monkeypatch.setattr(train_mod.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resolve_workers(cfg, torch.device("cuda")).workers == 6
     explicit = load_recipe(tiny_recipe("w3", train={"workers": 3})).train
