@@ -69,6 +69,26 @@ def tiny_ckpt(tiny_ckpt_shared, tmp_path_factory) -> Path:
     return run / tiny_ckpt_shared.name
 
 
+def with_eval(ckpt: Path, dst: Path, evaluation: dict) -> Path:
+    """A copy of checkpoint `ckpt` at `dst` whose recipe's eval section has `evaluation` merged
+    in: the same weights, as if trained with that eval section (which training never reads)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = dict(f.metadata())
+    recipe = json.loads(meta["recipe"])
+    merged = recipe.get("eval") or {}
+    for section, values in evaluation.items():
+        merged[section] = {**(merged.get(section) or {}), **values}
+    meta["recipe"] = json.dumps({**recipe, "eval": merged})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(ckpt)), str(dst), metadata=meta)
+    return dst
+
+
 class Gaussian:
     """Data N(m, Sigma), Sigma = Q diag(lam) Q^T (s^2 I unless `rotate`), diffused by `sde`:
     p_t = N(mu_t m, V_t), V_t = mu_t^2 Sigma + sigma_t^2 I with eigenvalues v_i(t) = mu_t^2 lam_i

@@ -15,8 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import ROOT, TINY, st
+from conftest import ROOT, st, with_eval
 from PIL import Image
 
 from stcli.errors import UserError
@@ -395,21 +394,12 @@ def test_imagenet32_npz_release_is_read_into_one_preallocated_tensor(tmp_path, m
 
 # ---- st nll takes its defaults from eval.nll ---------------------------------------------------
 @pytest.fixture(scope="module")
-def eps_ckpts(tmp_path_factory):
-    """Two 1-step checkpoints of one tiny recipe: without an eval section, and with
-    eval.nll.eps = 1e-2, probes 2 and fid.resize clean (identical weights: same seed, data)."""
-    from stcli.recipe import load_recipe as load
-    from stcli.train import train
-
-    root, out = tmp_path_factory.mktemp("eps_ckpts"), {}
+def eps_ckpts(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint (no eval section), and the same weights with eval.nll.eps = 1e-2,
+    probes 2 and fid.resize clean in its recipe."""
     settings = {"nll": {"eps": 1e-2, "probes": 2}, "fid": {"resize": "clean"}}
-    for key, evaluation in (("plain", None), ("eval", settings)):
-        data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / key), "steps": 1}}
-        if evaluation:
-            data["eval"] = evaluation
-        (root / f"{key}.yaml").write_text(yaml.safe_dump(data))
-        out[key] = train(load(root / f"{key}.yaml")).out_dir / "ckpt.safetensors"
-    return out
+    return {"plain": tiny_ckpt,
+            "eval": with_eval(tiny_ckpt, tmp_path_factory.mktemp("eps") / "eval.safetensors", settings)}
 
 
 def _nll(capsys, tmp_path, ckpt, *options) -> dict:
