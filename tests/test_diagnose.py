@@ -120,7 +120,7 @@ def test_st_diagnose_writes_plot_and_json(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--tau", "2"], "--tau must lie in"),
-    (["--weights", "bad"], "--weights must be"),
+    (["--weights", "bad"], "Invalid value for '--weights'"),
     (["--limit", "1"], "--limit is too small"),
 ])
 def test_st_diagnose_user_errors_exit_2(ckpt, tmp_path, capsys, args, message):
