@@ -41,8 +41,7 @@ Resize = Literal["tf", "clean"]
 Dtype = Literal["fp32", "fp16", "bf16"]
 SAMPLER_PLACEHOLDER = Literal["(the registered samplers)"]  # set by `_command` from SAMPLERS
 
-Weights = Annotated[WeightsName, typer.Option("--weights",
-                                      help="Checkpoint weights: ema or raw.")]
+Weights = Annotated[WeightsName, typer.Option("--weights", help="Checkpoint weights: ema or raw.")]
 Sampler = Annotated[Optional[SAMPLER_PLACEHOLDER], typer.Option(
     "--sampler", show_default=False,
     help="Sampler (default: the checkpoint's recipe's).")]
@@ -154,8 +153,7 @@ FidWeights = Annotated[Optional[str], typer.Option(
     help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
     "6726825d.pth) for machines without network; see docs/evaluation.md.")]
 FidResize = Annotated[Optional[Resize], typer.Option(
-    "--resize", show_default=False,
-    help="How images reach Inception's 299x299 input: tf "
+    "--resize", show_default=False, help="How images reach Inception's 299x299 input: tf "
     "(torch-fidelity's TF-compatible bilinear resize; the CIFAR-10 protocol) or clean "
     "(clean-fid's PIL bicubic). Default: a recipe's eval.fid.resize, else tf.")]
 FidExtractor = Annotated[str, typer.Option(
@@ -256,11 +254,9 @@ def sample(
     steps: Annotated[Optional[int], typer.Option(
         "--steps", help="Grid steps of pc / euler / heun / euler_maruyama.")] = None,
     predictor: Annotated[Optional[Predictor], typer.Option(
-        "--predictor", show_default=False,
-        help="pc predictor.")] = None,
+        "--predictor", show_default=False, help="pc predictor.")] = None,
     corrector: Annotated[Optional[Corrector], typer.Option(
-        "--corrector", show_default=False,
-        help="pc corrector.")] = None,
+        "--corrector", show_default=False, help="pc corrector.")] = None,
     snr: Annotated[Optional[float], typer.Option(
         "--snr", help="Signal-to-noise ratio of the Langevin corrector.")] = None,
     rtol: Annotated[Optional[float], typer.Option(
@@ -273,11 +269,10 @@ def sample(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch and process.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Image i uses a seed derived from (seed, i).")] = 0,
     weights: Weights = "ema",
-    fmt: Annotated[Format, typer.Option("--format",
-                                     help="png (one file per image) or npz (one file).")] = "png",
+    fmt: Annotated[Format, typer.Option(
+        "--format", help="png (one file per image) or npz (one file).")] = "png",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
-    precision: Annotated[Precision, typer.Option("--precision",
-                                           help="bf16: autocast.")] = "fp32",
+    precision: Annotated[Precision, typer.Option("--precision", help="bf16: autocast.")] = "fp32",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete samples made otherwise (another checkpoint, sampler, seed, "
         "...) in --out and start afresh; without it such a folder is refused.")] = False,
@@ -301,12 +296,10 @@ def nll(
         "--eps", show_default=False, help="Integrate the probability-flow ODE from eps to T "
         "(default: the recipe's eval.nll.eps, else its training eps).")] = None,
     correction: Annotated[Optional[Correction], typer.Option(
-        "--correction", show_default=False,
-        help="after: -log p_eps(x_eps) + R_eps (the "
+        "--correction", show_default=False, help="after: -log p_eps(x_eps) + R_eps (the "
         "paper's); before: -log p_eps(x0) (default: the recipe's eval.nll.correction).")] = None,
     divergence: Annotated[Optional[Divergence], typer.Option(
-        "--divergence",
-        show_default=False, help="rademacher | gaussian (Hutchinson) | exact "
+        "--divergence", show_default=False, help="rademacher | gaussian (Hutchinson) | exact "
         "(low dimension) (default: the recipe's eval.nll.hutchinson).")] = None,
     probes: Annotated[Optional[int], typer.Option(
         "--probes", min=1, show_default=False,
@@ -325,17 +318,14 @@ def nll(
         "--atol", show_default=False,
         help="ODE absolute tolerance (default: the recipe's eval.nll.atol).")] = None,
     time_variable: Annotated[Optional[TimeVariable], typer.Option(
-        "--time-variable",
-        show_default=False,
-        help="The ODE's integration variable (default: the recipe's eval.nll.time_variable, t).")] = None,
+        "--time-variable", show_default=False, help="The ODE's integration variable (default: "
+        "the recipe's eval.nll.time_variable, t).")] = None,
     error_norm: Annotated[Optional[ErrorNorm], typer.Option(
-        "--error-norm", show_default=False,
-        help="rms (over all of x and log p, scipy's) | "
+        "--error-norm", show_default=False, help="rms (over all of x and log p, scipy's) | "
         "rms_per_part (log p held to the tolerances on its own) (default: the recipe's "
         "eval.nll.error_norm, rms).")] = None,
     protocol: Annotated[Protocol, typer.Option(
-        "--protocol",
-        help="default (the recipe's eval.nll) | paper (RK45 conventions, rtol = atol "
+        "--protocol", help="default (the recipe's eval.nll) | paper (RK45 conventions, rtol = atol "
         "= 1e-5 in t, no override).")] = "default",
     nelbo: Annotated[bool, typer.Option(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
@@ -434,8 +424,7 @@ def export(
     ckpt: Annotated[str, typer.Argument(help="An st checkpoint.", metavar="CKPT")],
     out: Annotated[str, typer.Option("--out", help="File to write (.safetensors).")],
     weights: Weights = "ema",
-    dtype: Annotated[Dtype, typer.Option("--dtype",
-                                       help="Floating-point type of the weights.")] = "fp32",
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Floating-point type of the weights.")] = "fp32",
 ):
     """Inference-only weights of CKPT plus its recipe (no optimizer state, no RNG states)."""
     from stcli.export import export as run_export

@@ -3,8 +3,6 @@ that are real command lines (parsed by st's own parser) naming files that exist.
 
 import re
 import shlex
-import subprocess
-import sys
 from typing import get_args
 
 import pytest
@@ -21,12 +19,11 @@ def test_version_matches_the_package_metadata():
 
 
 @pytest.mark.parametrize("command", sorted(EXAMPLES))
-def test_help_ends_with_examples(command):
-    res = subprocess.run([sys.executable, "-m", "stcli", command, "--help"], capture_output=True,
-                         text=True, env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), "PATH": ""},
-                         cwd=ROOT, timeout=60)
-    assert res.returncode == 0, res.stderr
-    lines = [line.strip() for line in res.stdout.splitlines() if line.strip()]
+def test_help_ends_with_examples(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = st(capsys, command, "--help")
+    assert code == 0, err
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
     tail = lines[-(2 * len(EXAMPLES[command]) + 2):]
     assert tail[0] == "Examples:" and tail[-1] == f"More: {DOCS[command]}"
     assert tail[1:-1:2] == [f"# {note}" for _, note in EXAMPLES[command]]
