@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Optional
+from dataclasses import replace
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -23,6 +24,27 @@ app.add_typer(recipe_app, name="recipe")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets from their official releases.")
 app.add_typer(data_app, name="data")
 
+# Options with a fixed set of values are Literal types: the parser checks them (another value is
+# a usage error, exit code 2) and --help lists them.  tests/test_cli_help.py checks that each
+# equals the set its module accepts.
+WeightsName = Literal["ema", "raw"]
+Predictor = Literal["euler_maruyama", "reverse_diffusion", "ancestral"]
+Corrector = Literal["langevin", "none"]
+Format = Literal["png", "npz"]
+Precision = Literal["fp32", "bf16"]
+Correction = Literal["after", "before"]
+Divergence = Literal["rademacher", "gaussian", "exact"]
+TimeVariable = Literal["t", "lambda", "lambda_scaled"]
+ErrorNorm = Literal["rms", "rms_per_part"]
+Protocol = Literal["default", "paper"]
+Resize = Literal["tf", "clean"]
+Dtype = Literal["fp32", "fp16", "bf16"]
+SAMPLER_PLACEHOLDER = Literal["(the registered samplers)"]  # set by `_command` from SAMPLERS
+
+Weights = Annotated[WeightsName, typer.Option("--weights", help="Checkpoint weights: ema or raw.")]
+Sampler = Annotated[Optional[SAMPLER_PLACEHOLDER], typer.Option(
+    "--sampler", show_default=False,
+    help="Sampler (default: the checkpoint's recipe's).")]
 Procs = Annotated[int, typer.Option(
     "--procs", min=1, help="Processes on this node (relaunches itself through torchrun).")]
 RecipeArg = Annotated[str, typer.Argument(help="Path of a YAML recipe.", metavar="RECIPE")]
@@ -142,7 +164,7 @@ FidWeights = Annotated[Optional[str], typer.Option(
     "--inception-weights", envvar="ST_INCEPTION_WEIGHTS", show_default=False,
     help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
     "6726825d.pth) for machines without network; see docs/evaluation.md.")]
-FidResize = Annotated[Optional[str], typer.Option(
+FidResize = Annotated[Optional[Resize], typer.Option(
     "--resize", show_default=False, help="How images reach Inception's 299x299 input: tf "
     "(torch-fidelity's TF-compatible bilinear resize; the CIFAR-10 protocol) or clean "
     "(clean-fid's PIL bicubic). Default: a recipe's eval.fid.resize, else tf.")]
@@ -184,11 +206,8 @@ def fid(
         "--samples-dir", show_default=False, help="Keep the samples drawn from a checkpoint in "
         "this (new or empty) folder; default: a temporary folder, deleted afterwards.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the samples drawn.")] = 0,
-    sampler: Annotated[Optional[str], typer.Option(
-        "--sampler", show_default=False,
-        help="Sampler to draw with (default: the checkpoint's recipe's).")] = None,
-    weights: Annotated[str, typer.Option(
-        "--weights", help="Checkpoint weights to sample with: ema or raw.")] = "ema",
+    sampler: Sampler = None,
+    weights: Weights = "ema",
     device: FidDevice = "auto",
     batch_size: FidBatch = 64,
     cache_dir: FidCache = "~/.cache/st/fidelity",
@@ -243,14 +262,13 @@ def sample(
                                         metavar="CKPT")],
     n: Annotated[int, typer.Option("-n", help="Number of samples to draw.")],
     out: Annotated[str, typer.Option("--out", help="Output folder.")] = "samples",
-    sampler: Annotated[Optional[str], typer.Option(
-        "--sampler", help="pc | ode | euler | heun | euler_maruyama (default: the recipe's).")] = None,
+    sampler: Sampler = None,
     steps: Annotated[Optional[int], typer.Option(
         "--steps", help="Grid steps of pc / euler / heun / euler_maruyama.")] = None,
-    predictor: Annotated[Optional[str], typer.Option(
-        "--predictor", help="pc predictor: euler_maruyama | reverse_diffusion | ancestral.")] = None,
-    corrector: Annotated[Optional[str], typer.Option(
-        "--corrector", help="pc corrector: langevin | none.")] = None,
+    predictor: Annotated[Optional[Predictor], typer.Option(
+        "--predictor", show_default=False, help="pc predictor.")] = None,
+    corrector: Annotated[Optional[Corrector], typer.Option(
+        "--corrector", show_default=False, help="pc corrector.")] = None,
     snr: Annotated[Optional[float], typer.Option(
         "--snr", help="Signal-to-noise ratio of the Langevin corrector.")] = None,
     rtol: Annotated[Optional[float], typer.Option(
@@ -262,10 +280,11 @@ def sample(
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch and process.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Image i uses a seed derived from (seed, i).")] = 0,
-    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
-    fmt: Annotated[str, typer.Option("--format", help="png (one file per image) | npz.")] = "png",
+    weights: Weights = "ema",
+    fmt: Annotated[Format, typer.Option(
+        "--format", help="png (one file per image) or npz (one file).")] = "png",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (autocast).")] = "fp32",
+    precision: Annotated[Precision, typer.Option("--precision", help="bf16: autocast.")] = "fp32",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete samples made otherwise (another checkpoint, sampler, seed, "
         "...) in --out and start afresh; without it such a folder is refused.")] = False,
@@ -288,10 +307,10 @@ def nll(
     eps: Annotated[Optional[float], typer.Option(
         "--eps", show_default=False, help="Integrate the probability-flow ODE from eps to T "
         "(default: the recipe's eval.nll.eps, else its training eps).")] = None,
-    correction: Annotated[Optional[str], typer.Option(
+    correction: Annotated[Optional[Correction], typer.Option(
         "--correction", show_default=False, help="after: -log p_eps(x_eps) + R_eps (the "
         "paper's); before: -log p_eps(x0) (default: the recipe's eval.nll.correction).")] = None,
-    divergence: Annotated[Optional[str], typer.Option(
+    divergence: Annotated[Optional[Divergence], typer.Option(
         "--divergence", show_default=False, help="rademacher | gaussian (Hutchinson) | exact "
         "(low dimension) (default: the recipe's eval.nll.hutchinson).")] = None,
     probes: Annotated[Optional[int], typer.Option(
@@ -310,14 +329,14 @@ def nll(
     atol: Annotated[Optional[float], typer.Option(
         "--atol", show_default=False,
         help="ODE absolute tolerance (default: the recipe's eval.nll.atol).")] = None,
-    time_variable: Annotated[Optional[str], typer.Option(
-        "--time-variable", show_default=False, help="t | lambda | lambda_scaled: the ODE's "
-        "integration variable (default: the recipe's eval.nll.time_variable, t).")] = None,
-    error_norm: Annotated[Optional[str], typer.Option(
+    time_variable: Annotated[Optional[TimeVariable], typer.Option(
+        "--time-variable", show_default=False, help="The ODE's integration variable (default: "
+        "the recipe's eval.nll.time_variable, t).")] = None,
+    error_norm: Annotated[Optional[ErrorNorm], typer.Option(
         "--error-norm", show_default=False, help="rms (over all of x and log p, scipy's) | "
         "rms_per_part (log p held to the tolerances on its own) (default: the recipe's "
         "eval.nll.error_norm, rms).")] = None,
-    protocol: Annotated[str, typer.Option(
+    protocol: Annotated[Protocol, typer.Option(
         "--protocol", help="default (the recipe's eval.nll) | paper (RK45 conventions, rtol = atol "
         "= 1e-5 in t, no override).")] = "default",
     nelbo: Annotated[bool, typer.Option(
@@ -326,7 +345,7 @@ def nll(
         "--nelbo-samples", min=1, help="Monte Carlo draws of (t, z) per datum.")] = 1,
     json_path: Annotated[Optional[str], typer.Option(
         "--json", help="Write every number and the settings here.", show_default=False)] = None,
-    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
+    weights: Weights = "ema",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
     procs: Procs = 1,
@@ -338,11 +357,6 @@ def nll(
     from stcli.nll import NllOptions, evaluate, report, solver_settings
 
     solver = solver_settings(protocol, time_variable, rtol, atol, error_norm)
-    choices = {"correction": ("before", "after"), "divergence": ("rademacher", "gaussian", "exact"),
-               "weights": ("ema", "raw")}
-    for opt, value in (("correction", correction), ("divergence", divergence), ("weights", weights)):
-        if value is not None and value not in choices[opt]:
-            raise UserError(f"--{opt} must be one of {', '.join(choices[opt])}, not {value!r}")
     if eps is not None and not eps > 0:
         raise UserError(f"--eps must be positive, got {eps}")
     _relaunch_if_asked(procs)
@@ -373,7 +387,7 @@ def diagnose(
         "--tau", show_default=False, help="Truncation time of Fig. 6b, repeatable (eps is always "
         "included; default 1e-3, 1e-2, 1e-1).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Network batch size.")] = 256,
-    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
+    weights: Weights = "ema",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
 ):
@@ -421,8 +435,8 @@ def import_(
 def export(
     ckpt: Annotated[str, typer.Argument(help="An st checkpoint.", metavar="CKPT")],
     out: Annotated[str, typer.Option("--out", help="File to write (.safetensors).")],
-    weights: Annotated[str, typer.Option("--weights", help="ema | raw.")] = "ema",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16.")] = "fp32",
+    weights: Weights = "ema",
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Floating-point type of the weights.")] = "fp32",
 ):
     """Inference-only weights of CKPT plus its recipe (no optimizer state, no RNG states)."""
     from stcli.export import export as run_export
@@ -475,12 +489,34 @@ def _resume_auto(argv: list[str]) -> list[str]:
     return out
 
 
+def _command(argv: list[str]):
+    """The command of `app`, built now: --sampler accepts the samplers registered at this time
+    (a plugin's, registered before `main` runs, too; read only for the commands that have it)."""
+    if not set(argv[:1]) & {"sample", "fid"}:
+        return typer.main.get_command(app)
+    from stcli.registry import SAMPLERS
+
+    names = Literal[tuple(SAMPLERS.names())]
+
+    def typed(command) -> None:
+        for param in command.params:
+            if "--sampler" in param.opts:
+                param.type_descriptor = replace(param.type_descriptor, annotation=names)
+                param._runtime_param = None
+        for sub in getattr(command, "commands", {}).values():
+            typed(sub)
+
+    command = typer.main.get_command(app)
+    typed(command)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer handles usage errors (exit 2); ours are turned into one message."""
     global _ARGV
     _ARGV = _resume_auto(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=_ARGV, prog_name="st")
+        _command(_ARGV)(args=_ARGV, prog_name="st")
     except UserError as err:
         rank = os.environ.get("RANK")
         error(f"[rank {rank}] {err}" if rank not in (None, "0") else str(err))

@@ -152,7 +152,7 @@ SOURCES: dict[str, tuple[str | None, str]] = {
 def where_to_find(spec: DataSpec, message: str) -> str:
     """`message` of a failed load, with the absolute root searched, the expected layout (if the
     message lacks it) and where the data set is published."""
-    root = getattr(spec, "root", None)
+    root = spec.data_root
     if root is None:
         return message
     resolved = Path(root).expanduser().resolve()
@@ -171,7 +171,7 @@ class DataSpec(Component):
     """What every dataset offers: named splits, ``shape``, ``dim``, ``create(split)``."""
 
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
-    is_image: ClassVar[bool] = False  # 8-bit images: `to_uint8` exists, samples are pictures
+    is_image: ClassVar[bool] = False  # 8-bit images: `to_uint8` gives pixels, samples are pictures
 
     def resolved(self) -> DataSpec:
         """This spec with every setting fixed that is otherwise read from the data (a
@@ -198,6 +198,15 @@ class DataSpec(Component):
     def picture(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as uint8 images (B, C, H, W) for a grid."""
         raise NotImplementedError
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs as 8-bit pixels, for data sets with `is_image` (what `st sample` writes)."""
+        raise NotImplementedError(f"dataset {self.name!r} does not hold 8-bit images")
+
+    @property
+    def data_root(self) -> str | None:
+        """The folder the data are read from (named when loading fails); None: no files."""
+        return None
 
     @property
     def dim(self) -> int:
@@ -253,6 +262,10 @@ class ImageData(DataSpec):
     @property
     def zero_centered(self) -> bool:
         return self.centered
+
+    @property
+    def data_root(self) -> str | None:
+        return self.root
 
     def bpd_offset(self) -> float:
         """Uniformly dequantised 8-bit data: 8 on [0, 1], 7 on [-1, 1] (log2 of the bin width)."""

@@ -550,7 +550,7 @@ def _reference(arg: str | None, settings: Settings, recipe) -> Reference | Image
         return load_stats_npz(path, settings)
     split = arg.rpartition("-")[2]
     if (recipe and not path.exists() and arg not in DATASETS_REGISTRY
-            and split in getattr(recipe.data, "splits", ())):
+            and split in recipe.data.splits):
         info(f"reference {arg}: split {split!r} of the checkpoint's data ({recipe.data.name})")
         return from_data(recipe.data, split, "the checkpoint's recipe")
     return open_images(arg, "train", settings)

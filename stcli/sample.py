@@ -226,7 +226,7 @@ class Job:
     def __post_init__(self):
         self.data, self.sde, self.model = (self.loaded.recipe.data, self.loaded.recipe.sde,
                                            self.loaded.model)
-        self.images = hasattr(self.data, "to_uint8")
+        self.images = self.data.is_image
         self.per_file = self.images and self.fmt == "png"  # else: collected into one file
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,16 +44,119 @@ def tiny_recipe(tmp_path):
     return make
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A checkpoint of the tiny recipe after 2 training steps (one per test module)."""
+def train_tiny(root: Path, steps: int = 2, **sections) -> Path:
+    """Train the tiny recipe (sections merged into it) into `root`/run; return its checkpoint."""
     from stcli.recipe import load_recipe
     from stcli.train import train
 
-    root = tmp_path_factory.mktemp("tiny_ckpt")
-    data = {**TINY, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": 2}}
+    data = {**TINY, **sections, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": steps}}
     (root / "r.yaml").write_text(yaml.safe_dump(data))
     return train(load_recipe(root / "r.yaml")).out_dir / "ckpt.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_shared(tmp_path_factory) -> Path:
+    """The one checkpoint of the tiny recipe after 2 training steps, trained once per session.
+    Read-only: tests that write next to it or change it use `tiny_ckpt` (a private copy)."""
+    return train_tiny(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_ckpt_shared, tmp_path_factory) -> Path:
+    """A copy of the session's tiny checkpoint (with its run folder) for one test module."""
+    run = tmp_path_factory.mktemp("tiny_ckpt_copy") / "run"
+    shutil.copytree(tiny_ckpt_shared.parent, run)
+    return run / tiny_ckpt_shared.name
+
+
+def with_eval(ckpt: Path, dst: Path, evaluation: dict) -> Path:
+    """A copy of checkpoint `ckpt` at `dst` whose recipe's eval section has `evaluation` merged
+    in: the same weights, as if trained with that eval section (which training never reads)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = dict(f.metadata())
+    recipe = json.loads(meta["recipe"])
+    merged = recipe.get("eval") or {}
+    for section, values in evaluation.items():
+        merged[section] = {**(merged.get(section) or {}), **values}
+    meta["recipe"] = json.dumps({**recipe, "eval": merged})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(ckpt)), str(dst), metadata=meta)
+    return dst
+
+
+class Gaussian:
+    """Data N(m, Sigma), Sigma = Q diag(lam) Q^T (s^2 I unless `rotate`), diffused by `sde`:
+    p_t = N(mu_t m, V_t), V_t = mu_t^2 Sigma + sigma_t^2 I with eigenvalues v_i(t) = mu_t^2 lam_i
+    + sigma_t^2 (Eqs. (13)-(14) for a Gaussian).  Calling it gives the exact time-t score, for x of
+    any shape (N, ...) when Sigma = s^2 I; `rotate` needs `d` and x of shape (N, d)."""
+
+    def __init__(self, sde, d: int | None = None, m: float = 0.3, s: float = 0.5, rotate=False):
+        self.sde, self.d, self.m, self.s = sde, d, m, s
+        self.Q, self.lam = None, s**2
+        if rotate:  # a random rotation and spread eigenvalues: Hutchinson then has variance
+            g = torch.Generator().manual_seed(d)
+            self.Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+            self.lam = torch.linspace(0.05, 1.0, d, dtype=torch.float64)
+
+    def a2(self, t):
+        """v(t) = mu_t^2 s^2 + sigma_t^2 (isotropic data)."""
+        return self.sde.mean_coef(t) ** 2 * self.s**2 + self.sde.var(t)
+
+    def _eig(self, t):  # mu_t (B, 1) and v_i(t) (B, d) or (B, 1)
+        mu, var = self.sde.mean_coef(t)[:, None], self.sde.var(t)[:, None]
+        return mu, mu**2 * self.lam + var
+
+    def _white(self, x, t):  # eigen-coordinates of x - mu_t m, and v(t), both (B, d)
+        mu, v = self._eig(t)
+        y = x - mu * self.m
+        return (y if self.Q is None else y @ self.Q), v.expand_as(y)
+
+    def __call__(self, x, t):
+        if self.Q is None:
+            from stcli.sdes import bcast
+
+            return -(x - bcast(self.sde.mean_coef(t), x) * self.m) / bcast(self.a2(t), x)
+        y, v = self._white(x, t)
+        return -(y / v) @ self.Q.T
+
+    score = __call__
+
+    def logp(self, x, t):
+        y, v = self._white(x, t)
+        return (-0.5 * y**2 / v - 0.5 * torch.log(2 * math.pi * v)).sum(1)
+
+    def model_nll(self, x, t0):
+        """-log p^theta_t0(x) of the exact-score flow started from the prior: in eigen-coordinates
+        the probability flow scales y_i by k_i = sqrt(v_i(T)/v_i(t0)) (d/dt log y_i =
+        -beta/2 + g^2/(2 v_i) = d/dt log sqrt(v_i)), so -log p = -log pi(phi(x)) - sum log k_i."""
+        n = x.shape[0]
+        y, v0 = self._white(x, torch.full((n,), t0, dtype=x.dtype))
+        mu1, v1 = self._eig(torch.full((n,), self.sde.T, dtype=x.dtype))
+        k = torch.sqrt(v1 / v0)
+        x_T = mu1 * self.m + (k * y if self.Q is None else (k * y) @ self.Q.T)
+        return -self.sde.prior_logp(x_T) - torch.log(k).sum(1)
+
+    def sample(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.d, generator=g, dtype=torch.float64)
+        return self.m + (z * self.s if self.Q is None else (z * self.lam.sqrt()) @ self.Q.T)
+
+    def flow(self, x_T, t):
+        """The closed-form probability-flow map x_t = mu_t m + (a_t / a_T)(x_T - mu_T m)."""
+        T, t = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, t))
+        mu_T, mu_t = self.sde.mean_coef(T).item(), self.sde.mean_coef(t).item()
+        return mu_t * self.m + math.sqrt(self.a2(t) / self.a2(T)) * (x_T - mu_T * self.m)
+
+    def prior_bias(self):
+        """|E x_out - m| from starting at N(0, prior_std^2) instead of p_T: the prior lacks
+        the mean mu_T m, which the flow carries to eps scaled by a_eps / a_T."""
+        T, eps = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, self.sde.eps))
+        return math.sqrt(self.a2(eps) / self.a2(T)) * self.sde.mean_coef(T).item() * self.m
 
 
 def run_st(*args, timeout=300, **kw) -> subprocess.CompletedProcess:

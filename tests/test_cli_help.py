@@ -3,14 +3,12 @@ that are real command lines (parsed by st's own parser) naming files that exist.
 
 import re
 import shlex
-import subprocess
-import sys
+from typing import get_args
 
 import pytest
-import typer
-from conftest import ROOT, run_st
+from conftest import ROOT, run_st, st
 
-from stcli.cli import app
+from stcli.cli import _command
 from stcli.helptext import DOCS, EXAMPLES
 
 
@@ -21,12 +19,11 @@ def test_version_matches_the_package_metadata():
 
 
 @pytest.mark.parametrize("command", sorted(EXAMPLES))
-def test_help_ends_with_examples(command):
-    res = subprocess.run([sys.executable, "-m", "stcli", command, "--help"], capture_output=True,
-                         text=True, env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), "PATH": ""},
-                         cwd=ROOT, timeout=60)
-    assert res.returncode == 0, res.stderr
-    lines = [line.strip() for line in res.stdout.splitlines() if line.strip()]
+def test_help_ends_with_examples(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = st(capsys, command, "--help")
+    assert code == 0, err
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
     tail = lines[-(2 * len(EXAMPLES[command]) + 2):]
     assert tail[0] == "Examples:" and tail[-1] == f"More: {DOCS[command]}"
     assert tail[1:-1:2] == [f"# {note}" for _, note in EXAMPLES[command]]
@@ -55,5 +52,32 @@ def test_a_wrong_example_would_be_caught():
 
 def parse(words: list[str]) -> None:
     """Parse `st WORDS` as the command `words[0]` would, without running it."""
-    command = typer.main.get_command(app).commands[words[0]]
+    command = _command(words).commands[words[0]]
     command.make_context(words[0], words[1:])
+
+
+def test_option_choices_are_the_values_their_modules_accept(capsys, monkeypatch):
+    """Each fixed-choice option lists exactly what the code behind it accepts, and --sampler
+    whatever SAMPLERS holds when the command runs; another value is a usage error (exit 2)."""
+    from stcli import cli, export, likelihood, metrics
+    from stcli.registry import SAMPLERS
+    from stcli.samplers.pc import PC
+
+    pc = PC.model_fields
+    pairs = [(cli.Predictor, pc["predictor"].annotation), (cli.Corrector, pc["corrector"].annotation),
+             (cli.TimeVariable, likelihood.TIME_VARIABLES), (cli.ErrorNorm, likelihood.ERROR_NORMS),
+             (cli.Resize, metrics.RESIZE_MODES), (cli.Dtype, tuple(export.DTYPES))]
+    for literal, accepted in pairs:
+        assert get_args(literal) == (get_args(accepted) or accepted)
+    params = {p.opts[0]: p for p in _command(["sample"]).commands["sample"].params}
+    assert get_args(params["--sampler"].type_descriptor.annotation) == tuple(SAMPLERS.names())
+    for argv, option in [(["sample", "x", "-n", 1, "--sampler", "dpm"], "--sampler"),
+                         (["sample", "x", "-n", 1, "--format", "jpg"], "--format"),
+                         (["nll", "x", "--correction", "later"], "--correction"),
+                         (["export", "x", "--out", "y", "--weights", "best"], "--weights")]:
+        code, out, err = st(capsys, *argv)
+        assert code == 2 and f"Invalid value for '{option}'" in err and "Traceback" not in err
+        assert not out
+    monkeypatch.setenv("COLUMNS", "200")  # help lines unwrapped
+    code, out, _ = st(capsys, "nll", "--help")
+    assert code == 0 and "<rademacher|gaussian|exact>" in out and "<t|lambda|lambda_scaled>" in out

@@ -263,12 +263,15 @@ def test_toy2d_picture_is_a_histogram_with_y_up():
 
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_every_dataset_declares_the_shared_interface(name):
-    """is_image, zero_centered and bpd_offset agree with what `transform` does: for 8-bit
-    images the model-space range r of the 256 levels gives bits/dim offset log2(256 / r)."""
+    """is_image, zero_centered, bpd_offset and to_uint8 agree with what `transform` does: for
+    8-bit images the model-space range r of the 256 levels gives bits/dim offset log2(256 / r),
+    and to_uint8 inverts transform; image sets name the folder they read, others refuse pixels."""
     spec_cls = DATASETS.spec(name)
-    assert spec_cls.is_image == hasattr(spec_cls, "to_uint8")
     if not spec_cls.is_image:
-        assert spec_cls.model_validate({"name": name}).bpd_offset() == 0.0
+        spec = spec_cls.model_validate({"name": name})
+        assert spec.bpd_offset() == 0.0 and spec.data_root is None
+        with pytest.raises(NotImplementedError, match="8-bit images"):
+            spec.to_uint8(torch.zeros(1, 2))
         return
     for centered in (True, False):
         given = {"centered": centered, "dequantization": "none", "random_flip": False}
@@ -278,3 +281,7 @@ def test_every_dataset_declares_the_shared_interface(name):
         ends = spec.transform(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)).flatten()
         assert spec.zero_centered == bool(ends[0] < 0 < ends[1])
         assert spec.bpd_offset() == pytest.approx(math.log2(256 / float(ends[1] - ends[0])), abs=1e-12)
+        levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
+        assert torch.equal(spec.to_uint8(spec.transform(levels)), levels)
+        assert spec.data_root == spec.root
+

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import st
+from conftest import Gaussian, st
 from scipy.integrate import quad
 
 from stcli.diagnose import bound_integrand, iw_losses, iw_quantiles, lambda_P_density, log_grid
@@ -22,27 +22,14 @@ def vp_numpy(t):
     return np.exp(-b / 2), -np.expm1(-b), BMIN + (BMAX - BMIN) * t
 
 
-def gaussian_score(sde):
-    """The exact score of p_t for data N(M, S^2 I): -(x - mu M) / (mu^2 S^2 + sigma^2)."""
-    def score(x, t):
-        mu, var = sde.mean_coef(t).to(x.dtype)[:, None], sde.var(t).to(x.dtype)[:, None]
-        return -(x - mu * M) / (mu**2 * S**2 + var)
-    return score
-
-
-def gaussian_data(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (M + S * torch.randn(n, D, generator=g, dtype=torch.float64))
-
-
 def test_fig1a_integrand_matches_the_closed_form_for_gaussian_data():
     # With the exact score, sigma s + z = -mu u/v + z mu^2 S^2/(sigma v) (u = x0 - M, v = mu^2 S^2
     # + sigma^2), so E||sigma s + z||^2 / D = mu^2 S^2 / v and the DSM integrand is
     # 1/2 g^2 mu^2 S^2 / (sigma^2 v); its NELBO form is 1/2 g^2/sigma^2 (mu^2 S^2/v - 1) = -g^2/(2v).
     sde = VP(beta_min=BMIN, beta_max=BMAX)
     grid = log_grid(1e-5, 1.0, 7)
-    out = bound_integrand(gaussian_score(sde), sde, gaussian_data(4000), grid,
-                          torch.Generator().manual_seed(1))
+    data = Gaussian(sde, D, M, S)
+    out = bound_integrand(data, sde, data.sample(4000, 0), grid, torch.Generator().manual_seed(1))
     mu, var, g2 = vp_numpy(grid.numpy())
     v = mu**2 * S**2 + var
     dsm, nelbo = 0.5 * g2 * mu**2 * S**2 / (var * v), -0.5 * g2 / v
@@ -55,7 +42,8 @@ def test_fig1a_integrand_matches_the_closed_form_for_gaussian_data():
 def test_fig6_iw_loss_mean_equals_the_truncated_bound(tau):
     # E_{t ~ p_iw,tau}[1/2 Z_tau E||sigma s + z||^2/D] = 1/2 int_tau^T g^2/sigma^2 mu^2 S^2/v dt.
     sde = VP(beta_min=BMIN, beta_max=BMAX)
-    out = iw_losses(gaussian_score(sde), sde, gaussian_data(500), tau, 20000,
+    data = Gaussian(sde, D, M, S)
+    out = iw_losses(data, sde, data.sample(500, 0), tau, 20000,
                     torch.Generator().manual_seed(2))
     loss = np.array(out["loss"])
     assert np.allclose(loss, 0.5 * out["Z"] * np.array(out["scaled_error"]))
@@ -132,7 +120,7 @@ def test_st_diagnose_writes_plot_and_json(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--tau", "2"], "--tau must lie in"),
-    (["--weights", "bad"], "--weights must be"),
+    (["--weights", "bad"], "Invalid value for '--weights'"),
     (["--limit", "1"], "--limit is too small"),
 ])
 def test_st_diagnose_user_errors_exit_2(ckpt, tmp_path, capsys, args, message):

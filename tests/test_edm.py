@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import Gaussian
 from scipy import stats
 
 from stcli.losses import ScoreMatchingLoss
-from stcli.nets import ScoreModel
+from stcli.nets import ScoreModel, c_in, c_out, c_skip, noise_out, noise_skip
 from stcli.registry import SAMPLERS, SDES
 
 SD = 0.5
@@ -28,14 +29,26 @@ class Fixed(torch.nn.Module):
         return torch.tanh(0.7 * x.flip(-1) + 0.1 * eta.view(-1, *[1] * (x.dim() - 1)))
 
 
-def sdes():
-    return [SDES.build("edm", eps=2.5e-5), SDES.build("vp", eps=1e-5),
-            SDES.build("ve", eps=1e-5, sigma_min=0.01, sigma_max=50.0)]
+def test_preconditioning_coefficients_are_edms_table_1():
+    """c_skip, c_out, c_in against Karras et al. 2022, Table 1 in plain float arithmetic, and
+    the noise coefficients (1 - c_skip)/s, c_out/s accurate where 1 - c_skip cancels."""
+    for s in (1e-3, 0.1, 0.5, 2.0, 80.0):
+        st = torch.tensor(s, dtype=torch.float64)
+        assert float(c_skip(st, SD)) == pytest.approx(SD**2 / (s**2 + SD**2), rel=1e-14)
+        assert float(c_out(st, SD)) == pytest.approx(s * SD / math.sqrt(SD**2 + s**2), rel=1e-14)
+        assert float(c_in(st, SD)) == pytest.approx(1 / math.sqrt(s**2 + SD**2), rel=1e-14)
+        assert float(noise_skip(st, SD)) == pytest.approx((1 - SD**2 / (s**2 + SD**2)) / s, rel=1e-9)
+        assert float(noise_out(st, SD)) == pytest.approx(SD / math.sqrt(SD**2 + s**2), rel=1e-14)
+    tiny = torch.tensor(1e-12, dtype=torch.float32)  # 1 - c_skip rounds to 0 in float32
+    assert float(1 - c_skip(tiny, SD)) == 0.0
+    assert float(noise_skip(tiny, SD)) == pytest.approx(1e-12 / SD**2, rel=1e-6)
+    assert float(c_out(tiny, SD)) == pytest.approx(1e-12, rel=1e-6)
 
 
-@pytest.mark.parametrize("sde", sdes(), ids=lambda s: s.name)
-def test_preconditioning_with_zero_output_is_the_exact_gaussian_denoiser(sde):
+@pytest.mark.parametrize("name", SDES.names())
+def test_preconditioning_with_zero_output_is_the_exact_gaussian_denoiser(name):
     """Data N(0, SD^2 I): the exact noise prediction is sigma x / (mu^2 SD^2 + sigma^2)."""
+    sde = SDES.build(name)
     model = ScoreModel(Zero(), sde, "log_sigma", "edm", SD).double()
     t = torch.logspace(-4, 0, 9, dtype=torch.float64).clamp(min=sde.eps)
     x = torch.randn(9, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -108,7 +121,7 @@ def test_heun_35_nfe_is_edms_sampler():
     sde = SDES.build("edm", eps=2.5e-5)
     sampler = SAMPLERS.build("heun", steps=17, schedule="edm", denoise=True)
     x = sde.prior_sample((100, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    score = lambda x, t: -x / (SD**2 + sde.var(t).view(-1, 1))  # noqa: E731
+    score = Gaussian(sde, m=0.0, s=SD)
     y, nfe = sampler(score, sde, x, torch.Generator().manual_seed(6))
     assert nfe == 35
     sigmas = [(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)]

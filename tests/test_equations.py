@@ -3,6 +3,7 @@ samplers dispatch on, and the loss's time density q/N."""
 
 import pytest
 import torch
+from conftest import Gaussian
 from scipy.integrate import quad
 
 from stcli.losses import ScoreMatchingLoss
@@ -31,12 +32,9 @@ def test_flow_drift_on_gaussian_data_is_the_closed_form():
     sde, s2 = SDES.build("vp"), 0.3
     t = torch.tensor([0.01, 0.4, 0.9], dtype=torch.float64)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-
-    def score(y, tt):
-        return -y / bcast(sde.mean_coef(tt) ** 2 * s2 + sde.var(tt), y)
-
     beta = bcast(sde.g2(t), x)
     expected = -0.5 * beta * x + 0.5 * beta * x / bcast(sde.mean_coef(t) ** 2 * s2 + sde.var(t), x)
+    score = Gaussian(sde, m=0.0, s=s2**0.5)
     torch.testing.assert_close(flow_drift(score, sde, x, t), expected, rtol=1e-12, atol=1e-14)
 
 

@@ -33,13 +33,13 @@ def test_defaults_per_device(restore_precision):
     assert cuda_fast_path(Train(channels_last=True), torch.device("cpu")) is True
 
 
-def test_channels_last_trains_the_same_function_and_resumes(tiny_recipe):
+def test_channels_last_trains_the_same_function_and_resumes(tiny_recipe, tiny_ckpt_shared):
     """channels_last changes the memory layout only: the same steps log the same losses and
     gradient norms (to float rounding), and a run may be resumed with the other layout."""
-    plain = train(load_recipe(tiny_recipe("plain", train={"steps": 2})))
+    plain = tiny_ckpt_shared.parent  # the tiny recipe, 2 steps, default (NCHW) layout on CPU
     path = tiny_recipe("nhwc", train={"steps": 2, "channels_last": True})
-    nhwc = train(load_recipe(path))
-    logs = [[json.loads(line) for line in (r.out_dir / "log.jsonl").open()] for r in (plain, nhwc)]
+    nhwc = train(load_recipe(path)).out_dir
+    logs = [[json.loads(line) for line in (run / "log.jsonl").open()] for run in (plain, nhwc)]
     for a, b in zip(*logs, strict=True):
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)

@@ -8,15 +8,13 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, with_eval
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stcli import metrics
 from stcli.cli import main
-from stcli.recipe import load_recipe
-from stcli.train import train
 
 N = 96  # images per synthetic set: more than the 64 test features, so covariances are full rank
 
@@ -156,12 +154,13 @@ def test_reference_statistics_round_trip_and_refusals(tmp_path, common, capsys):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny checkpoint (2 training steps on 8x8 digits) and its recipe."""
+def ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint (2 training steps on 8x8 digits) with the eval.fid section of
+    `write_recipe` in its recipe, and that recipe."""
     root = tmp_path_factory.mktemp("ckpt")
     recipe = write_recipe(root / "tiny.yaml", root / "run")
-    result = train(load_recipe(recipe, ["train.steps=2"]))
-    return result.out_dir / "ckpt.safetensors", recipe
+    fid = yaml.safe_load(recipe.read_text())["eval"]["fid"]
+    return with_eval(tiny_ckpt, root / "ckpt.safetensors", {"fid": fid}), recipe
 
 
 def test_checkpoint_with_statistics_of_other_data_is_refused(ckpt, tmp_path, common, capsys):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import Gaussian
 
 from stcli.likelihood import PAPER, TIME_VARIABLES, bits_per_dim, nelbo, nll
 from stcli.registry import SDES
@@ -12,52 +13,6 @@ from stcli.registry import SDES
 EPS = 1e-3
 SDE_PARAMS = {"vp": {}, "ve": {"sigma_min": 0.01, "sigma_max": 50.0},
               "rve": {"sigma_min": 0.01, "sigma_max": 50.0}}
-
-
-class Gaussian:
-    """Data N(m, Sigma), Sigma = Q diag(lam) Q^T, diffused by `sde`: p_t = N(mu_t m, V_t) with
-    V_t = mu_t^2 Sigma + sigma_t^2 I, whose eigenvalues are v_i(t) = mu_t^2 lam_i + sigma_t^2."""
-
-    def __init__(self, sde, d, m=0.3, s=0.5, rotate=False):
-        self.sde, self.d, self.m = sde, d, m
-        g = torch.Generator().manual_seed(d)
-        self.lam = torch.full((d,), s**2, dtype=torch.float64)
-        self.Q = torch.eye(d, dtype=torch.float64)
-        if rotate:  # a random rotation and spread eigenvalues: Hutchinson then has variance
-            self.Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
-            self.lam = torch.linspace(0.05, 1.0, d, dtype=torch.float64)
-
-    def _eig(self, t):  # mu_t (B, 1) and v_i(t) (B, d)
-        mu, var = self.sde.mean_coef(t)[:, None], self.sde.var(t)[:, None]
-        return mu, mu**2 * self.lam + var
-
-    def _white(self, x, t):  # eigen-coordinates of x - mu_t m, and v(t)
-        mu, v = self._eig(t)
-        return (x - mu * self.m) @ self.Q, v
-
-    def score(self, x, t):
-        y, v = self._white(x, t)
-        return -(y / v) @ self.Q.T
-
-    def logp(self, x, t):
-        y, v = self._white(x, t)
-        return (-0.5 * y**2 / v - 0.5 * torch.log(2 * math.pi * v)).sum(1)
-
-    def model_nll(self, x, t0):
-        """-log p^theta_t0(x) of the exact-score flow started from the prior: in eigen-coordinates
-        the probability flow scales y_i by k_i = sqrt(v_i(T)/v_i(t0)) (d/dt log y_i =
-        -beta/2 + g^2/(2 v_i) = d/dt log sqrt(v_i)), so -log p = -log pi(phi(x)) - sum log k_i."""
-        n = x.shape[0]
-        y, v0 = self._white(x, torch.full((n,), t0, dtype=x.dtype))
-        mu1, v1 = self._eig(torch.full((n,), self.sde.T, dtype=x.dtype))
-        k = torch.sqrt(v1 / v0)
-        x_T = mu1 * self.m + (k * y) @ self.Q.T
-        return -self.sde.prior_logp(x_T) - torch.log(k).sum(1)
-
-    def sample(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.d, generator=g, dtype=torch.float64)
-        return self.m + (z * self.lam.sqrt()) @ self.Q.T
 
 
 def eps_t(n):

@@ -7,11 +7,13 @@ from typing import Literal
 
 import pytest
 import torch
+from conftest import st
 
 from stcli.data import DataSpec, InMemory
 from stcli.errors import UserError
 from stcli.recipe import parse_recipe
-from stcli.registry import DATASETS, TRUNCATIONS
+from stcli.registry import DATASETS, SAMPLERS, TRUNCATIONS
+from stcli.samplers.base import Sampler
 from stcli.seeding import generator
 from stcli.train import train
 from stcli.truncation import Truncation
@@ -86,3 +88,27 @@ def test_components_registered_after_import_train(plugins, tmp_path):
     assert [r["tau_mean"] for r in log] == pytest.approx(expected, rel=1e-12)
     assert all(1e-3 <= t <= 1 for t in expected) and math.isfinite(result.loss)
     assert "plugin_loguniform" in (result.out_dir / "recipe.yaml").read_text()
+
+
+class PriorOnly(Sampler):
+    """No integration: the prior draw, then the Tweedie step at eps (1 NFE)."""
+
+    name: Literal["plugin_prior"] = "plugin_prior"
+
+    def integrate(self, score_fn, sde, x, generator):
+        return x, 0
+
+
+def test_a_sampler_registered_before_the_cli_runs_is_an_st_sample_choice(tiny_ckpt, tmp_path,
+                                                                        capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    args = ["sample", tiny_ckpt, "-n", 2, "--sampler", "plugin_prior", "--device", "cpu"]
+    code, _, err = st(capsys, *args, "--out", tmp_path / "refused")
+    assert code == 2 and "'plugin_prior' is not one of" in err and not (tmp_path / "refused").exists()
+    SAMPLERS.register(PriorOnly)
+    try:
+        code, out, err = st(capsys, *args, "--out", tmp_path / "s")
+    finally:
+        SAMPLERS.unregister("plugin_prior")
+    assert code == 0, err
+    assert "total NFE 1 " in out and len(list((tmp_path / "s").glob("0*/*.png"))) == 2

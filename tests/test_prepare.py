@@ -5,11 +5,12 @@ Also the missing-data messages: absolute root, expected layout, where the data i
 import io
 import tarfile
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_st
+from conftest import run_st, st
 from PIL import Image
 
 from stcli.data import STL10, CelebA, Cifar10, Folder, ImageNet32, read_image
@@ -22,6 +23,15 @@ def image_bytes(rng, w, h, fmt="PNG", mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels, mode).save(buf, fmt)
     return buf.getvalue()
+
+
+@pytest.fixture
+def prepare(capsys):
+    """`st data prepare ARGS` in this process (one test runs it as a real subprocess)."""
+    def run(*args):
+        code, out, err = st(capsys, "data", "prepare", *args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 def fake_celeba(folder, n=6, partition=True):
@@ -56,7 +66,7 @@ def test_celeba_release_is_laid_out_for_the_loader(tmp_path, source):
 
 
 @pytest.mark.parametrize("case", ["missing_image", "bad_line", "no_images", "out_taken"])
-def test_bad_celeba_release_is_refused_untouched(tmp_path, case):
+def test_bad_celeba_release_is_refused_untouched(prepare, tmp_path, case):
     fake_celeba(tmp_path / "dl")
     out = tmp_path / "celeba"
     part = tmp_path / "dl" / "list_eval_partition.txt"
@@ -70,7 +80,7 @@ def test_bad_celeba_release_is_refused_untouched(tmp_path, case):
     else:
         (out / "img_align_celeba").mkdir(parents=True)
         (out / "img_align_celeba" / "mine.jpg").write_bytes(b"keep")
-    res = run_st("data", "prepare", "celeba", "--from", tmp_path / "dl", "--out", out)
+    res = prepare("celeba", "--from", tmp_path / "dl", "--out", out)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     message = {"missing_image": "lists 1 image(s) that the archive lacks, e.g. 000099.jpg",
                "bad_line": "found '000001.jpg 01'", "no_images": "holds no img_align_celeba/*.jpg",
@@ -90,7 +100,7 @@ def fake_tar(path, members: dict[str, bytes]):
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_imagenet32_tarballs_become_png_folders(tmp_path):
+def test_imagenet32_tarballs_become_png_folders(prepare, tmp_path):
     rng = np.random.default_rng(1)
     dl = tmp_path / "dl"
     dl.mkdir()
@@ -99,7 +109,7 @@ def test_imagenet32_tarballs_become_png_folders(tmp_path):
     fake_tar(dl / "train_32x32.tar", train)
     fake_tar(dl / "valid_32x32.tar", valid)
     out = tmp_path / "imagenet32"
-    res = run_st("data", "prepare", "imagenet32", "--from", dl, "--out", out)
+    res = prepare("imagenet32", "--from", dl, "--out", out)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["train_32x32", "valid_32x32"]
     for members in (train, valid):
@@ -111,7 +121,7 @@ def test_imagenet32_tarballs_become_png_folders(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["wrong_size", "not_png", "both_releases", "clash"])
-def test_bad_imagenet32_tarball_is_refused_untouched(tmp_path, case):
+def test_bad_imagenet32_tarball_is_refused_untouched(prepare, tmp_path, case):
     rng = np.random.default_rng(2)
     dl = tmp_path / "dl"
     dl.mkdir()
@@ -125,7 +135,7 @@ def test_bad_imagenet32_tarball_is_refused_untouched(tmp_path, case):
     if case == "both_releases":
         fake_tar(dl / "Imagenet32_train.tar", members)
     out = tmp_path / "imagenet32"
-    res = run_st("data", "prepare", "imagenet32", "--from", dl, "--out", out)
+    res = prepare("imagenet32", "--from", dl, "--out", out)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     message = {"wrong_size": "9.png is 64x64, not 32x32", "not_png": "9.png is not a PNG file",
                "both_releases": "holds two tarballs for train_32x32", "clash": "several files named 0.png"}
@@ -133,14 +143,14 @@ def test_bad_imagenet32_tarball_is_refused_untouched(tmp_path, case):
     assert not out.exists()  # the valid split, though fine, is not left behind either
 
 
-def test_celebahq_folder_is_box_downscaled(tmp_path):
+def test_celebahq_folder_is_box_downscaled(prepare, tmp_path):
     rng = np.random.default_rng(3)
     src = tmp_path / "hq"
     (src / "part2").mkdir(parents=True)
     (src / "00000.png").write_bytes(image_bytes(rng, 16, 16))
     (src / "part2" / "00001.jpg").write_bytes(image_bytes(rng, 16, 16, "JPEG"))
     out = tmp_path / "celebahq"
-    res = run_st("data", "prepare", "celebahq", "--from", src, "--out", out, "--size", 4)
+    res = prepare("celebahq", "--from", src, "--out", out, "--size", 4)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png"]
     for original in (src / "00000.png", src / "part2" / "00001.jpg"):
@@ -151,14 +161,14 @@ def test_celebahq_folder_is_box_downscaled(tmp_path):
     assert len(Folder(root=str(out), image_size=4).create("train")) == 2
 
 
-def test_celebahq_refuses_non_square_and_wrong_size(tmp_path):
+def test_celebahq_refuses_non_square_and_wrong_size(prepare, tmp_path):
     rng = np.random.default_rng(4)
     src = tmp_path / "hq"
     src.mkdir()
     (src / "a.png").write_bytes(image_bytes(rng, 16, 12))
-    res = run_st("data", "prepare", "celebahq", "--from", src, "--out", tmp_path / "o", "--size", 4)
+    res = prepare("celebahq", "--from", src, "--out", tmp_path / "o", "--size", 4)
     assert res.returncode == 2 and "a.png is 16x12" in res.stderr.replace("\n", "")
-    res = run_st("data", "prepare", "celeba", "--from", src, "--out", tmp_path / "o", "--size", 4)
+    res = prepare("celeba", "--from", src, "--out", tmp_path / "o", "--size", 4)
     assert res.returncode == 2 and "--size applies to celebahq only" in res.stderr
     assert not (tmp_path / "o").exists()
 

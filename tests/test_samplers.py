@@ -3,7 +3,10 @@ and Gaussian data N(m, s^2 I) whose score is exact, so that every sampler's outp
 and the probability-flow map are known."""
 
 import math
+from functools import partial
+from typing import get_args
 
+import conftest
 import numpy as np
 import pytest
 import scipy.integrate
@@ -13,8 +16,8 @@ from stcli import solvers
 from stcli.errors import UserError
 from stcli.registry import SAMPLERS, SDES
 from stcli.samplers import time_grid
+from stcli.samplers.base import Schedule
 from stcli.samplers.pc import langevin
-from stcli.sdes import bcast
 
 M, S = 0.5, 0.4  # the data: N(M, S^2 I)
 MAT = torch.tensor([[-1.0, 2.0], [-3.0, -0.5]], dtype=torch.float64)
@@ -24,30 +27,7 @@ def linear(t, y):
     return y @ MAT.T
 
 
-class Gaussian:
-    """The exact score of p_t = N(mu m, a^2 I), a^2 = mu^2 s^2 + sigma^2, and the closed-form
-    probability-flow map x_t = mu_t m + (a_t / a_T)(x_T - mu_T m)."""
-
-    def __init__(self, sde):
-        self.sde = sde
-
-    def a2(self, t):
-        return self.sde.mean_coef(t) ** 2 * S**2 + self.sde.var(t)
-
-    def __call__(self, x, t):
-        mu = bcast(self.sde.mean_coef(t), x)
-        return -(x - mu * M) / bcast(self.a2(t), x)
-
-    def flow(self, x_T, t):
-        T, t = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, t))
-        mu_T, mu_t = self.sde.mean_coef(T).item(), self.sde.mean_coef(t).item()
-        return mu_t * M + math.sqrt(self.a2(t) / self.a2(T)) * (x_T - mu_T * M)
-
-    def prior_bias(self):
-        """|E x_out - m| from starting at N(0, prior_std^2) instead of p_T: the prior lacks
-        the mean mu_T m, which the flow carries to eps scaled by a_eps / a_T."""
-        T, eps = (torch.tensor(v, dtype=torch.float64) for v in (self.sde.T, self.sde.eps))
-        return math.sqrt(self.a2(eps) / self.a2(T)) * self.sde.mean_coef(T).item() * M
+Gaussian = partial(conftest.Gaussian, m=M, s=S)  # the exact score of N(M, S^2 I) data
 
 
 def draw(sde, n, d, seed=0):
@@ -126,8 +106,8 @@ def test_fixed_step_solvers_on_a_linear_ode():
 
 
 # --- time grids ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("schedule", ["uniform", "log_snr", "edm"])
-@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+@pytest.mark.parametrize("schedule", get_args(Schedule))
+@pytest.mark.parametrize("sde_name", SDES.names())
 def test_time_grids_run_from_T_to_eps(schedule, sde_name):
     sde = SDES.validate(sde_name)
     ts = time_grid(sde, 20, schedule)
@@ -139,16 +119,15 @@ def test_time_grids_run_from_T_to_eps(schedule, sde_name):
 
 
 # --- samplers on Gaussian data -------------------------------------------------------------------
-SDE_CASES = {"vp": {}, "ve": {"sigma_max": 400.0}, "subvp": {}, "rve": {"sigma_max": 400.0,
-                                                                     "eps": 1e-3},
-             "edm": {"sigma_max": 400.0, "eps": 2.5e-5}}
-SAMPLER_CASES = [
+SDE_CASES = {"ve": {"sigma_max": 400.0}, "rve": {"sigma_max": 400.0, "eps": 1e-3},
+             "edm": {"sigma_max": 400.0, "eps": 2.5e-5}}  # prior close to p_T; others: defaults
+ACCURATE = {  # settings accurate on every SDE; a newly registered sampler runs with its defaults
+    "euler_maruyama": {"steps": 500, "schedule": "log_snr"},
+    "pc": {"corrector": "none", "steps": 500, "schedule": "log_snr"},
+    "euler": {"steps": 500}, "heun": {"steps": 60}, "dpm2m": {"steps": 40}}
+VARIANTS = [  # the default grids of the stochastic samplers, and the other predictors/correctors
     ("vp", "euler_maruyama", {"steps": 1000}),
     ("ve", "euler_maruyama", {"steps": 1000}),
-    ("vp", "pc", {"predictor": "euler_maruyama", "corrector": "none", "steps": 1000}),
-    ("vp", "pc", {"predictor": "reverse_diffusion", "corrector": "none", "steps": 1000}),
-    ("ve", "pc", {"predictor": "reverse_diffusion", "corrector": "none", "steps": 1000}),
-    ("subvp", "pc", {"predictor": "reverse_diffusion", "corrector": "none", "steps": 1000}),
     ("vp", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000}),
     ("ve", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000}),
     ("rve", "pc", {"predictor": "ancestral", "corrector": "none", "steps": 1000,
@@ -159,25 +138,27 @@ SAMPLER_CASES = [
                   "steps": 500}),
     ("ve", "pc", {"predictor": "euler_maruyama", "corrector": "langevin", "snr": 0.02,
                   "steps": 500}),
-    ("vp", "ode", {}), ("ve", "ode", {}), ("rve", "ode", {}),
-    ("vp", "euler", {"steps": 500}), ("ve", "euler", {"steps": 500}),
-    ("vp", "heun", {"steps": 60}), ("ve", "heun", {"steps": 60}),
-    ("vp", "dpm2m", {"steps": 40}), ("ve", "dpm2m", {"steps": 40}),
-    ("rve", "dpm2m", {"steps": 40}), ("subvp", "dpm2m", {"steps": 40}),
 ]
+SAMPLER_CASES = [(sde, name, ACCURATE.get(name, {})) for sde in SDES.names()
+                 for name in SAMPLERS.names()] + VARIANTS
+
+
+def sde_case(name):
+    return SDES.validate(name, **SDE_CASES.get(name, {}))
 
 
 @pytest.mark.parametrize("sde_name,name,params", SAMPLER_CASES,
                          ids=[f"{s}-{n}-{'-'.join(map(str, p.values()))}" for s, n, p in SAMPLER_CASES])
 def test_sampler_reproduces_gaussian_data_moments(sde_name, name, params):
-    """Mean and variance of n·d draws within 4.5 standard errors: SE(mean) = s/sqrt(nd),
-    SE(var/s^2) = sqrt(2/(nd)); the mean may also be off by the known prior mismatch.
+    """Every sampler on every SDE (and the variants): mean and variance of n·d draws within 4.5
+    standard errors: SE(mean) = s/sqrt(nd), SE(var/s^2) = sqrt(2/(nd)); the mean may also be off
+    by the known prior mismatch.
 
     The Langevin corrector is unadjusted and its per-sample step 2 (snr ||z|| / ||s||)^2
     depends on the state: its variance bias grows with snr and shrinks with the dimension
     (+8% at snr 0.16, d = 64; see docs/sampling.md), so it is checked at snr 0.02, d = 128."""
     n, d = (64, 128) if params.get("corrector") == "langevin" else (250, 32)
-    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    sde = sde_case(sde_name)
     score = Gaussian(sde)
     x, g = draw(sde, n, d)
     y, nfe = SAMPLERS.validate(name, **params)(score, sde, x, generator=g)
@@ -186,9 +167,38 @@ def test_sampler_reproduces_gaussian_data_moments(sde_name, name, params):
     assert abs(y.var().item() / S**2 - 1) < 4.5 * math.sqrt(2 / (n * d))
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+def quick(name, **params):
+    """Sampler `name` with its defaults, on a 10-step grid or at tolerance 1e-3 where it has one."""
+    fields = type(SAMPLERS.validate(name)).model_fields
+    fast = {"steps": 10} if "steps" in fields else {"rtol": 1e-3} if "rtol" in fields else {}
+    return SAMPLERS.validate(name, **fast | params)
+
+
+@pytest.mark.parametrize("sde_name", SDES.names())
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_counts_its_score_calls_and_is_batch_independent(name, sde_name):
+    """The NFE a sampler reports is the number of batched score evaluations it made, and with
+    per-sample generators sample i does not depend on the batch it is drawn in."""
+    sde, sampler = sde_case(sde_name), quick(name)
+    exact, calls = Gaussian(sde), []
+
+    def score(x, t):
+        calls.append(len(x))
+        return exact(x, t)
+
+    gens = lambda ids: [torch.Generator().manual_seed(100 + i) for i in ids]  # noqa: E731
+    x = sde.prior_sample((7, 3), generator=torch.Generator().manual_seed(0))
+    together, nfe = sampler(score, sde, x, generator=gens(range(7)))
+    assert nfe == len(calls) > 1 and set(calls) == {7}
+    for i in (0, 4, 6):
+        calls.clear()
+        alone, nfe = sampler(score, sde, x[i:i + 1], generator=gens([i]))
+        assert torch.equal(alone[0], together[i]) and nfe == len(calls)
+
+
+@pytest.mark.parametrize("sde_name", SDES.names())
 def test_ode_sampler_follows_the_closed_form_probability_flow(sde_name):
-    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    sde = sde_case(sde_name)
     score = Gaussian(sde)
     x, _ = draw(sde, 64, 8)
     y, nfe = SAMPLERS.validate("ode", rtol=1e-5, atol=1e-5, denoise=False)(score, sde, x.float())
@@ -196,10 +206,10 @@ def test_ode_sampler_follows_the_closed_form_probability_flow(sde_name):
     assert nfe > 10
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+@pytest.mark.parametrize("sde_name", SDES.names())
 @pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("dpm2m", 2)])
 def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
-    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    sde = sde_case(sde_name)
     score = Gaussian(sde)
     x, _ = draw(sde, 16, 4)
     exact = score.flow(x, sde.eps)
@@ -209,11 +219,11 @@ def test_fixed_step_pf_samplers_converge_at_their_order(sde_name, name, order):
         assert 2**order * 0.8 < r < 2**order * 1.25, errs
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "ve", "subvp", "rve"])
+@pytest.mark.parametrize("sde_name", SDES.names())
 def test_dpm2m_is_exact_for_a_point_mass(sde_name):
     """For data at a single point m the denoiser is the constant m, so the scaled flow
     x~ - m ∝ sigma~ is integrated exactly by the exponential step in any number of steps."""
-    sde = SDES.validate(sde_name, **SDE_CASES[sde_name])
+    sde = sde_case(sde_name)
     point = Gaussian(sde)
     point.a2 = lambda t: sde.var(t)  # s = 0: p_t = N(mu m, sigma^2 I)
     x, _ = draw(sde, 8, 4)
@@ -270,11 +280,9 @@ def test_nfe_counts():
         assert SAMPLERS.validate(name, **params)(Gaussian(sde), sde, x)[1] == expected
 
 
-@pytest.mark.parametrize("name,params", [("euler_maruyama", {"steps": 20}),
-                                         ("pc", {"steps": 20}), ("ode", {"rtol": 1e-3}),
-                                         ("pc", {"steps": 20, "predictor": "ancestral"}),
-                                         ("dpm2m", {"steps": 10})])
+@pytest.mark.parametrize("name,params", [("pc", {"steps": 20, "predictor": "ancestral"})])
 def test_per_sample_generators_make_samples_batch_independent(name, params):
+    """A non-default predictor (every sampler's defaults: the conformance test above)."""
     sde = SDES.validate("vp")
     sampler = SAMPLERS.validate(name, **params)
     gens = lambda ids: [torch.Generator().manual_seed(100 + i) for i in ids]  # noqa: E731

@@ -155,11 +155,10 @@ def test_toy2d_recipe_trains_and_draws_its_samples(tmp_path):
     assert Image.open(tmp_path / "toy" / "samples" / "grid-4.png").size == (128, 128)
 
 
-def test_load_model_rebuilds_from_the_checkpoint_alone(tiny_recipe):
+def test_load_model_rebuilds_from_the_checkpoint_alone(tiny_ckpt):
     from stcli.loading import load_model
 
-    result = train(load_recipe(tiny_recipe("load"), ["train.steps=2"]))
-    path = result.out_dir / "ckpt.safetensors"
+    path = tiny_ckpt
     saved = tensors(path)
     ema, raw = load_model(path), load_model(path, weights="raw")
     assert ema.step == 2 and ema.recipe.name == "tiny" and not ema.model.training

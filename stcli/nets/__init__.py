@@ -15,13 +15,41 @@ from stcli.nets import (
 from stcli.sdes import LinearSDE, bcast
 
 
+def c_skip(s: torch.Tensor, sd: float) -> torch.Tensor:
+    """EDM's skip scaling c_skip = sd^2 / (s^2 + sd^2) (Karras et al. 2022, Table 1)."""
+    return sd**2 / (s * s + sd**2)
+
+
+def c_out(s: torch.Tensor, sd: float) -> torch.Tensor:
+    """EDM's output scaling c_out = s sd / sqrt(s^2 + sd^2) (Karras et al. 2022, Table 1)."""
+    return s * sd * c_in(s, sd)
+
+
+def c_in(s: torch.Tensor, sd: float) -> torch.Tensor:
+    """EDM's input scaling c_in = 1 / sqrt(s^2 + sd^2) (Karras et al. 2022, Table 1): unit
+    variance into the backbone for data of standard deviation sd."""
+    return torch.rsqrt(s * s + sd**2)
+
+
+def noise_skip(s: torch.Tensor, sd: float) -> torch.Tensor:
+    """(1 - c_skip) / s = s c_in^2, the coefficient of x~ in eps = (x~ - D)/s, written without
+    the cancellation of 1 - c_skip as s -> 0."""
+    norm = c_in(s, sd)
+    return s * norm * norm
+
+
+def noise_out(s: torch.Tensor, sd: float) -> torch.Tensor:
+    """c_out / s = sd c_in, the coefficient of F in eps = (x~ - D)/s (finite as s -> 0)."""
+    return sd * c_in(s, sd)
+
+
 class ScoreModel(nn.Module):
     """A backbone with its SDE: forward(x, t) is the noise prediction, score(x, t) the score.
 
     preconditioning "edm" (Karras et al. 2022, Table 1) wraps the backbone F in the scaled
-    variables x~ = x/mu, s = sigma/mu: D(x~) = c_skip x~ + c_out F(c_in x~, eta) with
-    c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), and
-    predicts the noise eps = (x~ - D)/s.  F = 0 is then the exact denoiser of N(0, sd^2 I).
+    variables x~ = x/mu, s = sigma/mu: D(x~) = c_skip x~ + c_out F(c_in x~, c_noise) with
+    `c_skip`, `c_out`, `c_in` below and c_noise the recipe's time input eta(t), and predicts the
+    noise eps = (x~ - D)/s.  F = 0 is then the exact denoiser of N(0, sd^2 I).
     Without preconditioning, uncentred data (in [0, 1]) enter the backbone as 2x - 1.
     """
 
@@ -37,10 +65,10 @@ class ScoreModel(nn.Module):
             # data in [0, 1] (data.centered false) enter the net as 2x - 1 (score_sde's convention)
             return self.backbone(x if self.centered else 2 * x - 1, eta)
         mu = bcast(self.sde.mean_coef(t), x)
-        s, sd2 = bcast(self.sde.std(t), x) / mu, self.sigma_data**2
-        xs, norm = x / mu, torch.rsqrt(s * s + sd2)
+        s, sd = bcast(self.sde.std(t), x) / mu, self.sigma_data
+        xs, norm = x / mu, c_in(s, sd)
         out = self.backbone(xs * norm, eta)
-        return xs * (s * norm * norm) - (self.sigma_data * norm) * out  # (x~ - D)/s
+        return xs * noise_skip(s, sd) - noise_out(s, sd) * out  # (x~ - D)/s
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -self(x, t) / bcast(self.sde.std(t), x)
