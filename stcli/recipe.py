@@ -67,7 +67,7 @@ class Train(Section):
     channels_last: bool | None = None  # model and batches in channels_last format; None: on CUDA
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (fp32 storage, 10-bit mantissa products)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
-    workers: NonNegativeInt = 0  # data-loader processes
+    workers: NonNegativeInt = 0  # loader processes for file-backed data (in-memory sets: on the device)
 
     @model_validator(mode="after")
     def _micro(self):
