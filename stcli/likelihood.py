@@ -139,6 +139,7 @@ def nll(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float,
         divergence: Literal["rademacher", "gaussian", "exact"] = "rademacher",
         probes: int = 1, rtol: float = DEFAULT["rtol"], atol: float = DEFAULT["atol"],
         time_variable: str = DEFAULT["time_variable"], error_norm: str = DEFAULT["error_norm"],
+        logp_tol: float | None = None,
         generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
     """Per-sample negative log-likelihood in nats and the number of function evaluations.
 
@@ -173,6 +174,8 @@ def nll(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, *, eps: float,
         drift, div = rhs(u, state)
         return drift, div / per_dim
 
+    if logp_tol is not None:  # the log-density's own absolute tolerance, in nats (from bits/dim)
+        rtol, atol = (rtol, 0.0), (atol, logp_tol * x0[0].numel() * math.log(2))
     (y_T, delta), nfe = dopri5(scaled_rhs, (flow.start(start), delta0), flow.u0, flow.u1, rtol=rtol,
                                atol=atol, error_norm=error_norm)
     delta = delta * per_dim

@@ -9,6 +9,14 @@ import yaml
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
+# The device of the tests that compare against references (closed forms, moments): cpu by
+# default; benchmarks/gpu_check.sh runs them with ST_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("ST_TEST_DEVICE", "cpu"))
+
+
+def device_generator(seed: int) -> torch.Generator:
+    """A generator on DEVICE seeded with `seed`."""
+    return torch.Generator(DEVICE).manual_seed(seed)
 
 TINY = {
     "name": "tiny",
