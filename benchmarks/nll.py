@@ -5,6 +5,11 @@ flattened batch with a device -> numpy round trip per evaluation), measured in t
     python benchmarks/nll.py --ckpt runs/q/ckpt.safetensors --ckpt runs/toy/ckpt.safetensors \
         [--batch 4] [--tols 1e-2 3e-3 1e-3 1e-4] [--ref-tol 3e-7] [--plot docs/img/nll_nfe.png]
 
+--norms max is `stcli.solvers.max_norm` (the largest per-sample RMS of each part of the state)
+with the log-density held to --logp-tols bits/dim on its own (`likelihood.nll(logp_tol=...)`).
+With --cache the reference and the scipy solve are kept and reused (their NFE are exact; the
+wall time is that of the run that made them).  --rows re-tabulates and re-plots saved --json rows.
+
 Every solve uses the same data (one dequantisation draw), the same Rademacher probe and
 `correction before`, so the solvers differ only by their discretisation error.  |dNLL| is the
 largest per-sample difference to the tight reference (st's dopri5 in t at --ref-tol), in
@@ -164,13 +169,13 @@ def plot(rows: list[dict], path: str, goal: float) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
     for ax, m in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == m]
+        styles = {"rms": "o-", "rms_per_part": "s--", "max": "^:"}
         for v in TIME_VARIABLES:
-            for n in ERROR_NORMS:
+            for n in styles:
                 pts = sorted((r["nfe"], max(r["dmean_bpd"], 1e-6)) for r in mine
                              if r["method"] == "st dopri5" and (r["variable"], r["norm"]) == (v, n))
                 if pts:
-                    ax.plot(*zip(*pts), "o-" if n == "rms" else "s--", color=colors[v],
-                            label=f"dopri5, {v}, {n}")
+                    ax.plot(*zip(*pts), styles[n], color=colors[v], label=f"dopri5, {v}, {n}")
         for r in mine:
             if r["method"] == "scipy RK45":
                 ax.plot([r["nfe"]], [max(r["dmean_bpd"], 1e-6)], "k*", ms=10, label="scipy RK45 1e-5, t")
@@ -201,10 +206,17 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", help="Write the error-vs-NFE plot here.")
     p.add_argument("--json", help="Write the rows here.")
-    p.add_argument("--cache", help="Folder to keep (and reuse) the reference solutions in.")
+    p.add_argument("--cache", help="Folder to keep (and reuse) the reference and scipy solutions in.")
+    p.add_argument("--rows", nargs="+", help="Solve nothing: table and plot of these --json files' rows.")
     args = p.parse_args()
     rows = []
-    for i, ckpt in enumerate(args.ckpt or [None]):
+    for path in args.rows or []:
+        rows += [r | {"logp_tol": r.get("logp_tol")} for r in json.loads(Path(path).read_text())]
+    key = ("model", "method", "variable", "tol", "norm", "logp_tol")
+    rows = list({tuple(r[k] for k in key): r for r in rows}.values())  # one row per setting
+    rows.sort(key=lambda r: (r["model"], r["method"] != "scipy RK45", r["norm"], r["variable"], -r["tol"],
+                             -(r["logp_tol"] or 0)))
+    for i, ckpt in enumerate([] if args.rows else args.ckpt or [None]):
         rows += bench_model(ckpt, args, args.name[i] if args.name else None)
     info(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}\n" + table(rows))
     if args.plot:
