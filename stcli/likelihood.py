@@ -35,7 +35,9 @@ TIME_VARIABLES = ("t", "lambda", "lambda_scaled")
 ERROR_NORMS = ("rms", "rms_per_part")
 # The paper's protocol (scipy RK45 conventions, rtol = atol = 1e-5 in t).  It is also the default
 # (a recipe's eval.nll section may choose another): the cheaper settings measured by
-# benchmarks/nll.py (docs/performance.md) do not hold |dNLL| <= 0.005 bits/dim on every model.
+# benchmarks/nll.py (docs/performance.md) do not hold |dNLL| <= 0.005 bits/dim on every model —
+# nets with the t999 time input oscillate in t faster than loose steps, whose error estimates
+# then miss the true error (benchmarks/nll_local_error.py).
 PAPER = {"time_variable": "t", "rtol": 1e-5, "atol": 1e-5, "error_norm": "rms"}
 DEFAULT = dict(PAPER)
 
