@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_check.sh --cpu --quick   # the same steps, tiny sizes, on CPU (< 3 min)
 #
 # Steps (each time-boxed; a failed or timed-out step does not stop the others):
-#   a tests       the test suite (CLI tests use --device auto, i.e. the GPU); --quick: one small file
+#   a tests       the test suite with ST_TEST_DEVICE=cuda: the tests that compare against references
+#                 (closed forms, moments: tests/test_likelihood.py, tests/test_samplers.py) run on the
+#                 GPU, CLI tests use --device auto, i.e. the GPU; --quick: a few of those tests
 #   b train_step  benchmarks/train_step.py, DDPM++ and NCSN++ at nf 128, batch 128: fp32, the default path
 #                 (TF32 + channels_last + fused Adam), TF32, channels_last, bf16, fused Adam;
 #                 `compile`: torch.compile
@@ -44,7 +46,8 @@ step() {  # step NAME LIMIT_S CMD...
 }
 
 if [ $QUICK = 1 ]; then  # generous limits: the point is that every step runs, not its speed
-  step tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_truncation.py
+  step tests 150 env ST_TEST_DEVICE=$DEV python -m pytest -q -x -p no:cacheprovider tests/test_samplers.py \
+    -k "matrix_exponential or dpm2m_is_exact or ode_sampler_follows"
   step train_step 150 python benchmarks/train_step.py --nets ddpmpp ncsnpp --nf 8 --batch 2 --reps 1 \
     --skip-compile --options "fp32 eager" --device $DEV
   step nll 150 python benchmarks/nll.py --quick --batch 1 --ref-tol 1e-4 --device $DEV
@@ -53,7 +56,7 @@ if [ $QUICK = 1 ]; then  # generous limits: the point is that every step runs, n
   step stf 90 python benchmarks/stf_target.py --batch 8 --n 256 --reps 2 --device $DEV
   FIDN=64
 else
-  step tests 110 python -m pytest -q -x -p no:cacheprovider
+  step tests 110 env ST_TEST_DEVICE=$DEV python -m pytest -q -x -p no:cacheprovider
   step train_step 90 python benchmarks/train_step.py --nf 128 --batch 128 --reps 3 --skip-compile \
     --device $DEV
   step compile 80 python benchmarks/train_step.py --nf 128 --batch 128 --reps 3 \

@@ -5,6 +5,11 @@ flattened batch with a device -> numpy round trip per evaluation), measured in t
     python benchmarks/nll.py --ckpt runs/q/ckpt.safetensors --ckpt runs/toy/ckpt.safetensors \
         [--batch 4] [--tols 1e-2 3e-3 1e-3 1e-4] [--ref-tol 3e-7] [--plot docs/img/nll_nfe.png]
 
+--norms max is `stcli.solvers.max_norm` (the largest per-sample RMS of each part of the state)
+with the log-density held to --logp-tols bits/dim on its own (`likelihood.nll(logp_tol=...)`).
+With --cache the reference and the scipy solve are kept and reused (their NFE are exact; the
+wall time is that of the run that made them).  --rows re-tabulates and re-plots saved --json rows.
+
 Every solve uses the same data (one dequantisation draw), the same Rademacher probe and
 `correction before`, so the solvers differ only by their discretisation error.  |dNLL| is the
 largest per-sample difference to the tight reference (st's dopri5 in t at --ref-tol), in
@@ -91,9 +96,9 @@ def bench_model(ckpt, args, label=None) -> list[dict]:
     vs = draw_probes(x.shape, "rademacher", 1, torch.Generator(args.device).manual_seed(1),
                      x.device, x.dtype)
 
-    def ours(variable, tol, norm="rms"):
+    def ours(variable, tol, norm="rms", logp_tol=None):
         return lambda: nll(model.score, sde, x, eps=eps, correction="before", rtol=tol, atol=tol,
-                           time_variable=variable, error_norm=norm,
+                           time_variable=variable, error_norm=norm, logp_tol=logp_tol,
                            generator=torch.Generator(args.device).manual_seed(1))
 
     cache = Path(args.cache) / f"ref_{name.replace(' ', '_')}_{len(x)}_{args.ref_tol:g}.pt" \
@@ -104,37 +109,49 @@ def bench_model(ckpt, args, label=None) -> list[dict]:
         ref, ref_nfe, ref_s = timed(ours("t", args.ref_tol), args.device)
         if cache:
             torch.save({"ref": ref, "nfe": ref_nfe, "s": ref_s}, cache)
-    base, base_nfe, base_s = timed(lambda: scipy_nll(model.score, sde, x, vs, eps, 1e-5, 1e-5),
-                                   args.device)
+    scipy_cache = cache.with_name(cache.name.replace("ref_", "scipy_")) if cache else None
+    if scipy_cache and scipy_cache.exists():
+        base, base_nfe, base_s = torch.load(scipy_cache, weights_only=True).values()
+    else:
+        base, base_nfe, base_s = timed(lambda: scipy_nll(model.score, sde, x, vs, eps, 1e-5, 1e-5),
+                                       args.device)
+        if scipy_cache:
+            torch.save({"val": base, "nfe": base_nfe, "s": base_s}, scipy_cache)
     info(f"{name}: d = {dim}, batch {len(x)}, reference dopri5 t {args.ref_tol:g}: {ref_nfe} NFE, "
          f"{ref_s:.1f} s, NLL {float(ref.mean() * to_bits):.4f} bits/dim (before the 8-bit offset)")
 
-    def row(method, variable, tol, val, nfe, sec, norm="rms"):
+    def row(method, variable, tol, val, nfe, sec, norm="rms", logp_tol=None):
         return {"model": name, "dim": dim, "method": method, "variable": variable, "tol": tol,
-                "norm": norm,
+                "norm": norm, "logp_tol": logp_tol,
                 "nfe": nfe, "dnll_bpd": float((val - ref).abs().max() * to_bits),
                 "dmean_bpd": float((val - ref).mean().abs() * to_bits), "seconds": sec,
                 "nfe_ratio": base_nfe / nfe, "time_ratio": base_s / sec,
                 "default": method == "st dopri5" and variable == DEFAULT["time_variable"]
-                and tol == DEFAULT["rtol"] == DEFAULT["atol"] and norm == DEFAULT["error_norm"]}
+                and tol == DEFAULT["rtol"] == DEFAULT["atol"] and norm == DEFAULT["error_norm"]
+                and logp_tol is None}
 
     rows = [row("scipy RK45", "t", 1e-5, base, base_nfe, base_s)]
-    configs = [("t", 1e-5, "rms"), (DEFAULT["time_variable"], DEFAULT["rtol"], DEFAULT["error_norm"])] \
-        if args.quick else [(v, tol, n) for n in args.norms for v in args.variables for tol in args.tols]
-    for variable, tol, norm in configs:
-        val, nfe, sec = timed(ours(variable, tol, norm), args.device)
-        rows.append(row("st dopri5", variable, tol, val, nfe, sec, norm))
+    configs = [("t", 1e-5, "rms", None), (DEFAULT["time_variable"], DEFAULT["rtol"], DEFAULT["error_norm"],
+                                           None)] \
+        if args.quick else [(v, tol, n, lt) for n in args.norms for v in args.variables for tol in args.tols
+                            for lt in (args.logp_tols if n == "max" else [None])]
+    for variable, tol, norm, logp_tol in dict.fromkeys(configs):  # --quick: the default may be the paper's
+        val, nfe, sec = timed(ours(variable, tol, norm, logp_tol), args.device)
+        rows.append(row("st dopri5", variable, tol, val, nfe, sec, norm, logp_tol))
+        info(table(rows[-1:]).splitlines()[-1])
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | d | solver | variable | error norm | rtol = atol | NFE | max abs dNLL bits/dim "
+    lines = ["| model | d | solver | variable | error norm | rtol = atol | log p atol bits/dim | NFE "
+             "| max abs dNLL bits/dim "
              "| abs dNLL of the mean | wall s "
-             "| NFE ratio vs RK45 | time ratio vs RK45 |", "|---" * 12 + "|"]
+             "| NFE ratio vs RK45 | time ratio vs RK45 |", "|---" * 13 + "|"]
     for r in rows:
         mark = " (default)" if r["default"] else ""
         lines.append(f"| {r['model']} | {r['dim']} | {r['method']}{mark} | {r['variable']} | {r['norm']} | "
-                     f"{r['tol']:g} | {r['nfe']} | {r['dnll_bpd']:.5f} | {r['dmean_bpd']:.5f} | "
+                     f"{r['tol']:g} | {'-' if r['logp_tol'] is None else format(r['logp_tol'], 'g')} "
+                     f"| {r['nfe']} | {r['dnll_bpd']:.5f} | {r['dmean_bpd']:.5f} | "
                      f"{r['seconds']:.2f} | "
                      f"{r['nfe_ratio']:.1f}x | {r['time_ratio']:.1f}x |")
     return "\n".join(lines)
@@ -152,13 +169,13 @@ def plot(rows: list[dict], path: str, goal: float) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
     for ax, m in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == m]
+        styles = {"rms": "o-", "rms_per_part": "s--", "max": "^:"}
         for v in TIME_VARIABLES:
-            for n in ERROR_NORMS:
+            for n in styles:
                 pts = sorted((r["nfe"], max(r["dmean_bpd"], 1e-6)) for r in mine
                              if r["method"] == "st dopri5" and (r["variable"], r["norm"]) == (v, n))
                 if pts:
-                    ax.plot(*zip(*pts), "o-" if n == "rms" else "s--", color=colors[v],
-                            label=f"dopri5, {v}, {n}")
+                    ax.plot(*zip(*pts), styles[n], color=colors[v], label=f"dopri5, {v}, {n}")
         for r in mine:
             if r["method"] == "scipy RK45":
                 ax.plot([r["nfe"]], [max(r["dmean_bpd"], 1e-6)], "k*", ms=10, label="scipy RK45 1e-5, t")
@@ -179,17 +196,27 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tols", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4])
     p.add_argument("--variables", nargs="+", default=list(TIME_VARIABLES), choices=TIME_VARIABLES)
-    p.add_argument("--norms", nargs="+", default=list(ERROR_NORMS), choices=ERROR_NORMS)
+    p.add_argument("--norms", nargs="+", default=list(ERROR_NORMS), choices=(*ERROR_NORMS, "max"),
+                   help="max: stcli.solvers.max_norm, with --logp-tols (a library option, measured here).")
+    p.add_argument("--logp-tols", type=float, nargs="+", default=[1e-3],
+                   help="With --norms max: the log-density's absolute tolerances, bits/dim.")
     p.add_argument("--name", action="append", help="Display name per --ckpt (default: its folder).")
     p.add_argument("--ref-tol", type=float, default=3e-7)
     p.add_argument("--quick", action="store_true", help="Only scipy, the paper's setting and the default.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plot", help="Write the error-vs-NFE plot here.")
     p.add_argument("--json", help="Write the rows here.")
-    p.add_argument("--cache", help="Folder to keep (and reuse) the reference solutions in.")
+    p.add_argument("--cache", help="Folder to keep (and reuse) the reference and scipy solutions in.")
+    p.add_argument("--rows", nargs="+", help="Solve nothing: table and plot of these --json files' rows.")
     args = p.parse_args()
     rows = []
-    for i, ckpt in enumerate(args.ckpt or [None]):
+    for path in args.rows or []:
+        rows += [r | {"logp_tol": r.get("logp_tol")} for r in json.loads(Path(path).read_text())]
+    key = ("model", "method", "variable", "tol", "norm", "logp_tol")
+    rows = list({tuple(r[k] for k in key): r for r in rows}.values())  # one row per setting
+    rows.sort(key=lambda r: (r["model"], r["method"] != "scipy RK45", r["norm"], r["variable"], -r["tol"],
+                             -(r["logp_tol"] or 0)))
+    for i, ckpt in enumerate([] if args.rows else args.ckpt or [None]):
         rows += bench_model(ckpt, args, args.name[i] if args.name else None)
     info(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}\n" + table(rows))
     if args.plot:

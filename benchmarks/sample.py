@@ -12,6 +12,11 @@ heun: steps = NFE/2), and an error-vs-NFE plot with --plot:
 
     python benchmarks/sample.py --ckpt runs/q/ckpt.safetensors --batch 16 --plot docs/img/sample_rmse_nfe.png
 
+With --ckpt and --fid N (a digits checkpoint), the small-scale FID of benchmarks/repro per
+sampler and NFE instead, from N samples:
+
+    python benchmarks/sample.py --ckpt runs/q/ckpt.safetensors --fid 500 --nfe 10 20 50
+
 Random weights make the adaptive ODE's NFE a property of an untrained field, so read its row
 as a cost example, not as the NFE of a trained model.
 """
@@ -103,6 +108,45 @@ def accuracy(args) -> None:
         open(args.json, "w").write(json.dumps(rows, indent=1))
 
 
+def fid_per_nfe(args) -> None:
+    """The small-scale FID of benchmarks/repro (64-d features of a digit classifier trained on
+    the digits train split, against that split) of --fid samples per sampler and NFE, all from
+    the same prior draw, with the final denoising step."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "repro"))
+    import digits_fid as dfid
+
+    from stcli.loading import load_model
+
+    device = torch.device(args.device)
+    loaded = load_model(args.ckpt, device=args.device)
+    model, recipe = loaded.model, loaded.recipe
+    sde, shape = recipe.sde, recipe.data.shape
+    with tempfile.TemporaryDirectory() as tmp:
+        acc = dfid.train_classifier(Path(tmp) / "cnn.safetensors")
+        ext = dfid.extractor(Path(tmp) / "cnn.safetensors")
+        ref = dfid.features(dfid.digit_split("train")[0], ext)
+    x = sde.prior_sample((args.fid, *shape), generator=torch.Generator(device).manual_seed(0),
+                         device=device, dtype=torch.float32)
+    info(f"{args.ckpt}: FID of {args.fid} samples against the digits train split (classifier "
+         f"test accuracy {acc['test_accuracy']:.3f})")
+    test = dfid.digit_split("test")[0][:args.fid]  # the floor: real digits not in the reference
+    rows = [{"sampler": f"digits test split ({len(test)} images)", "schedule": "-", "nfe": 0,
+             "fid": dfid.fid(dfid.features(test, ext), ref)}]
+    for name, schedule, per_step in ACCURACY:
+        for nfe in args.nfe:
+            sampler = SAMPLERS.validate(name, steps=max(2, nfe // per_step), schedule=schedule)
+            y, used = sampler(model.score, sde, x)
+            feats = dfid.features(recipe.data.picture(y).cpu(), ext)
+            rows.append({"sampler": name, "schedule": schedule, "nfe": used, "fid": dfid.fid(feats, ref)})
+            info(f"| {name} | {schedule} | {used} | {rows[-1]['fid']:.2f} |")
+    info("| sampler | schedule | NFE | FID |\n|---|---|---|---|\n" + "\n".join(
+        f"| {r['sampler']} | {r['schedule']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -114,10 +158,13 @@ def main() -> None:
     parser.add_argument("--ckpt", help="measure accuracy vs NFE on this checkpoint")
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
     parser.add_argument("--ref-tol", type=float, default=1e-7)
+    parser.add_argument("--fid", type=int, help="With --ckpt (digits): FID of N samples per NFE instead.")
     parser.add_argument("--plot")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ckpt and args.fid:
+        return fid_per_nfe(args)
     if args.ckpt:
         return accuracy(args)
     device = torch.device(args.device)

@@ -76,7 +76,7 @@ class Train(Section):
     channels_last: bool | None = None  # model and batches in channels_last format; None: on CUDA
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions (fp32 storage, 10-bit mantissa products)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda | cuda:N
-    workers: NonNegativeInt | None = None  # data-loader processes; None: 0 on the CPU, up to 8 on CUDA
+    workers: NonNegativeInt | None = None  # loaders for file-backed data; None: 0 on CPU, up to 8 on CUDA
     log: list[str] = ["jsonl"]  # loggers (stcli.tracking): jsonl (always on), csv, tensorboard, wandb
     heldout_every: NonNegativeInt = 0  # loss on a fixed batch of the test split every this many steps
     heldout_size: PositiveInt = 256  # test items in that batch

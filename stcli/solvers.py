@@ -113,11 +113,30 @@ class _Wrap:
         return _tuple(self.f(t, _like(self.y0, y)))
 
 
-def _scale(y: tuple, y_new: tuple, rtol: float, atol: float) -> list[torch.Tensor]:
-    return [atol + rtol * torch.maximum(a.abs(), b.abs()) for a, b in zip(y, y_new)]
+Tol = float | Sequence[float]
 
 
-def initial_step(f, t0, y0: tuple, f0: tuple, direction: float, rtol: float, atol: float,
+def _per_part(tol: Tol, n: int) -> tuple[float, ...]:
+    """A tolerance for every tensor of the state: one for all, or one each."""
+    return (float(tol),) * n if isinstance(tol, (int, float)) else tuple(map(float, tol))
+
+
+def _scale(y: tuple, y_new: tuple, rtol: Tol, atol: Tol) -> list[torch.Tensor]:
+    return [a_tol + r_tol * torch.maximum(a.abs(), b.abs())
+            for a, b, r_tol, a_tol in zip(y, y_new, _per_part(rtol, len(y)), _per_part(atol, len(y)))]
+
+
+def max_norm(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The largest RMS over one row (sample) of one tensor of the state: every sample and every
+    part (the likelihood ODE's log-density, a scalar per sample) held to its tolerance alone."""
+    return torch.stack([_row_rms(p).amax() for p in parts]).amax()
+
+
+def _row_rms(p: torch.Tensor) -> torch.Tensor:
+    return p.double().reshape(len(p), -1).pow(2).mean(1).sqrt()
+
+
+def initial_step(f, t0, y0: tuple, f0: tuple, direction: float, rtol: Tol, atol: Tol,
                  per_sample: bool) -> torch.Tensor:
     """Hairer et al. Sec. II.4 (as scipy's select_initial_step): h0 = 0.01 d0/d1, one explicit
     Euler trial step, h1 = (0.01 / max(d1, d2))^(1/(order+1)); h = min(100 h0, h1)."""
@@ -134,12 +153,13 @@ def initial_step(f, t0, y0: tuple, f0: tuple, direction: float, rtol: float, ato
     return torch.minimum(100 * h0, h1)
 
 
-def dopri5(f: RHS, y0: State, t0: float, t1: float, *, rtol: float = 1e-5, atol: float = 1e-5,
+def dopri5(f: RHS, y0: State, t0: float, t1: float, *, rtol: Tol = 1e-5, atol: Tol = 1e-5,
            max_steps: int = 100_000, per_sample: bool = False,
            error_norm: str = "rms") -> tuple[State, int]:
     """Integrate dy/dt = f(t, y) from t0 to t1 adaptively; returns (y(t1), nfe).
 
-    ``error_norm``: "rms" over all elements (scipy's) or "rms_per_part" (see `rms_norm`).
+    ``rtol``, ``atol``: one value, or one per tensor of a tuple state.  ``error_norm``: "rms"
+    over all elements (scipy's), "rms_per_part" (see `rms_norm`) or "max" (see `max_norm`).
 
     ``t`` reaches ``f`` as a float64 tensor on y's device: 0-dim, or (B,) with ``per_sample``.
     Raises RuntimeError after ``max_steps`` step attempts.
@@ -160,8 +180,9 @@ def dopri5(f: RHS, y0: State, t0: float, t1: float, *, rtol: float = 1e-5, atol:
             return _like(y0, y), fw.nfe
         h_abs = torch.minimum(h_abs, left)  # the last step lands on t1 exactly
         y_new, k7, err = dopri5_step(fw, t, y, direction * h_abs, k1)
-        norm = rms_norm([e / s for e, s in zip(err, _scale(y, y_new, rtol, atol))], per_sample,
-                        error_norm == "rms_per_part")
+        scaled = [e / s for e, s in zip(err, _scale(y, y_new, rtol, atol))]
+        norm = max_norm(scaled) if error_norm == "max" and not per_sample else \
+            rms_norm(scaled, per_sample, error_norm == "rms_per_part")
         accept = norm < 1
         grow = torch.where(norm == 0, MAX_FACTOR,
                            SAFETY * norm.clamp(min=1e-300) ** (-1 / (ORDER + 1)))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from stcli import checkpoint, distributed, rundir, tracking
 from stcli.console import StepProgress, fmt_eta, info
-from stcli.data import collate
+from stcli.data import InMemory, collate
 from stcli.errors import TrainingStopped, UserError, plain_message
 from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
@@ -69,8 +69,31 @@ class StepBatches:
             yield batch[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank].tolist()
 
 
-def make_loader(dataset, batch_sampler, workers: int, device: torch.device) -> DataLoader:
-    """The DataLoader of training batches (and of a target's reference images)."""
+class DeviceBatches:
+    """The batches of an in-memory data set held on the training device as one tensor (uint8
+    images, float32 toy data): each batch is one indexing op there, no worker, no per-item
+    Python, no host-to-device copy of images.  It yields what the DataLoader over the same
+    data and batch sampler yields, on the device."""
+
+    def __init__(self, data: torch.Tensor, batch_sampler):
+        self.data, self.batch_sampler = data, batch_sampler
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for indices in self.batch_sampler:
+            yield self.data[torch.as_tensor(indices, dtype=torch.long).to(self.data.device)]
+
+
+def held_on_device(dataset, device: torch.device) -> torch.Tensor | None:
+    """An in-memory data set's tensor on the training device (None for file-backed data)."""
+    return dataset.data.to(device) if isinstance(dataset, InMemory) else None
+
+
+def make_loader(dataset, batch_sampler, workers: int, device: torch.device,
+                held: torch.Tensor | None = None) -> DataLoader | DeviceBatches:
+    """The batches of training (and of a target's reference images): from `held` (the data set
+    on the device, see `held_on_device`) when given, else by a DataLoader."""
+    if held is not None:
+        return DeviceBatches(held, batch_sampler)
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
                       num_workers=workers, generator=torch.Generator(),
                       pin_memory=device.type == "cuda", persistent_workers=False)
@@ -270,8 +293,9 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         steps = StepBatches(len(self.dataset), cfg.batch_size, ctx, self.recipe.seed, self.step)
-        loader = make_loader(self.dataset, steps, cfg.workers, self.device)
-        extras = make_loader(self.dataset, self.feed.batches(steps), cfg.workers, self.device) \
+        held = held_on_device(self.dataset, self.device)
+        loader = make_loader(self.dataset, steps, cfg.workers, self.device, held)
+        extras = make_loader(self.dataset, self.feed.batches(steps), cfg.workers, self.device, held) \
             if self.feed is not None and self.feed.extra else None
         self._claim_out_dir()
         handlers = self._install_signal_handlers()

@@ -11,6 +11,14 @@ import yaml
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
+# The device of the tests that compare against references (closed forms, moments): cpu by
+# default; benchmarks/gpu_check.sh runs them with ST_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("ST_TEST_DEVICE", "cpu"))
+
+
+def device_generator(seed: int) -> torch.Generator:
+    """A generator on DEVICE seeded with `seed`."""
+    return torch.Generator(DEVICE).manual_seed(seed)
 
 TINY = {
     "name": "tiny",
@@ -102,6 +110,7 @@ class Gaussian:
             g = torch.Generator().manual_seed(d)
             self.Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
             self.lam = torch.linspace(0.05, 1.0, d, dtype=torch.float64)
+            self.Q, self.lam = self.Q.to(DEVICE), self.lam.to(DEVICE)
 
     def a2(self, t):
         """v(t) = mu_t^2 s^2 + sigma_t^2 (isotropic data)."""
@@ -143,7 +152,7 @@ class Gaussian:
 
     def sample(self, n, seed):
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.d, generator=g, dtype=torch.float64)
+        z = torch.randn(n, self.d, generator=g, dtype=torch.float64).to(DEVICE)
         return self.m + (z * self.s if self.Q is None else (z * self.lam.sqrt()) @ self.Q.T)
 
     def flow(self, x_T, t):

@@ -1,11 +1,12 @@
 """Likelihood against closed forms: Gaussian data N(m, s^2 I) has an exact time-t score and an
-exact density p_t = N(mu_t m, (mu_t^2 s^2 + sigma_t^2) I)."""
+exact density p_t = N(mu_t m, (mu_t^2 s^2 + sigma_t^2) I).  On ST_TEST_DEVICE (default cpu): the
+data are drawn on the CPU and moved there."""
 
 import math
 
 import pytest
 import torch
-from conftest import Gaussian
+from conftest import DEVICE, Gaussian, device_generator
 
 from stcli.likelihood import PAPER, TIME_VARIABLES, bits_per_dim, nelbo, nll
 from stcli.registry import SDES
@@ -16,7 +17,7 @@ SDE_PARAMS = {"vp": {}, "ve": {"sigma_min": 0.01, "sigma_max": 50.0},
 
 
 def eps_t(n):
-    return torch.full((n,), EPS, dtype=torch.float64)
+    return torch.full((n,), EPS, dtype=torch.float64, device=DEVICE)
 
 
 @pytest.mark.parametrize("name", SDE_PARAMS)
@@ -58,6 +59,22 @@ def test_tolerance_1e3_is_within_0_005_bits_per_dim_on_a_gaussian(name, override
     assert bits_per_dim((got - data.model_nll(x, EPS)).abs().max(), 6, 0) < 0.005 and nfe < 100
 
 
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_log_density_tolerance_in_bits_per_dim_on_a_gaussian(name):
+    """error_norm "max" with logp_tol: the log-density held to 2e-4 bits/dim per step on its own
+    (in nats: 2e-4 d log 2), the state to 1e-3: within 0.005 bits/dim of the closed form, and
+    tighter than with the log-density at 1e-2 bits/dim."""
+    sde = SDES.build(name, eps=EPS, **SDE_PARAMS[name])
+    data = Gaussian(sde, 6, rotate=True)
+    x = data.sample(4, seed=7)
+    errs = []
+    for logp_tol in (2e-4, 1e-2):
+        got, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact", rtol=1e-3,
+                     atol=1e-3, error_norm="max", logp_tol=logp_tol)
+        errs.append(float(bits_per_dim((got - data.model_nll(x, EPS)).abs().max(), 6, 0)))
+    assert errs[0] < 0.005 and errs[0] < errs[1], errs
+
+
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_hutchinson_is_unbiased_within_its_standard_error(kind):
     sde = SDES.build("vp", eps=EPS)
@@ -66,13 +83,13 @@ def test_hutchinson_is_unbiased_within_its_standard_error(kind):
     exact, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact", **PAPER)
     assert (exact - data.model_nll(x, EPS)).abs().max() < 16e-3
     runs = torch.stack([nll(data.score, sde, x, eps=EPS, correction="before", divergence=kind,
-                            rtol=1e-4, atol=1e-4, generator=torch.Generator().manual_seed(r))[0]
+                            rtol=1e-4, atol=1e-4, generator=device_generator(r))[0]
                         for r in range(30)])
     mean, se = runs.mean(0), runs.std(0) / math.sqrt(len(runs))
     assert (se > 1e-3).all()  # the probes really are random and do not cancel
     assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
     averaged, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence=kind, probes=8,
-                      rtol=1e-4, atol=1e-4, generator=torch.Generator().manual_seed(99))
+                      rtol=1e-4, atol=1e-4, generator=device_generator(99))
     assert ((averaged - exact).abs() < 4 * runs.std(0) / math.sqrt(8)).all()
 
 
@@ -82,8 +99,8 @@ def test_before_and_after_differ_as_the_closed_form_predicts():
     x = data.sample(16, seed=2)
     before, _ = nll(data.score, sde, x, eps=EPS, correction="before", divergence="exact", **PAPER)
     after, _ = nll(data.score, sde, x, eps=EPS, correction="after", divergence="exact", **PAPER,
-                   generator=torch.Generator().manual_seed(5))
-    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+                   generator=device_generator(5))
+    z = torch.randn(x.shape, generator=device_generator(5), dtype=x.dtype, device=DEVICE)
     t = eps_t(16)
     mu, sigma = sde.mean_coef(t)[:, None], sde.std(t)[:, None]
     x_eps = mu * x + sigma * z
@@ -98,9 +115,9 @@ def test_nelbo_bounds_nll_and_is_tight_for_the_exact_score():
     sde = SDES.build("vp", eps=EPS)
     data = Gaussian(sde, 2)
     x = data.sample(4000, seed=3)
-    g = torch.Generator().manual_seed(4)
+    g = device_generator(4)
     bound = nelbo(data.score, sde, x, eps=EPS, generator=g)
-    z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    z = torch.randn(x.shape, generator=g, dtype=x.dtype, device=DEVICE)
     t = eps_t(len(x))
     exact = -data.logp(sde.mean_coef(t)[:, None] * x + sde.std(t)[:, None] * z, t)
     diff = bound.mean() - exact.mean()
@@ -108,7 +125,7 @@ def test_nelbo_bounds_nll_and_is_tight_for_the_exact_score():
     assert abs(diff) < 4 * se, (diff, se)
     # a wrong score loosens the bound: with common random numbers the NELBO rises significantly
     wrong = nelbo(lambda y, tt: 0.7 * data.score(y, tt), sde, x, eps=EPS,
-                  generator=torch.Generator().manual_seed(4))
+                  generator=device_generator(4))
     gap = wrong - bound
     assert gap.mean() > 5 * gap.std() / math.sqrt(len(x)), (gap.mean(), gap.std())
 

@@ -1,6 +1,7 @@
 """Solvers and samplers against closed forms: linear ODEs (matrix exponential, scipy's NFE),
 and Gaussian data N(m, s^2 I) whose score is exact, so that every sampler's output moments
-and the probability-flow map are known."""
+and the probability-flow map are known.  The sampler tests run on ST_TEST_DEVICE (default cpu):
+the initial noise is drawn on the CPU and moved there."""
 
 import math
 from functools import partial
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 import torch
+from conftest import DEVICE
 
 from stcli import solvers
 from stcli.errors import UserError
@@ -31,8 +33,11 @@ Gaussian = partial(conftest.Gaussian, m=M, s=S)  # the exact score of N(M, S^2 I
 
 
 def draw(sde, n, d, seed=0):
+    """Prior draws on DEVICE and the generator for the sampler's noise (on the CPU: the one that
+    drew them; elsewhere a generator on the device)."""
     g = torch.Generator().manual_seed(seed)
-    return sde.prior_sample((n, d), generator=g, dtype=torch.float64), g
+    x = sde.prior_sample((n, d), generator=g, dtype=torch.float64).to(DEVICE)
+    return x, g if DEVICE.type == "cpu" else torch.Generator(DEVICE).manual_seed(seed)
 
 
 # --- solvers -------------------------------------------------------------------------------------
@@ -76,6 +81,23 @@ def test_per_part_error_norm_holds_a_small_part_to_the_tolerance():
     two = torch.tensor(2.0, dtype=torch.float64)
     torch.testing.assert_close(solvers.rms_norm(parts, False, per_part=True), two)
     torch.testing.assert_close(solvers.rms_norm(parts, True, per_part=True), two.expand(4))
+
+
+def test_per_part_tolerances_and_the_max_norm():
+    """One tolerance per part of the state: the oscillating scalar z = sin(10 t) held to 1e-7
+    absolute while the 400 decaying elements have 1e-3; the max norm is the largest RMS of one
+    row of one part."""
+    def f(t, y):
+        return -y[0], 10 * torch.cos(10 * t).expand(2)
+
+    y0 = (torch.ones(2, 400, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    (x, z), nfe = solvers.dopri5(f, y0, 0.0, 3.0, rtol=(1e-3, 0.0), atol=(1e-3, 1e-7),
+                                 error_norm="max")
+    (_, z_loose), nfe_loose = solvers.dopri5(f, y0, 0.0, 3.0, rtol=1e-3, atol=1e-3, error_norm="max")
+    assert (z - math.sin(30.0)).abs().max() < 1e-6 < (z_loose - math.sin(30.0)).abs().max()
+    assert (x - math.exp(-3.0)).abs().max() < 1e-3 and nfe > nfe_loose
+    parts = [torch.tensor([[1.0, 1.0], [3.0, 4.0]]), torch.tensor([0.5, -2.0])]
+    torch.testing.assert_close(solvers.max_norm(parts), torch.tensor(12.5, dtype=torch.float64).sqrt())
 
 
 def test_dopri5_step_is_fifth_order_with_a_fourth_order_error_estimate():
@@ -259,8 +281,8 @@ def test_pc_with_em_predictor_and_no_corrector_is_euler_maruyama():
     x, _ = draw(sde, 8, 6)
     em = SAMPLERS.validate("euler_maruyama", steps=50)
     pc = SAMPLERS.validate("pc", predictor="euler_maruyama", corrector="none", steps=50)
-    a, nfe_a = em(Gaussian(sde), sde, x, generator=torch.Generator().manual_seed(3))
-    b, nfe_b = pc(Gaussian(sde), sde, x, generator=torch.Generator().manual_seed(3))
+    a, nfe_a = em(Gaussian(sde), sde, x, generator=torch.Generator(DEVICE).manual_seed(3))
+    b, nfe_b = pc(Gaussian(sde), sde, x, generator=torch.Generator(DEVICE).manual_seed(3))
     assert torch.equal(a, b) and nfe_a == nfe_b == 51
 
 
