@@ -9,12 +9,17 @@ from collections import defaultdict
 
 import numpy as np
 
-COLUMNS = {  # data set -> (result key, header, scale)
-    "digits": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("fid", "FID (digit CNN)", 1)),
-    "toy2d": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("kl", "NLL − H(p) (bpd)", 1),
-              ("mmd2_h0.1", "MMD² h=0.1 (×10³)", 1e3), ("mmd2_h1", "MMD² h=1 (×10³)", 1e3)),
+TOY2D = (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("kl", "NLL − H(p) (bpd)", 1),
+         ("mmd2_h0.1", "MMD² h=0.1 (×10³)", 1e3), ("mmd2_h1", "MMD² h=1 (×10³)", 1e3))
+COLUMNS = {  # data set -> (result key, header, scale); the first sampler's score has no suffix
+    "digits": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("fid", "FID Heun 35 NFE", 1),
+               ("fid_em", "FID EM 251 NFE", 1)),
+    "toy2d": (*TOY2D[:3], ("mmd2_h0.1", "MMD² h=0.1 Heun (×10³)", 1e3),
+              ("mmd2_h1", "MMD² h=1 Heun (×10³)", 1e3), ("mmd2_h0.1_em", "MMD² h=0.1 EM (×10³)", 1e3),
+              ("mmd2_h1_em", "MMD² h=1 EM (×10³)", 1e3)),
+    "toy2d_stf": TOY2D,  # the short runs: one sampler (Heun, 50 steps)
+    "toy2d_eps": TOY2D,
 }
-COLUMNS["toy2d_stf"] = COLUMNS["toy2d_eps"] = COLUMNS["toy2d"]
 BASELINE = "g2"
 
 

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from variants import ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
-QUALITY = {"digits": ("fid", "FID (digit CNN)"), "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1)"),
+QUALITY = {"digits": ("fid", "FID (digit CNN), Heun 35 NFE"),
+           "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1), Heun 35 NFE"),
            "toy2d_stf": ("mmd2_h0.1", "MMD² (h = 0.1)"), "toy2d_eps": ("mmd2_h0.1", "MMD² (h = 0.1)")}
 
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["diagnose"] = diagnose_checkpoints(plan, args)
     sample_figures(plan, args)
     summary.update(tables(results, args))
+    summary["learning_curves"] = curve_figures(results, args)
     summary["wall_s"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps({**summary, "runs": results}, indent=1))
     print(f"\ntotal wall time {summary['wall_s'] / 60:.1f} min; results in {args.out}")
@@ -97,7 +99,8 @@ def dry_run(plan: Plan) -> dict:
         with torch.no_grad():
             loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0),
                                reference=x0)  # the batch as its own reference (a target may need one)
-        resolve_sampler(recipe.sample, {"name": "heun", "steps": job.budget.sampler_steps})
+        for spec in job.budget.samplers.values():
+            resolve_sampler(recipe.sample, spec)
         if job.data.key.startswith("toy2d"):
             recipe.data.gmm_params()
         assert torch.isfinite(loss).all(), job.command()
@@ -147,7 +150,8 @@ def _pool(n: int) -> ProcessPoolExecutor:
 
 
 def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
-    """Every job in n workers, longest (digits) first; one line per finished job."""
+    """Every job in n workers, in the plan's order (data set by data set, seed-major); one line
+    per finished job."""
     from evaluate import run_job
 
     results = []
@@ -156,6 +160,8 @@ def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
         for i, fut in enumerate(as_completed(futures), 1):
             r = fut.result()
             score = f"FID {r['fid']:.2f}" if "fid" in r else f"MMD² {r['mmd2_h0.1']:.2e}"
+            score += f" / EM {r['fid_em']:.2f}" if "fid_em" in r else \
+                f" / EM {r['mmd2_h0.1_em']:.2e}" if "mmd2_h0.1_em" in r else ""
             print(f"[{i}/{len(jobs)}] {r['data']} {r['variant']} seed {r['seed']}: "
                   f"NLL {r['nll']['mean']:.4f} NELBO {r['nelbo']['mean']:.4f} {score} "
                   f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
@@ -207,6 +213,27 @@ def sample_figures(plan: Plan, args) -> None:
         else:
             gmm = seed0[("toy2d", "g2")].recipe().data.gmm_params()
             figures.scatter_samples(picked, gmm, args.img / "repro_samples_toy2d.png")
+
+
+def curve_figures(results: list[dict], args) -> dict:
+    """NLL, NELBO and sample quality against the training step, seed 0 of each loss: the
+    measured EMA snapshots and the final model."""
+    import figures
+
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for r in results:
+        if r["seed"] == 0 and r.get("curve") is not None and r["data"] in ("digits", "toy2d"):
+            final = {k: r[k] for k in ("nll", "nelbo", QUALITY[r["data"]][0])}
+            final[QUALITY[r["data"]][0] + "_se"] = r.get(QUALITY[r["data"]][0] + "_se", 0.0)
+            points = [*r["curve"], final | {"step": r["recipe"]["train"]["steps"]}]
+            curves.setdefault(r["data"], {})[r["label"]] = points
+    for data, by_loss in curves.items():
+        key, label = QUALITY[data]
+        figures.learning_curves(by_loss, key, label, args.img / f"repro_curves_{data}.png",
+                                log_quality=data == "toy2d")
+    return {data: {label: [{k: p[k] for k in ("step", "nll", "nelbo", key, key + "_se")}
+                           for p in pts] for label, pts in by_loss.items()}
+            for data, by_loss in curves.items() for key in [QUALITY[data][0]]}
 
 
 def _npz(job: Job) -> np.ndarray:
