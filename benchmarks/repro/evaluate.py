@@ -71,36 +71,38 @@ def _resumable(out_dir: Path, recipe) -> bool:
 def _train_and_measure(job, recipe, classifier: Path | None, resume: bool) -> dict:
     from stcli.train import train
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trained = train(recipe, resume="auto" if resume else False)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     ckpt = trained.out_dir / "ckpt.safetensors"
     result = {"data": job.data.key, "variant": job.variant.key, "label": job.variant.label,
               "seed": job.seed, "recipe": recipe.to_dict(), "command": job.command(),
-              "final_loss": trained.loss, "train_s": t1 - t0, "resumed": resume}
+              "final_loss": trained.loss, "train_s": t1 - t0, "train_cpu_s": c1 - c0, "resumed": resume}
     result.update(measure(ckpt, job.data, job.budget, job.out_dir / "samples", classifier))
     for name, spec in list(job.budget.samplers.items())[1:]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         samples = draw(ckpt, job.budget.n_samples, spec, job.out_dir / f"samples_{name}")
         result.update({f"{k}_{name}": v for k, v in quality(samples, job.data, classifier).items()})
         result[f"sample_s_{name}"] = time.perf_counter() - t
+        result[f"sample_cpu_s_{name}"] = time.process_time() - c
     t2 = time.perf_counter()
     result["curve"] = [measure(job.out_dir / f"ckpt-{s}.safetensors", job.data, job.budget,
                                job.out_dir / f"samples-{s}", classifier) | {"step": s}
                        for s in job.curve_steps]
     result["curve_s"] = time.perf_counter() - t2
     result["eval_s"] = time.perf_counter() - t1
+    result["eval_cpu_s"] = time.process_time() - c1  # one thread: core-seconds
     return result
 
 
 def measure(ckpt: Path, data, budget, sample_dir: Path, classifier: Path | None) -> dict:
     """NLL, NELBO and the first sampler's sample quality of one checkpoint."""
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = likelihood(ckpt, data, budget)
     spec = next(iter(budget.samplers.values()))
     out.update(quality(draw(ckpt, budget.n_samples, spec, sample_dir), data, classifier,
                        budget.nll_limit))
-    out["measure_s"] = time.perf_counter() - t
+    out["measure_s"], out["measure_cpu_s"] = time.perf_counter() - t, time.process_time() - c
     return out
 
 

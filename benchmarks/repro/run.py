@@ -42,14 +42,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in < 5 min")
     p.add_argument("--dry-run", action="store_true", help="build every recipe/component, no training")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--data", nargs="+", default=["digits", "toy2d"],
+    p.add_argument("--data", nargs="+", default=["toy2d", "digits"],
                    choices=["digits", "toy2d", "toy2d_stf", "toy2d_eps"],
                    help="not in the default run: toy2d_stf (Stable Target Field on the mixture), "
                    "toy2d_eps (Table 6, the epsilon sweep)")
     p.add_argument("--out", type=Path, help="output folder (default runs/repro or runs/repro-quick)")
     p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
+    p.add_argument("--report", action="store_true",
+                   help="no jobs: the tables and curves from the saved results (<results>/<data>.json)")
+    p.add_argument("--results", type=Path, help="per-job results, one JSON file per data set, "
+                   "written as jobs finish (default benchmarks/repro/results, or <out>/results if --quick)")
     args = p.parse_args(argv)
+    args.results = args.results or (ROOT / "runs" / "repro-quick" / "results" if args.quick
+                                    else HERE / "results")
     args.out = args.out or ROOT / "runs" / ("repro-quick" if args.quick else "repro")
     args.img = args.img or (args.out / "img" if args.quick else ROOT / "docs" / "img")
     return args
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = Plan(args.quick, args.out, tuple(args.data))
     if args.dry_run:
         return dry_run(plan)
+    if args.report:
+        return report_only(args)
     torch.set_num_threads(1)
     os.chdir(ROOT)  # the recipes' train.out_dir are relative to the repository root
     if args.force:
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"quick": args.quick, "figures": sde_figures(args.img)}
     classifier = prepare_classifier(args.out, summary) if "digits" in args.data else None
-    results = run_jobs(plan.jobs, classifier, args.jobs)
+    results = run_jobs(plan.jobs, classifier, args.jobs, args.results)
     summary["diagnose"] = diagnose_checkpoints(plan, args)
     sample_figures(plan, args)
     summary.update(tables(results, args))
@@ -149,9 +157,9 @@ def _pool(n: int) -> ProcessPoolExecutor:
                                initializer=_worker_init)
 
 
-def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
+def run_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path) -> list[dict]:
     """Every job in n workers, in the plan's order (data set by data set, seed-major); one line
-    per finished job."""
+    per finished job, whose result is added to `saved`/<data>.json at once."""
     from evaluate import run_job
 
     results = []
@@ -166,7 +174,31 @@ def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
                   f"NLL {r['nll']['mean']:.4f} NELBO {r['nelbo']['mean']:.4f} {score} "
                   f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
             results.append(r)
+            save_results(saved, r)
     return sorted(results, key=lambda r: (r["data"], r["variant"], r["seed"]))
+
+
+def save_results(folder: Path, result: dict) -> None:
+    """Add (or replace) one job's result in folder/<data>.json: what the tables are made from."""
+    path = folder / f"{result['data']}.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = [r for r in runs if (r["variant"], r["seed"]) != (result["variant"], result["seed"])]
+    runs = sorted([*runs, result], key=lambda r: (r["variant"], r["seed"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=0))
+
+
+def report_only(args) -> dict:
+    """Tables and learning curves from the saved per-job results of the data sets asked for."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for data in args.data:
+        path = args.results / f"{data}.json"
+        if path.is_file():
+            results += json.loads(path.read_text())["runs"]
+    summary = tables(results, args)
+    summary["learning_curves"] = curve_figures(results, args)
+    return summary
 
 
 def _diagnose_one(ckpt: Path, out: Path, quick: bool) -> dict:
