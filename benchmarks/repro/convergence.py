@@ -84,6 +84,21 @@ def converged_at(points: list[dict], key: str, tol: str = "item", later: int = 2
     return {"step": None, "tol": tol, "later": later, "last": points[-1]["step"] if points else None}
 
 
+def markdown(points: list[dict], key: str, scale: float = 1.0) -> str:
+    """One row per snapshot: NLL, NELBO (± s.e. over test items), the paired change of the
+    NELBO since the previous snapshot, and the sample-quality score ± its s.e."""
+    label = QUALITY["digits" if key == "fid" else "toy2d"][1] + (" (×10³)" if scale != 1 else "")
+    lines = [f"| step | NLL (bpd) | NELBO (bpd) | Δ NELBO since previous (paired) | {label} |",
+             "|---|---|---|---|---|"]
+    for prev, p in zip([None, *points], points):
+        d = "–" if prev is None else "{:+.4f} ± {:.4f}".format(*paired_se(prev["nelbo_items"],
+                                                                         p["nelbo_items"]))
+        lines.append(f"| {p['step']:,} | {p['nll']['mean']:.3f} ± {p['nll']['stderr']:.3f} | "
+                     f"{p['nelbo']['mean']:.3f} ± {p['nelbo']['stderr']:.3f} | {d} | "
+                     f"{p[key] * scale:.2f} ± {p[key + '_se'] * scale:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(points: list[dict], data_key: str, path: Path, verdict: dict) -> None:
     import matplotlib
 
@@ -132,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     verdict = converged_at(points, QUALITY[args.data][0])
     verdict["paired"] = converged_at(points, QUALITY[args.data][0], tol="paired")["step"]
     plot(points, args.data, args.img or ROOT / "docs" / "img" / f"repro_convergence_{args.data}.png", verdict)
+    print(markdown(points, QUALITY[args.data][0], 1.0 if args.data == "digits" else 1e3))
     print(f"converged at: {verdict}")
     return verdict
 
