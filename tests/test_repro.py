@@ -34,12 +34,13 @@ def gmm_samples(n, seed=0):
 
 
 def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
-    out = run.main(["--quick", "--dry-run", "--out", str(tmp_path)])
+    out = run.main(["--quick", "--dry-run", "--extras", "--out", str(tmp_path)])
     keys = {v.key for v in TABLE4 + TABLE5 + TABLE7}
     n_digits, n_toy2d = len(TABLE4 + TABLE5), len(TABLE4 + TABLE5 + TABLE7)
     assert len(out["built"]) == 2 * n_digits + 2 * n_toy2d
     assert all(any(f"{k}_s" in c for c in out["built"]) for k in keys)
     assert "28 jobs built" in capsys.readouterr().out
+    assert len(Plan(True, tmp_path).jobs) == 2 * n_digits + 2 * len(TABLE4 + TABLE5)  # no extras
     stf = run.main(["--quick", "--dry-run", "--data", "toy2d_stf", "--out", str(tmp_path)])
     assert len(stf["built"]) == 8 and sum("name: stf" in c for c in stf["built"]) == 4
     sweep = run.main(["--quick", "--dry-run", "--data", "toy2d_eps", "--out", str(tmp_path)])

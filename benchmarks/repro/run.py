@@ -48,6 +48,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "toy2d_eps (Table 6, the epsilon sweep)")
     p.add_argument("--out", type=Path, help="output folder (default runs/repro or runs/repro-quick)")
     p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
+    p.add_argument("--extras", action="store_true",
+                   help="also Table 7's P0 and P2 on toy2d (after everything else; beyond the 3-hour budget)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
     p.add_argument("--report", action="store_true",
                    help="no jobs: the tables and curves from the saved results (<results>/<data>.json)")
@@ -64,7 +66,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.perf_counter()
-    plan = Plan(args.quick, args.out, tuple(args.data))
+    plan = Plan(args.quick, args.out, tuple(args.data), args.extras)
     if args.dry_run:
         return dry_run(plan)
     if args.report:

@@ -98,7 +98,7 @@ class DataSet:
     variants: tuple[Variant, ...]
     divergence: str  # of the ODE likelihood: exact in 2-D, Hutchinson otherwise
     quality: str  # name of the sample-quality score
-    extras: tuple[Variant, ...] = ()  # run after every data set's main variants (if time allows)
+    extras: tuple[Variant, ...] = ()  # run only with --extras, after every data set's main variants
 
     def recipe_obj(self):
         """The base recipe with the shared overrides (data, SDE: what the evaluation needs)."""
@@ -185,13 +185,14 @@ class Plan:
     quick: bool
     root: Path
     datasets: tuple[str, ...] = ("toy2d", "digits")
+    extras: bool = False  # also the data sets' extra variants (Table 7's P0/P2), after the rest
     jobs: list[Job] = field(default_factory=list)
 
     def __post_init__(self):
-        """Data set by data set (the cheap toy2d first), then every data set's extras; within
-        each, seed-major: the first seed of every loss before the second, so that a run cut
-        short still gives complete (paired) tables over the seeds it finished."""
-        for part in ("variants", "extras"):
+        """Data set by data set (the cheap toy2d first), then (with `extras`) every data set's
+        extras; within each, seed-major: the first seed of every loss before the second, so
+        that a run cut short still gives complete (paired) tables over the seeds it finished."""
+        for part in ("variants", "extras") if self.extras else ("variants",):
             for key in self.datasets:
                 data = DATASETS[key]
                 budget = data.quick if self.quick else data.full
