@@ -223,9 +223,10 @@ def diagnose_checkpoints(plan: Plan, args) -> dict:
     if not jobs:
         return {}
     with _pool(args.jobs) as pool:
-        futures = {j: pool.submit(_diagnose_one, j.out_dir / "ckpt.safetensors",
-                                  args.out / "diagnose" / j.variant.key, args.quick) for j in jobs}
-        diag = {j.variant.label: f.result() for j, f in futures.items()}
+        futures = {j.variant.label: pool.submit(_diagnose_one, j.out_dir / "ckpt.safetensors",
+                                                args.out / "diagnose" / j.variant.key, args.quick)
+                   for j in jobs}
+        diag = {label: f.result() for label, f in futures.items()}
     figures.fig1a_by_loss(diag, args.img / "repro_fig1a_integrand.png")
     shutil.copy(args.out / "diagnose" / "g2" / "diagnose.png", args.img / "repro_diagnose_g2.png")
     shutil.copy(args.out / "diagnose" / "st_P1" / "diagnose.png", args.img / "repro_diagnose_st_P1.png")
