@@ -12,12 +12,15 @@ import torch
 from conftest import ROOT
 from scipy.stats import multivariate_normal
 
+from stcli.recipe import load_recipe
+
 sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))
+import convergence  # noqa: E402
 import digits_fid  # noqa: E402
 import gmm_mmd  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
-from variants import DATASETS, TABLE4, TABLE7, Plan  # noqa: E402
+from variants import DATASETS, TABLE4, TABLE5, TABLE7, Plan  # noqa: E402
 
 MEANS = torch.tensor([[0.0, 0.0], [1.5, -0.5], [-1.0, 2.0]], dtype=torch.float64)
 STD, WEIGHTS = 0.3, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -31,11 +34,13 @@ def gmm_samples(n, seed=0):
 
 
 def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
-    out = run.main(["--quick", "--dry-run", "--out", str(tmp_path)])
-    keys = {v.key for v in TABLE4} | {v.key for v in TABLE7}
-    assert len(out["built"]) == 2 * len(TABLE4) + 2 * (len(TABLE4) + len(TABLE7))
+    out = run.main(["--quick", "--dry-run", "--extras", "--out", str(tmp_path)])
+    keys = {v.key for v in TABLE4 + TABLE5 + TABLE7}
+    n_digits, n_toy2d = len(TABLE4 + TABLE5), len(TABLE4 + TABLE5 + TABLE7)
+    assert len(out["built"]) == 2 * n_digits + 2 * n_toy2d
     assert all(any(f"{k}_s" in c for c in out["built"]) for k in keys)
-    assert "24 jobs built" in capsys.readouterr().out
+    assert "28 jobs built" in capsys.readouterr().out
+    assert len(Plan(True, tmp_path).jobs) == 2 * n_digits + 2 * len(TABLE4 + TABLE5)  # no extras
     stf = run.main(["--quick", "--dry-run", "--data", "toy2d_stf", "--out", str(tmp_path)])
     assert len(stf["built"]) == 8 and sum("name: stf" in c for c in stf["built"]) == 4
     sweep = run.main(["--quick", "--dry-run", "--data", "toy2d_eps", "--out", str(tmp_path)])
@@ -54,6 +59,46 @@ def test_variants_set_the_papers_losses(tmp_path):
     assert jobs["var"].loss.weighting == "variance" and jobs["var"].loss.time_sampling == "uniform"
     assert jobs["g2P1"].loss.weighting_P.k == 1.0 and jobs["g2P1"].truncation.name == "hard"
     assert jobs["st_P0.9"].truncation.k == 0.9 and jobs["st_P1"].truncation.k == 1.0
+    assert jobs["var_st_P1"].truncation.k == 1.0 and jobs["var_st_P1"].loss.weighting == "variance"
+
+
+def test_paper_settings_and_seed_major_order(tmp_path):
+    """VP reduced by the mean, digits not dequantised in training, the recipes' EMA with warm-up,
+    EMA snapshots for the curves; the first seed of every loss runs before the second."""
+    plan = Plan(False, tmp_path)
+    for job in plan.jobs:
+        r = job.recipe()
+        base = load_recipe(ROOT / job.data.recipe)
+        assert r.loss.reduce == "mean" and r.train.ema_warmup and r.train.ema == base.train.ema
+        assert r.train.snapshot_every > 0 and r.train.snapshot_weights == "ema"
+        assert r.truncation.eps == 1e-5
+        if job.data.key == "digits":
+            assert r.data.dequantization == "none"
+    digits = [j for j in plan.jobs if j.data.key == "digits"]
+    assert [j.seed for j in digits] == sorted(j.seed for j in digits)
+    assert {j.curve_steps != () for j in digits} == {True, False}
+    assert all(j.curve_steps == () for j in digits if j.seed != 0)
+    short = Plan(False, tmp_path, ("toy2d_eps",)).jobs[0].recipe()  # the documented short runs
+    assert short.loss.reduce == "sum" and short.train.ema == 0.99 and not short.train.ema_warmup
+
+
+def _point(step, nelbo_shift, q, q_se=0.1, n=50):
+    items = (np.linspace(0.0, 1.0, n) + nelbo_shift).tolist()
+    return {"step": step, "nelbo_items": items, "nelbo": {"mean": float(np.mean(items)),
+            "stderr": float(np.std(items, ddof=1) / np.sqrt(n))}, "fid": q, "fid_se": q_se}
+
+
+def test_convergence_criterion_takes_the_first_snapshot_nothing_later_beats():
+    shifts, fids = [1.0, 0.5, 0.2, 0.03, 0.0, 0.0, 0.0], [9.0, 5.0, 3.0, 2.9, 3.0, 3.05, 2.95]
+    points = [_point(100 * (i + 1), s, f) for i, (s, f) in enumerate(zip(shifts, fids))]
+    # the NELBO's s.e. over items is 0.041: a later drop of 0.03 is within it ("item"), but the
+    # items move together, so the paired difference's s.e. is 0 and any drop counts ("paired")
+    assert convergence.converged_at(points, "fid", tol="item")["step"] == 400
+    assert convergence.converged_at(points, "fid", tol="paired")["step"] == 500
+    points[-1]["fid"] = 2.0  # an FID drop of 0.95 > 2 x hypot(0.1, 0.1) at the last snapshot
+    assert convergence.converged_at(points, "fid", tol="paired")["step"] is None
+    mean, se = convergence.paired_se([1.0, 2.0, 3.0], [0.5, 1.0, 2.0])
+    assert mean == pytest.approx(-5 / 6) and se == pytest.approx(np.std([-0.5, -1, -1], ddof=1) / np.sqrt(3))
 
 
 def test_mmd_data_terms_match_monte_carlo():
@@ -77,6 +122,13 @@ def test_mmd_is_zero_for_data_and_positive_for_wrong_samples():
     k = torch.exp(-torch.cdist(x, x).pow(2) / 2)
     assert math.isclose(gmm_mmd.sample_kernel_mean(x, 1.0, chunk=3),
                         float((k.sum() - 7) / 42), rel_tol=1e-12)
+
+
+def test_mmd_block_standard_error_matches_the_spread_over_independent_draws():
+    wrong = [gmm_samples(800, 10 + i) * 1.1 for i in range(30)]
+    spread = np.std([gmm_mmd.mmd2(x, GMM, 0.5) for x in wrong], ddof=1)
+    se = np.mean([gmm_mmd.mmd2_block_se(x, GMM, 0.5) for x in wrong])
+    assert 0.5 < se / spread < 2.0
 
 
 def test_mixture_log_density_matches_scipy():
@@ -103,6 +155,10 @@ def test_digit_fid_is_torch_fidelitys_frechet_distance_of_registered_features():
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
     assert math.isclose(digits_fid.fid(a, b), expected, rel_tol=1e-8)
     assert abs(digits_fid.fid(a, a)) < 1e-8
+    draws = [torch.randn(400, 8, generator=g, dtype=torch.float64) @ mix for _ in range(30)]
+    spread = np.std([digits_fid.fid(x, b) for x in draws], ddof=1)  # FID over independent samples
+    boot = np.mean([digits_fid.fid_bootstrap_se(x, b, n=40) for x in draws[:5]])
+    assert 0.5 < boot / spread < 2.0
 
 
 def test_classifier_training_is_deterministic(tmp_path):
@@ -114,7 +170,7 @@ def test_classifier_training_is_deterministic(tmp_path):
 
 def _result(variant, seed, nll, fid):
     return {"data": "digits", "variant": variant, "label": variant, "seed": seed,
-            "nll": {"mean": nll}, "nelbo": {"mean": nll + 0.1}, "fid": fid,
+            "nll": {"mean": nll}, "nelbo": {"mean": nll + 0.1}, "fid": fid, "fid_em": fid + 1,
             "train_s": 1.0, "eval_s": 2.0}
 
 

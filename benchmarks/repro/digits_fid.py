@@ -131,6 +131,20 @@ def fid(sample_feats: torch.Tensor, ref_feats: torch.Tensor) -> float:
     return float(next(iter(fid_statistics_to_metric(*stats, False).values())))
 
 
+def fid_bootstrap_se(sample_feats: torch.Tensor, ref_feats: torch.Tensor, n: int = 200,
+                     seed: int = 0) -> float:
+    """Standard deviation of the FID over `n` bootstrap resamples of the samples (with
+    replacement, the reference held fixed): the standard error of one FID from finitely many
+    samples."""
+    g = torch.Generator().manual_seed(seed)
+    ref = fid_features_to_statistics(ref_feats)
+    values = [float(next(iter(fid_statistics_to_metric(
+        fid_features_to_statistics(sample_feats[torch.randint(len(sample_feats), (len(sample_feats),),
+                                                              generator=g)]), ref, False).values())))
+        for _ in range(n)]
+    return float(np.std(values, ddof=1))
+
+
 def npz_images(path: Path) -> torch.Tensor:
     """uint8 (N, H, W, C) from `st sample --format npz` as (N, C, H, W)."""
     with np.load(path, allow_pickle=False) as z:

@@ -136,3 +136,24 @@ def scatter_samples(samples: dict[str, np.ndarray], gmm, path: Path) -> None:
         ax.set_title(label, fontsize=9)
         ax.set_aspect("equal")
     _save(fig, path)
+
+
+def learning_curves(by_loss: dict[str, list[dict]], key: str, label: str, path: Path,
+                    log_quality: bool = False) -> None:
+    """NLL, NELBO (± s.e. over test items) and the sample-quality score (± its s.e.) against
+    the training step, one line per loss."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    for name, points in by_loss.items():
+        steps = [p["step"] for p in points]
+        for ax, k in zip(axes[:2], ("nll", "nelbo")):
+            ax.errorbar(steps, [p[k]["mean"] for p in points], [p[k]["stderr"] for p in points],
+                        fmt="o-", ms=3, capsize=2, label=name)
+        axes[2].errorbar(steps, [p[key] for p in points], [p.get(key + "_se", 0.0) for p in points],
+                         fmt="o-", ms=3, capsize=2, label=name)
+    axes[0].set(ylabel="NLL (bits/dim, test)")
+    axes[1].set(ylabel="NELBO (bits/dim, test)")
+    axes[2].set(ylabel=label, yscale="log" if log_quality else "linear")
+    for ax in axes:
+        ax.set_xlabel("training step (EMA weights, seed 0)")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)

@@ -55,6 +55,14 @@ def mmd2(x: torch.Tensor, gmm: tuple[torch.Tensor, float, torch.Tensor], h: floa
     return sample_kernel_mean(x, h) - 2 * cross + data_data_kernel_mean(means, std, weights, h)
 
 
+def mmd2_block_se(x: torch.Tensor, gmm: tuple[torch.Tensor, float, torch.Tensor], h: float,
+                  blocks: int = 8) -> float:
+    """Standard error of mmd2(x) from `blocks` disjoint blocks: the estimate's variance falls
+    as 1/N (a U-statistic), so var(full) ~= var(block estimates) / blocks."""
+    values = torch.tensor([mmd2(part, gmm, h) for part in x.chunk(blocks)], dtype=torch.float64)
+    return float(values.std() / blocks**0.5)
+
+
 def data_logp(x: torch.Tensor, gmm: tuple[torch.Tensor, float, torch.Tensor]) -> torch.Tensor:
     """log p(x) of the mixture, per row (nats)."""
     means, std, weights = gmm

@@ -9,12 +9,17 @@ from collections import defaultdict
 
 import numpy as np
 
-COLUMNS = {  # data set -> (result key, header, scale)
-    "digits": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("fid", "FID (digit CNN)", 1)),
-    "toy2d": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("kl", "NLL − H(p) (bpd)", 1),
-              ("mmd2_h0.1", "MMD² h=0.1 (×10³)", 1e3), ("mmd2_h1", "MMD² h=1 (×10³)", 1e3)),
+TOY2D = (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("kl", "NLL − H(p) (bpd)", 1),
+         ("mmd2_h0.1", "MMD² h=0.1 (×10³)", 1e3), ("mmd2_h1", "MMD² h=1 (×10³)", 1e3))
+COLUMNS = {  # data set -> (result key, header, scale); the first sampler's score has no suffix
+    "digits": (("nll", "NLL (bpd)", 1), ("nelbo", "NELBO (bpd)", 1), ("fid", "FID Heun 35 NFE", 1),
+               ("fid_em", "FID EM 251 NFE", 1)),
+    "toy2d": (*TOY2D[:3], ("mmd2_h0.1", "MMD² h=0.1 Heun (×10³)", 1e3),
+              ("mmd2_h1", "MMD² h=1 Heun (×10³)", 1e3), ("mmd2_h0.1_em", "MMD² h=0.1 EM (×10³)", 1e3),
+              ("mmd2_h1_em", "MMD² h=1 EM (×10³)", 1e3)),
+    "toy2d_stf": TOY2D,  # the short runs: one sampler (Heun, 50 steps)
+    "toy2d_eps": TOY2D,
 }
-COLUMNS["toy2d_stf"] = COLUMNS["toy2d_eps"] = COLUMNS["toy2d"]
 BASELINE = "g2"
 
 
@@ -41,8 +46,10 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
     for (data, variant), runs in groups.items():
         runs.sort(key=lambda r: r["seed"])
         row = {"variant": variant, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs],
-               "train_s": mean_se([r["train_s"] for r in runs]),
-               "eval_s": mean_se([r["eval_s"] for r in runs])}
+               "cpu": all("train_cpu_s" in r for r in runs)}
+        for part in ("train", "eval"):  # core-seconds (CPU time of the one thread) where recorded
+            key = f"{part}_cpu_s" if row["cpu"] else f"{part}_s"
+            row[f"{part}_s"] = mean_se([r[key] for r in runs])
         for key, _, _ in COLUMNS[data]:
             row[key] = mean_se([scalar(r, key) for r in runs])
         rows[data].append(row)
@@ -75,7 +82,9 @@ def fmt(stat: dict, scale: float = 1.0) -> str:
 
 def markdown(rows: list[dict], data: str, extra: tuple[str, ...] = ("tables", "time")) -> str:
     cols = COLUMNS[data]
-    head = ["loss", *(h for _, h, _ in cols)] + (["train + eval s"] if "time" in extra else [])
+    cpu = all(row.get("cpu") for row in rows)
+    head = ["loss", *(h for _, h, _ in cols)] + \
+        ([f"train + eval {'core-s' if cpu else 's'}"] if "time" in extra else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"], *(fmt(row[k], s) for k, _, s in cols)]

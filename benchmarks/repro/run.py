@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from variants import ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
-QUALITY = {"digits": ("fid", "FID (digit CNN)"), "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1)"),
+QUALITY = {"digits": ("fid", "FID (digit CNN), Heun 35 NFE"),
+           "toy2d": ("mmd2_h0.1", "MMD² (h = 0.1), Heun 35 NFE"),
            "toy2d_stf": ("mmd2_h0.1", "MMD² (h = 0.1)"), "toy2d_eps": ("mmd2_h0.1", "MMD² (h = 0.1)")}
 
 
@@ -41,14 +42,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in < 5 min")
     p.add_argument("--dry-run", action="store_true", help="build every recipe/component, no training")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    p.add_argument("--data", nargs="+", default=["digits", "toy2d"],
+    p.add_argument("--data", nargs="+", default=["toy2d", "digits"],
                    choices=["digits", "toy2d", "toy2d_stf", "toy2d_eps"],
                    help="not in the default run: toy2d_stf (Stable Target Field on the mixture), "
                    "toy2d_eps (Table 6, the epsilon sweep)")
     p.add_argument("--out", type=Path, help="output folder (default runs/repro or runs/repro-quick)")
     p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
+    p.add_argument("--extras", action="store_true",
+                   help="also Table 7's P0 and P2 on toy2d (after everything else; beyond the 3-hour budget)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
+    p.add_argument("--report", action="store_true",
+                   help="no jobs: the tables and curves from the saved results (<results>/<data>.json)")
+    p.add_argument("--results", type=Path, help="per-job results, one JSON file per data set, "
+                   "written as jobs finish (default benchmarks/repro/results, or <out>/results if --quick)")
     args = p.parse_args(argv)
+    args.results = args.results or (ROOT / "runs" / "repro-quick" / "results" if args.quick
+                                    else HERE / "results")
     args.out = args.out or ROOT / "runs" / ("repro-quick" if args.quick else "repro")
     args.img = args.img or (args.out / "img" if args.quick else ROOT / "docs" / "img")
     return args
@@ -57,9 +66,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.perf_counter()
-    plan = Plan(args.quick, args.out, tuple(args.data))
+    plan = Plan(args.quick, args.out, tuple(args.data), args.extras)
     if args.dry_run:
         return dry_run(plan)
+    if args.report:
+        return report_only(args)
     torch.set_num_threads(1)
     os.chdir(ROOT)  # the recipes' train.out_dir are relative to the repository root
     if args.force:
@@ -68,10 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"quick": args.quick, "figures": sde_figures(args.img)}
     classifier = prepare_classifier(args.out, summary) if "digits" in args.data else None
-    results = run_jobs(plan.jobs, classifier, args.jobs)
+    results = run_jobs(plan.jobs, classifier, args.jobs, args.results)
     summary["diagnose"] = diagnose_checkpoints(plan, args)
     sample_figures(plan, args)
     summary.update(tables(results, args))
+    summary["learning_curves"] = curve_figures(results, args)
     summary["wall_s"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps({**summary, "runs": results}, indent=1))
     print(f"\ntotal wall time {summary['wall_s'] / 60:.1f} min; results in {args.out}")
@@ -97,7 +109,8 @@ def dry_run(plan: Plan) -> dict:
         with torch.no_grad():
             loss = recipe.loss(model, recipe.sde, x0, tau, generator=torch.Generator().manual_seed(0),
                                reference=x0)  # the batch as its own reference (a target may need one)
-        resolve_sampler(recipe.sample, {"name": "heun", "steps": job.budget.sampler_steps})
+        for spec in job.budget.samplers.values():
+            resolve_sampler(recipe.sample, spec)
         if job.data.key.startswith("toy2d"):
             recipe.data.gmm_params()
         assert torch.isfinite(loss).all(), job.command()
@@ -146,8 +159,9 @@ def _pool(n: int) -> ProcessPoolExecutor:
                                initializer=_worker_init)
 
 
-def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
-    """Every job in n workers, longest (digits) first; one line per finished job."""
+def run_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path) -> list[dict]:
+    """Every job in n workers, in the plan's order (data set by data set, seed-major); one line
+    per finished job, whose result is added to `saved`/<data>.json at once."""
     from evaluate import run_job
 
     results = []
@@ -156,11 +170,37 @@ def run_jobs(jobs: list[Job], classifier: Path | None, n: int) -> list[dict]:
         for i, fut in enumerate(as_completed(futures), 1):
             r = fut.result()
             score = f"FID {r['fid']:.2f}" if "fid" in r else f"MMD² {r['mmd2_h0.1']:.2e}"
+            score += f" / EM {r['fid_em']:.2f}" if "fid_em" in r else \
+                f" / EM {r['mmd2_h0.1_em']:.2e}" if "mmd2_h0.1_em" in r else ""
             print(f"[{i}/{len(jobs)}] {r['data']} {r['variant']} seed {r['seed']}: "
                   f"NLL {r['nll']['mean']:.4f} NELBO {r['nelbo']['mean']:.4f} {score} "
                   f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
             results.append(r)
+            save_results(saved, r)
     return sorted(results, key=lambda r: (r["data"], r["variant"], r["seed"]))
+
+
+def save_results(folder: Path, result: dict) -> None:
+    """Add (or replace) one job's result in folder/<data>.json: what the tables are made from."""
+    path = folder / f"{result['data']}.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = [r for r in runs if (r["variant"], r["seed"]) != (result["variant"], result["seed"])]
+    runs = sorted([*runs, result], key=lambda r: (r["variant"], r["seed"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=0))
+
+
+def report_only(args) -> dict:
+    """Tables and learning curves from the saved per-job results of the data sets asked for."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for data in args.data:
+        path = args.results / f"{data}.json"
+        if path.is_file():
+            results += json.loads(path.read_text())["runs"]
+    summary = tables(results, args)
+    summary["learning_curves"] = curve_figures(results, args)
+    return summary
 
 
 def _diagnose_one(ckpt: Path, out: Path, quick: bool) -> dict:
@@ -183,9 +223,10 @@ def diagnose_checkpoints(plan: Plan, args) -> dict:
     if not jobs:
         return {}
     with _pool(args.jobs) as pool:
-        futures = {j: pool.submit(_diagnose_one, j.out_dir / "ckpt.safetensors",
-                                  args.out / "diagnose" / j.variant.key, args.quick) for j in jobs}
-        diag = {j.variant.label: f.result() for j, f in futures.items()}
+        futures = {j.variant.label: pool.submit(_diagnose_one, j.out_dir / "ckpt.safetensors",
+                                                args.out / "diagnose" / j.variant.key, args.quick)
+                   for j in jobs}
+        diag = {label: f.result() for label, f in futures.items()}
     figures.fig1a_by_loss(diag, args.img / "repro_fig1a_integrand.png")
     shutil.copy(args.out / "diagnose" / "g2" / "diagnose.png", args.img / "repro_diagnose_g2.png")
     shutil.copy(args.out / "diagnose" / "st_P1" / "diagnose.png", args.img / "repro_diagnose_st_P1.png")
@@ -207,6 +248,27 @@ def sample_figures(plan: Plan, args) -> None:
         else:
             gmm = seed0[("toy2d", "g2")].recipe().data.gmm_params()
             figures.scatter_samples(picked, gmm, args.img / "repro_samples_toy2d.png")
+
+
+def curve_figures(results: list[dict], args) -> dict:
+    """NLL, NELBO and sample quality against the training step, seed 0 of each loss: the
+    measured EMA snapshots and the final model."""
+    import figures
+
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for r in results:
+        if r["seed"] == 0 and r.get("curve") is not None and r["data"] in ("digits", "toy2d"):
+            final = {k: r[k] for k in ("nll", "nelbo", QUALITY[r["data"]][0])}
+            final[QUALITY[r["data"]][0] + "_se"] = r.get(QUALITY[r["data"]][0] + "_se", 0.0)
+            points = [*r["curve"], final | {"step": r["recipe"]["train"]["steps"]}]
+            curves.setdefault(r["data"], {})[r["label"]] = points
+    for data, by_loss in curves.items():
+        key, label = QUALITY[data]
+        figures.learning_curves(by_loss, key, label, args.img / f"repro_curves_{data}.png",
+                                log_quality=data == "toy2d")
+    return {data: {label: [{k: p[k] for k in ("step", "nll", "nelbo", key, key + "_se")}
+                           for p in pts] for label, pts in by_loss.items()}
+            for data, by_loss in curves.items() for key in [QUALITY[data][0]]}
 
 
 def _npz(job: Job) -> np.ndarray:
