@@ -31,7 +31,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -205,8 +205,15 @@ class Logger(Component):
     step (what was logged after it is dropped: the resumed run logs those steps again).  The
     result has `write(record)`, `image(path, step)` and `close()`."""
 
+    package: ClassVar[str | None] = None  # the optional package the logger needs
+    install_hint: ClassVar[str] = ""
+
     def check(self) -> None:
         """Raise a UserError if this logger cannot work here (called before anything is written)."""
+        if self.package and importlib.util.find_spec(self.package) is None:
+            raise UserError(f"train.log names {self.name}, but the {self.package} package is not installed: "
+                            f"pip install {self.package}{self.install_hint}, "
+                            f"or remove {self.name} from train.log")
 
 
 def rotate(path: Path) -> Path:
@@ -367,11 +374,7 @@ class TensorBoard(Logger):
     events after the checkpoint's step from TensorBoard."""
 
     name: Literal["tensorboard"] = "tensorboard"
-
-    def check(self) -> None:
-        if importlib.util.find_spec("tensorboard") is None:
-            raise UserError("train.log names tensorboard, but the tensorboard package is not installed: "
-                            "pip install tensorboard, or remove tensorboard from train.log")
+    package: ClassVar[str | None] = "tensorboard"
 
     def create(self, out_dir: Path, resume_step: int | None, config: dict) -> TensorBoardWriter:
         from torch.utils.tensorboard import SummaryWriter
@@ -406,11 +409,8 @@ class Wandb(Logger):
     run; WANDB_MODE=offline (read by wandb itself) logs to <run>/wandb without an account."""
 
     name: Literal["wandb"] = "wandb"
-
-    def check(self) -> None:
-        if importlib.util.find_spec("wandb") is None:
-            raise UserError("train.log names wandb, but the wandb package is not installed: pip install "
-                            "wandb (WANDB_MODE=offline needs no account), or remove wandb from train.log")
+    package: ClassVar[str | None] = "wandb"
+    install_hint: ClassVar[str] = " (WANDB_MODE=offline needs no account)"
 
     def create(self, out_dir: Path, resume_step: int | None, config: dict) -> WandbWriter:
         import wandb
