@@ -314,20 +314,7 @@ class Trainer:
                     self.window.add_step(loss, tau, gnorm)
                     heldout = self.heldout is not None and self.step % cfg.heldout_every == 0
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps or heldout:
-                        record = {"step": self.step, **self.window.summary(),
-                                  "lr": self.optimizer.param_groups[0]["lr"],
-                                  "wall_s": self.clock.now(), "elapsed_s": time.perf_counter() - t0}
-                        loss_avg, rate = record["loss"], record["steps_per_s"]
-                        if heldout:
-                            record.update(self._heldout_losses())
-                        if self.feed is not None:
-                            record.update(self.feed.flush())
-                        record.update(self._scaler_record())
-                        self.tracker.write(record)
-                        progress.update(self.step, {
-                            "loss": f"{loss_avg:.4g}", "steps/s": f"{rate:.2f}",
-                            "img/s": f"{rate * cfg.batch_size:.0f}",
-                            "eta": fmt_eta((cfg.steps - self.step) / max(rate, 1e-9))}, force=True)
+                        loss_avg = self._log_window(progress, heldout, t0)
                     if stop:
                         self._stop()
                     self._periodic()
@@ -335,6 +322,25 @@ class Trainer:
             self._restore_signal_handlers(handlers)
             self.tracker.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
+
+    def _log_window(self, progress: StepProgress, heldout: bool, t0: float) -> float:
+        """Write the statistics of the steps since the last record to every logger, update the
+        progress line, and return the window's mean loss."""
+        record = {"step": self.step, **self.window.summary(),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "wall_s": self.clock.now(), "elapsed_s": time.perf_counter() - t0}
+        if heldout:
+            record.update(self._heldout_losses())
+        if self.feed is not None:
+            record.update(self.feed.flush())
+        record.update(self._scaler_record())
+        self.tracker.write(record)
+        rate = record["steps_per_s"]
+        progress.update(self.step, {
+            "loss": f"{record['loss']:.4g}", "steps/s": f"{rate:.2f}",
+            "img/s": f"{rate * self.cfg.batch_size:.0f}",
+            "eta": fmt_eta((self.cfg.steps - self.step) / max(rate, 1e-9))}, force=True)
+        return record["loss"]
 
     def _good_step(self, batch: torch.Tensor, extra: torch.Tensor | None
                    ) -> tuple[float, float, float, bool]:
