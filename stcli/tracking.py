@@ -247,6 +247,12 @@ def trim_log(path: Path, step: int) -> None:
         tmp.write_text("".join(kept))
 
 
+def log_write_error(path: Path, err: OSError) -> UserError:
+    """The one message for a log file that cannot be written (a full disk named as such)."""
+    what = "no space left on the device" if is_disk_full(err) else str(err)
+    return UserError(f"cannot write the log {path}: {what}")
+
+
 class LogWriter:
     """Appends one JSON record per line to log.jsonl, flushed at once."""
 
@@ -258,8 +264,7 @@ class LogWriter:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as err:
-            what = "no space left on the device" if is_disk_full(err) else str(err)
-            raise UserError(f"cannot write the log {self.path}: {what}") from None
+            raise log_write_error(self.path, err) from None
 
     def image(self, path: Path, step: int) -> None:
         pass
@@ -307,8 +312,7 @@ class CsvWriter:
             self.writer.writerow(row)
             self.file.flush()
         except OSError as err:
-            what = "no space left on the device" if is_disk_full(err) else str(err)
-            raise UserError(f"cannot write the log {self.path}: {what}") from None
+            raise log_write_error(self.path, err) from None
 
     def image(self, path: Path, step: int) -> None:
         pass
