@@ -46,6 +46,11 @@ def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
     sweep = run.main(["--quick", "--dry-run", "--data", "toy2d_eps", "--out", str(tmp_path)])
     assert len(sweep["built"]) == 16
     assert all(sum(f"eps: {eps}" in c for c in sweep["built"]) == 4 for eps in (0.01, 1e-05))
+    part = run.main(["--quick", "--dry-run", "--extras", "--data", "toy2d", "--losses", "st_P0",
+                     "st_P2", "--out", str(tmp_path)])  # a part of the plan: Table 7's extras alone
+    assert len(part["built"]) == 4 and all("st_P0_s" in c or "st_P2_s" in c for c in part["built"])
+    with pytest.raises(SystemExit):
+        run.parse(["--losses", "no_such_loss"])
     full = Plan(False, tmp_path)  # the full plan: >= 3 seeds, every recipe valid
     assert all(len(d.full.seeds) >= 3 for d in DATASETS.values())
     for job in full.jobs:

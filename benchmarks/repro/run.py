@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per wo
 import numpy as np  # noqa: E402
 import report  # noqa: E402
 import torch  # noqa: E402
-from variants import ROOT, Job, Plan  # noqa: E402
+from variants import DATASETS, ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
 QUALITY = {"digits": ("fid", "FID (digit CNN), Heun 35 NFE"),
@@ -50,6 +50,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--img", type=Path, help="figure folder (default docs/img, or <out>/img if --quick)")
     p.add_argument("--extras", action="store_true",
                    help="also Table 7's P0 and P2 on toy2d (after everything else; beyond the 3-hour budget)")
+    p.add_argument("--losses", nargs="+", metavar="KEY",
+                   choices=sorted({v.key for d in DATASETS.values() for v in d.variants + d.extras}),
+                   help="only these losses (e.g. st_P0 st_P2 with --extras); then the tables and "
+                   "curves are rebuilt from every saved result, as --report does")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
     p.add_argument("--report", action="store_true",
                    help="no jobs: the tables and curves from the saved results (<results>/<data>.json)")
@@ -66,7 +70,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.perf_counter()
-    plan = Plan(args.quick, args.out, tuple(args.data), args.extras)
+    plan = Plan(args.quick, args.out, tuple(args.data), args.extras,
+                tuple(args.losses) if args.losses else None)
     if args.dry_run:
         return dry_run(plan)
     if args.report:
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"quick": args.quick, "figures": sde_figures(args.img)}
     classifier = prepare_classifier(args.out, summary) if "digits" in args.data else None
     results = run_jobs(plan.jobs, classifier, args.jobs, args.results)
+    if args.losses:  # a part of the plan: the figures of the whole come from every saved result
+        return report_only(args)
     summary["diagnose"] = diagnose_checkpoints(plan, args)
     sample_figures(plan, args)
     summary.update(tables(results, args))

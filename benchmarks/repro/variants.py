@@ -186,6 +186,7 @@ class Plan:
     root: Path
     datasets: tuple[str, ...] = ("toy2d", "digits")
     extras: bool = False  # also the data sets' extra variants (Table 7's P0/P2), after the rest
+    losses: tuple[str, ...] | None = None  # only these variant keys (None: all)
     jobs: list[Job] = field(default_factory=list)
 
     def __post_init__(self):
@@ -197,4 +198,5 @@ class Plan:
                 data = DATASETS[key]
                 budget = data.quick if self.quick else data.full
                 self.jobs.extend(Job(data, v, s, budget, self.root)
-                                 for s in budget.seeds for v in getattr(data, part))
+                                 for s in budget.seeds for v in getattr(data, part)
+                                 if self.losses is None or v.key in self.losses)
