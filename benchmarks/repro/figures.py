@@ -98,10 +98,17 @@ def fig1a_by_loss(results: dict[str, dict], path: Path) -> None:
 def tradeoff(rows: list[dict], key: str, label: str, path: Path, title: str) -> None:
     """NLL against the sample-quality score, mean ± s.e. over seeds, one point per loss."""
     fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+    median = {k: float(np.median([r[k]["mean"] for r in rows])) for k in ("nll", key)}
+    far = [r for r in rows if any(r[k]["mean"] > 2 * median[k] > 0 for k in median)]
     for row in rows:
-        ax.errorbar(row["nll"]["mean"], row[key]["mean"], xerr=row["nll"]["se"],
-                    yerr=row[key]["se"], fmt="o", capsize=3, label=row["label"])
+        if row not in far:  # a far-off loss (P0 on the mixture) would squeeze the rest into a corner
+            ax.errorbar(row["nll"]["mean"], row[key]["mean"], xerr=row["nll"]["se"],
+                        yerr=row[key]["se"], fmt="o", capsize=3, label=row["label"])
     ax.set(xlabel="NLL (bits/dim, after correction)", ylabel=label, title=title)
+    if far:
+        ax.text(0.98, 0.02, "off the chart: " + "; ".join(
+            f"{r['label']} ({r['nll']['mean']:.3g}, {r[key]['mean']:.3g})" for r in far),
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     ax.legend(fontsize=8)
     _save(fig, path)
 
