@@ -386,8 +386,21 @@ class TensorBoard(Logger):
         folder = out_dir / "tensorboard"
         if resume_step is None:
             move_aside(folder)
+        else:
+            after_event_files(folder)
         purge = None if resume_step is None else resume_step + 1
         return TensorBoardWriter(SummaryWriter(str(folder), purge_step=purge))
+
+
+def after_event_files(folder: Path) -> None:
+    """Wait (under a second) until a new event file's name sorts after those in `folder`.
+    TensorBoard reads the files in name order, events.out.tfevents.<seconds>.<host>.<pid>...,
+    and a purge hides only what it has already read: a file from a resume in the same second
+    as the crashed run's, with a lower PID, would be read first and purge nothing."""
+    stamps = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+              if p.name.split(".")[3].isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.02)
 
 
 class WandbWriter:

@@ -7,7 +7,9 @@ import csv
 import importlib.machinery
 import json
 import math
+import socket
 import sys
+import time
 import types
 
 import numpy as np
@@ -24,7 +26,7 @@ from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
 from stcli.recipe import load_recipe
 from stcli.seeding import generator
-from stcli.tracking import Clock, HeldOut, Window, flatten, t_bin_edges
+from stcli.tracking import Clock, HeldOut, TensorBoard, Window, flatten, t_bin_edges
 from stcli.train import train
 
 
@@ -186,3 +188,21 @@ def test_heldout_loss_is_logged_and_recomputed_from_the_checkpoint(tiny_recipe):
     assert got["heldout_loss"] == pytest.approx(log[-1]["heldout_loss"], rel=1e-6)
     assert got["heldout_loss_ema"] == pytest.approx(log[-1]["heldout_loss_ema"], rel=1e-6)
     assert math.isfinite(got["heldout_loss"]) and got["heldout_loss"] != got["heldout_loss_ema"]
+
+
+def test_a_resumed_event_file_is_read_after_the_crashed_runs(tmp_path):
+    """TensorBoard reads event files in name order and purges only what it has read: a resume in
+    the same second as the crash, from a process with a lower PID, must still sort last."""
+    folder = tmp_path / "tensorboard"
+    folder.mkdir()
+    old = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.0"
+    old.write_bytes(b"")  # a crashed run's file from this second (empty: only its name counts)
+    writer = TensorBoard().create(tmp_path, resume_step=1, config={})
+    for step in (2, 3):
+        writer.write({"step": step, "loss": float(step)})
+    writer.close()
+    files = sorted(p.name for p in folder.iterdir())
+    assert files[-1] != old.name and files[0] == old.name
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 3]
