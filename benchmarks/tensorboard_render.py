@@ -56,6 +56,15 @@ def card(ax, acc, tag: str, label: str | None = None) -> None:
     ax.plot(steps, smooth(values), color=line.get_color(), label=label)
 
 
+def overlay(ax, acc, tags, prefix: int, title: str, legend_size: int) -> None:
+    """Several scalars on one log-scale card, each labelled by its tag less `prefix` characters."""
+    for tag in tags:
+        card(ax, acc, tag, tag[prefix:])
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend_size)
+
+
 def render(run: Path, out: Path) -> None:
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
@@ -72,18 +81,8 @@ def render(run: Path, out: Path) -> None:
         ax.set_xlabel("step", fontsize=8)
         if tag == "loss":
             ax.set_yscale("log")
-    ax = fig.add_subplot(grid[2, 0])
-    for tag in TAUS:
-        card(ax, acc, tag, tag[4:])
-    ax.set_yscale("log")
-    ax.set_title("tau over each window", fontsize=10)
-    ax.legend(fontsize=7)
-    ax = fig.add_subplot(grid[2, 1])
-    for tag in bins:
-        card(ax, acc, tag, tag[7:])
-    ax.set_yscale("log")
-    ax.set_title("loss_t/* (mean loss per t bin)", fontsize=10)
-    ax.legend(fontsize=6)
+    overlay(fig.add_subplot(grid[2, 0]), acc, TAUS, len("tau_"), "tau over each window", 7)
+    overlay(fig.add_subplot(grid[2, 1]), acc, bins, len("loss_t/"), "loss_t/* (mean loss per t bin)", 6)
     ax = fig.add_subplot(grid[2, 2])
     for k in np.linspace(0, len(acc.Scalars(bins[0])) - 1, 4).round().astype(int):
         points = []

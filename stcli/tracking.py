@@ -253,7 +253,20 @@ def log_write_error(path: Path, err: OSError) -> UserError:
     return UserError(f"cannot write the log {path}: {what}")
 
 
-class LogWriter:
+class FileWriter:
+    """A log file of text records: no images, closed if it was opened."""
+
+    file = None
+
+    def image(self, path: Path, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class LogWriter(FileWriter):
     """Appends one JSON record per line to log.jsonl, flushed at once."""
 
     def __init__(self, path: Path):
@@ -265,12 +278,6 @@ class LogWriter:
             self.file.flush()
         except OSError as err:
             raise log_write_error(self.path, err) from None
-
-    def image(self, path: Path, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self.file.close()
 
 
 @LOGGERS.register
@@ -288,7 +295,7 @@ class Jsonl(Logger):
         return LogWriter(path)
 
 
-class CsvWriter:
+class CsvWriter(FileWriter):
     """log.csv: a header row, then one row per record.  The columns are fixed when the first
     row is written: those of an existing file (on resume), then the record's, then the held-out
     ones; the file is rewritten with them once, and appended to after."""
@@ -313,13 +320,6 @@ class CsvWriter:
             self.file.flush()
         except OSError as err:
             raise log_write_error(self.path, err) from None
-
-    def image(self, path: Path, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
 
 
 @LOGGERS.register
@@ -386,10 +386,9 @@ class TensorBoard(Logger):
         folder = out_dir / "tensorboard"
         if resume_step is None:
             move_aside(folder)
-        else:
-            after_event_files(folder)
-        purge = None if resume_step is None else resume_step + 1
-        return TensorBoardWriter(SummaryWriter(str(folder), purge_step=purge))
+            return TensorBoardWriter(SummaryWriter(str(folder)))
+        after_event_files(folder)
+        return TensorBoardWriter(SummaryWriter(str(folder), purge_step=resume_step + 1))
 
 
 def after_event_files(folder: Path) -> None:
@@ -397,9 +396,9 @@ def after_event_files(folder: Path) -> None:
     TensorBoard reads the files in name order, events.out.tfevents.<seconds>.<host>.<pid>...,
     and a purge hides only what it has already read: a file from a resume in the same second
     as the crashed run's, with a lower PID, would be read first and purge nothing."""
-    stamps = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
-              if p.name.split(".")[3].isdigit()]
-    while stamps and time.time() < max(stamps) + 1:
+    fields = (p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*"))
+    latest = max((int(f) for f in fields if f.isdigit()), default=None)
+    while latest is not None and time.time() < latest + 1:
         time.sleep(0.02)
 
 
