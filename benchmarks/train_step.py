@@ -13,12 +13,18 @@ the same net and width (``ratio`` = its images/s over the baseline's):
     bf16 autocast    ``train.precision: bf16``
     torch.compile    ``train.compile: true`` (the forward; compile time is reported apart)
     fused Adam       ``torch.optim.Adam(fused=True)`` (not a recipe option; see docs/performance.md)
+    score_sde        with ``--score-sde PATH``: score_sde's own training iteration (its model code,
+                     CIFAR-10 config at the same width, loss, Adam and EMA) from a local checkout
+                     of score_sde_pytorch (``benchmarks/score_sde_reference.py``)
 
 Peak memory: on CUDA the allocator's peak above the memory held before the step; on CPU the
-growth of the resident set during the step (the kernel's high-water mark, reset before it).
+growth of the resident set during the step (the kernel's high-water mark, reset before it); in
+both, plus any gradients kept from the previous step.
 
     python benchmarks/train_step.py                       # CIFAR-10 width (nf 128) and nf 32
     python benchmarks/train_step.py --nf 32 --batch 8 --skip-compile --threads 1
+    python benchmarks/train_step.py --nets ddpmpp --nf 128 --options "fp32 eager" default \
+        --skip-compile --score-sde ../score_sde_pytorch       # st against score_sde's own step
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from score_sde_reference import ScoreSdeStep
+from score_sde_reference import load as load_score_sde
 
 from stcli.losses import ScoreMatchingLoss
 from stcli.nets import ScoreModel
@@ -50,6 +58,7 @@ class Result:
     option: str
     images_per_s: float
     peak_mib: float
+    params: int
     compile_s: float = 0.0
 
 
@@ -131,15 +140,24 @@ def timed_step(step: Step, device: torch.device) -> tuple[float, int]:
         sync(device)
         seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else rss.peak
-    return seconds, peak
+    return seconds, peak + kept_gradients(step)
 
 
-def measure(name: str, nf: int, batch: int, options: list[str], reps: int, device) -> list[Result]:
+def kept_gradients(step) -> int:
+    """Bytes of gradients held from the previous step: they count as this step's memory, so a
+    loop that frees them after the update (train.py) and one that keeps them until the next
+    ``zero_grad`` (score_sde) report the same peak."""
+    return sum(p.grad.nbytes for p in step.model.parameters() if p.grad is not None)
+
+
+def measure(name: str, nf: int, batch: int, options: list[str], reps: int, device,
+            score_sde=None) -> list[Result]:
     """Every option of one net and width; repetitions interleaved across options, so that load
     from other processes on a shared machine hits all of them alike (medians are kept)."""
     steps, compile_s = {}, {}
     for option in options:
-        steps[option] = Step(name, nf, batch, option, device)
+        steps[option] = (ScoreSdeStep(score_sde, name, nf, batch, device) if option == "score_sde"
+                         else Step(name, nf, batch, option, device))
         t0 = time.perf_counter()
         steps[option]()  # warm-up: primitive caches, compilation, Adam state
         sync(device)
@@ -150,18 +168,18 @@ def measure(name: str, nf: int, batch: int, options: list[str], reps: int, devic
             seconds, peak = timed_step(steps[option], device)
             times[option].append(seconds)
             peaks[option] = max(peaks[option], peak)
-    return [Result(name, nf, o, batch / statistics.median(times[o]), peaks[o] / 2**20, compile_s[o])
-            for o in options]
+    return [Result(name, nf, o, batch / statistics.median(times[o]), peaks[o] / 2**20,
+                   sum(p.numel() for p in steps[o].model.parameters()), compile_s[o]) for o in options]
 
 
 def table(results: list[Result]) -> str:
     base = {(r.net, r.nf): r.images_per_s for r in results if r.option == "fp32 eager"}
-    lines = ["| net | nf | option | images/s | ratio | peak MiB | compile s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| net | nf | parameters | option | images/s | ratio | peak MiB | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r.images_per_s / base[(r.net, r.nf)]
         comp = f"{r.compile_s:.0f}" if r.compile_s else ""
-        lines.append(f"| {r.net} | {r.nf} | {r.option} | {r.images_per_s:.2f} | {ratio:.2f} | "
+        lines.append(f"| {r.net} | {r.nf} | {r.params:,} | {r.option} | {r.images_per_s:.2f} | {ratio:.2f} | "
                      f"{r.peak_mib:.0f} | {comp} |")
     return "\n".join(lines)
 
@@ -177,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--score-sde", metavar="PATH", default=None,
+                        help="a score_sde_pytorch checkout: add its own training step as a row")
     args = parser.parse_args(argv)
+    score_sde = load_score_sde(args.score_sde) if args.score_sde else None
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,11 +207,11 @@ def main(argv: list[str] | None = None) -> None:
                and not (device.type != "cuda" and o in CUDA_ONLY)]
     threads = torch.get_num_threads()
     print(f"# {device} ({threads} threads), batch {batch}, torch {torch.__version__}")
-    options = ["fp32 eager"] + [o for o in options if o != "fp32 eager"]
+    options = ["fp32 eager"] + [o for o in options if o != "fp32 eager"] + ["score_sde"] * bool(score_sde)
     results = []
     for name in args.nets:
         for nf in args.nf:
-            results += measure(name, nf, batch, options, args.reps, device)
+            results += measure(name, nf, batch, options, args.reps, device, score_sde)
             print(f"# {name} nf {nf}: done", flush=True)
     print(table(results))
 
