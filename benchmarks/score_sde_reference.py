@@ -3,15 +3,21 @@
 Nothing of score_sde is kept in this repository: the step is built from a local checkout of
 score_sde_pytorch given by path, from its own CIFAR-10 configs (``configs/vp/
 cifar10_ddpmpp_continuous.py`` for DDPM++, ``configs/ve/cifar10_ncsnpp_continuous.py`` for
-NCSN++, with ``model.nf`` set to the width measured), ``models.utils.create_model``,
+NCSN++, with ``model.nf`` set to the width measured), its registered model class,
 ``losses.get_step_fn`` (its loss, warm-up, gradient clipping and ``torch.optim.Adam``) and
-``models.ema.ExponentialMovingAverage``, i.e. one iteration of its ``run_lib.train`` loop.
+``models.ema.ExponentialMovingAverage``, i.e. one iteration of its ``run_lib.train`` loop on one
+device. ``create_model`` is not called: its ``DataParallel`` spans every visible GPU (and moves a
+CPU model to the first), so the model is wrapped for the measured device only, as score_sde runs
+on a one-GPU machine. On CUDA the step runs at torch's default precision, what score_sde runs:
+IEEE fp32 matmuls, TF32 convolutions (set on every call, as st's rows set their own).
 
 Two shims let it import without network or a CUDA toolkit:
 
 - ``op.upfirdn2d``: score_sde's ``op`` package compiles a CUDA extension when imported. Its CPU
   path is a native PyTorch upfirdn2d that folds the channels into the batch and runs a
   single-channel convolution; the shim does the same (only NCSN++'s FIR resampling calls it).
+  On a GPU the shim stands in for score_sde's CUDA kernel, so NCSN++'s score_sde row there
+  times that substitute, not the kernel.
 - ``ml_collections.ConfigDict`` as an attribute namespace, only when ml_collections is not
   installed (the configs use nothing else of it).
 """
@@ -61,10 +67,12 @@ def _install_shims() -> None:
 
 
 def load(repo: str | Path) -> types.SimpleNamespace:
-    """score_sde's modules from a checkout at ``repo``."""
+    """score_sde's modules from a checkout at ``repo``; ValueError if it is none."""
     root = Path(repo).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{repo}: no such folder")
     if not (root / "models" / "ncsnpp.py").is_file():
-        raise SystemExit(f"--score-sde {repo}: not a score_sde_pytorch checkout (no models/ncsnpp.py)")
+        raise ValueError(f"{repo}: not a score_sde_pytorch checkout (no models/ncsnpp.py)")
     _install_shims()
     sys.path.insert(0, str(root))
     names = ("losses", "sde_lib", "models.utils", "models.ema", "models.ncsnpp", *CONFIGS.values())
@@ -79,7 +87,10 @@ class ScoreSdeStep:
         torch.manual_seed(0)
         config = getattr(sde_code, CONFIGS[name].replace(".", "_")).get_config()
         config.model.nf, config.device = nf, device
-        self.model = sde_code.models_utils.create_model(config).train()
+        net = sde_code.models_utils.get_model(config.model.name)(config).to(device)
+        self.model = (torch.nn.DataParallel(net, device_ids=[device]) if device.type == "cuda"
+                      else net).train()
+        self.device = device
         sde_lib, losses = sde_code.sde_lib, sde_code.losses
         sde = (sde_lib.VPSDE(config.model.beta_min, config.model.beta_max, config.model.num_scales)
                if config.training.sde == "vpsde" else
@@ -95,4 +106,7 @@ class ScoreSdeStep:
         self.x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
 
     def __call__(self) -> None:
+        if self.device.type == "cuda":  # torch's defaults (global flags: st's rows set theirs)
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
         self.step_fn(self.state, self.x0)

@@ -130,7 +130,11 @@ def sync(device: torch.device) -> None:
 
 
 def timed_step(step: Step, device: torch.device) -> tuple[float, int]:
-    """Seconds and peak memory (bytes) of one step."""
+    """Seconds and peak memory (bytes) of one step.  Gradients are dropped first, so a loop that
+    frees them after its update (train.py) and one that keeps them until its next ``zero_grad``
+    (score_sde, whose step begins with it) both count them in the step's peak."""
+    for p in step.model.parameters():
+        p.grad = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         held = torch.cuda.memory_allocated(device)
@@ -140,20 +144,37 @@ def timed_step(step: Step, device: torch.device) -> tuple[float, int]:
         sync(device)
         seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else rss.peak
-    return seconds, peak + kept_gradients(step)
+    return seconds, peak
 
 
-def kept_gradients(step) -> int:
-    """Bytes of gradients held from the previous step: they count as this step's memory, so a
-    loop that frees them after the update (train.py) and one that keeps them until the next
-    ``zero_grad`` (score_sde) report the same peak."""
-    return sum(p.grad.nbytes for p in step.model.parameters() if p.grad is not None)
+def profile(steps: dict, device: torch.device, reps: int, top: int) -> str:
+    """Self time per operator (ms per step, mean of ``reps`` profiled steps) of each option,
+    the ``top`` costliest operators over all options, as a table."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ms = {}
+    for option, step in steps.items():
+        for _ in range(reps):
+            with torch.profiler.profile(activities=activities) as prof:
+                step()
+                sync(device)
+            for e in prof.key_averages():
+                own = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+                ms.setdefault(e.key, dict.fromkeys(steps, 0.0))[option] += own / 1e3 / reps
+    ops = sorted(ms, key=lambda k: -max(ms[k].values()))[:top]
+    total = {o: sum(v[o] for v in ms.values()) for o in steps}
+    lines = ["| operator | " + " | ".join(f"{o} ms" for o in steps) + " |",
+             "|---|" + "---|" * len(steps),
+             "| all operators | " + " | ".join(f"{total[o]:,.1f}" for o in steps) + " |"]
+    lines += [f"| `{k}` | " + " | ".join(f"{ms[k][o]:,.1f}" for o in steps) + " |" for k in ops]
+    return "\n".join(lines)
 
 
 def measure(name: str, nf: int, batch: int, options: list[str], reps: int, device,
-            score_sde=None) -> list[Result]:
-    """Every option of one net and width; repetitions interleaved across options, so that load
-    from other processes on a shared machine hits all of them alike (medians are kept)."""
+            score_sde=None, top: int = 0) -> list[Result]:
+    """Every option of one net and width; repetitions interleaved across options, in an order
+    rotated each time, so that load from other processes on a shared machine hits all of them
+    alike (medians are kept).  With ``top``, also prints an operator profile of each option."""
     steps, compile_s = {}, {}
     for option in options:
         steps[option] = (ScoreSdeStep(score_sde, name, nf, batch, device) if option == "score_sde"
@@ -163,18 +184,23 @@ def measure(name: str, nf: int, batch: int, options: list[str], reps: int, devic
         sync(device)
         compile_s[option] = time.perf_counter() - t0 if option == "torch.compile" else 0.0
     times, peaks = {o: [] for o in options}, {o: 0 for o in options}
-    for _ in range(reps):
-        for option in options:
+    for rep in range(reps):
+        for option in options[rep % len(options):] + options[:rep % len(options)]:
             seconds, peak = timed_step(steps[option], device)
             times[option].append(seconds)
             peaks[option] = max(peaks[option], peak)
+    if top:
+        print(f"\n{name} nf {nf}, batch {batch}: self time per operator\n"
+              f"{profile(steps, device, reps, top)}\n", flush=True)
+    trainable = {o: sum(p.numel() for p in steps[o].model.parameters() if p.requires_grad)
+                 for o in options}
     return [Result(name, nf, o, batch / statistics.median(times[o]), peaks[o] / 2**20,
-                   sum(p.numel() for p in steps[o].model.parameters()), compile_s[o]) for o in options]
+                   trainable[o], compile_s[o]) for o in options]
 
 
 def table(results: list[Result]) -> str:
     base = {(r.net, r.nf): r.images_per_s for r in results if r.option == "fp32 eager"}
-    lines = ["| net | nf | parameters | option | images/s | ratio | peak MiB | compile s |",
+    lines = ["| net | nf | trainable parameters | option | images/s | ratio | peak MiB | compile s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r.images_per_s / base[(r.net, r.nf)]
@@ -197,8 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--score-sde", metavar="PATH", default=None,
                         help="a score_sde_pytorch checkout: add its own training step as a row")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also print the TOP costliest operators of each option (torch.profiler)")
     args = parser.parse_args(argv)
-    score_sde = load_score_sde(args.score_sde) if args.score_sde else None
+    try:
+        score_sde = load_score_sde(args.score_sde) if args.score_sde else None
+    except ValueError as e:
+        parser.error(f"--score-sde {e}")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name in args.nets:
         for nf in args.nf:
-            results += measure(name, nf, batch, options, args.reps, device, score_sde)
+            results += measure(name, nf, batch, options, args.reps, device, score_sde, args.profile)
             print(f"# {name} nf {nf}: done", flush=True)
     print(table(results))
 

@@ -1,5 +1,5 @@
 """benchmarks/score_sde_reference.py: the upfirdn2d shim that stands in for score_sde's CUDA op
-(checked against scipy's 2-D convolution), and a clear exit for a path that is no checkout."""
+(checked against scipy's 2-D convolution), and a clear error for a path that is no checkout."""
 
 import sys
 from pathlib import Path
@@ -39,5 +39,7 @@ def test_upfirdn2d_matches_scipy(up, down, pad):
 
 
 def test_a_path_that_is_no_checkout_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="not a score_sde_pytorch checkout"):
+    with pytest.raises(ValueError, match="not a score_sde_pytorch checkout"):
         load(tmp_path)
+    with pytest.raises(ValueError, match="no such folder"):
+        load(tmp_path / "missing")
