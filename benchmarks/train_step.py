@@ -18,8 +18,8 @@ the same net and width (``ratio`` = its images/s over the baseline's):
                      of score_sde_pytorch (``benchmarks/score_sde_reference.py``)
 
 Peak memory: on CUDA the allocator's peak above the memory held before the step; on CPU the
-growth of the resident set during the step (the kernel's high-water mark, reset before it); in
-both, plus any gradients kept from the previous step.
+growth of the resident set during the step (the kernel's high-water mark, reset before it).
+Gradients are dropped before each step, so its peak counts them whichever loop keeps them.
 
     python benchmarks/train_step.py                       # CIFAR-10 width (nf 128) and nf 32
     python benchmarks/train_step.py --nf 32 --batch 8 --skip-compile --threads 1
@@ -58,7 +58,7 @@ class Result:
     option: str
     images_per_s: float
     peak_mib: float
-    params: int
+    trainable: int
     compile_s: float = 0.0
 
 
@@ -205,8 +205,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         ratio = r.images_per_s / base[(r.net, r.nf)]
         comp = f"{r.compile_s:.0f}" if r.compile_s else ""
-        lines.append(f"| {r.net} | {r.nf} | {r.params:,} | {r.option} | {r.images_per_s:.2f} | {ratio:.2f} | "
-                     f"{r.peak_mib:.0f} | {comp} |")
+        lines.append(f"| {r.net} | {r.nf} | {r.trainable:,} | {r.option} | {r.images_per_s:.2f} | "
+                     f"{ratio:.2f} | {r.peak_mib:.0f} | {comp} |")
     return "\n".join(lines)
 
 
