@@ -8,8 +8,9 @@ NCSN++, with ``model.nf`` set to the width measured), its registered model class
 ``models.ema.ExponentialMovingAverage``, i.e. one iteration of its ``run_lib.train`` loop on one
 device. ``create_model`` is not called: its ``DataParallel`` spans every visible GPU (and moves a
 CPU model to the first), so the model is wrapped for the measured device only, as score_sde runs
-on a one-GPU machine. On CUDA the step runs at torch's default precision, what score_sde runs:
-IEEE fp32 matmuls, TF32 convolutions (set on every call, as st's rows set their own).
+on a one-GPU machine. On CUDA the step runs at torch's default fp32 precision, what score_sde
+runs (this torch: IEEE matmuls, TF32 convolutions): the flags as they were when this module was
+imported are put back on every call, since st's rows set their own.
 
 Two shims let it import without network or a CUDA toolkit:
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 CONFIGS = {"ddpmpp": "configs.vp.cifar10_ddpmpp_continuous",
            "ncsnpp": "configs.ve.cifar10_ncsnpp_continuous"}
+TORCH_PRECISION = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
@@ -106,7 +108,7 @@ class ScoreSdeStep:
         self.x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
 
     def __call__(self) -> None:
-        if self.device.type == "cuda":  # torch's defaults (global flags: st's rows set theirs)
-            torch.backends.cuda.matmul.fp32_precision = "ieee"
-            torch.backends.cudnn.conv.fp32_precision = "tf32"
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = \
+                TORCH_PRECISION
         self.step_fn(self.state, self.x0)
