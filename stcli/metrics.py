@@ -14,8 +14,8 @@ Inception features rather than VGG-16, so that one weights file serves every met
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import os
 import shutil
 import urllib.request
@@ -239,9 +239,10 @@ def build_extractor(settings: Settings, roles: tuple[str, ...]) -> FeatureExtrac
     if settings.extractor != INCEPTION:
         return build()
     weights = inception_weights(settings)
-    state = load_inception_state(weights)
-    try:  # torch-fidelity unpickles what it is given: hand it our tensors-only copy
-        return build(feature_extractor_weights_path=tensors_only_file(state))
+    load_inception_state(weights)  # the digest and tensors-only checks, with clear errors
+    try:  # torch-fidelity loads with weights_only=False: overruled
+        with weights_only_loads():
+            return build(feature_extractor_weights_path=str(weights))
     except Exception as err:  # a state dict of other shapes
         raise UserError(f"cannot load the Inception weights {weights}: {err}; it must be "
                         f"torch-fidelity's {WEIGHTS_FILE} (from {WEIGHTS_URL})") from None
@@ -276,12 +277,21 @@ def load_inception_state(path: Path, check_digest: bool = True) -> dict[str, tor
     return state
 
 
-def tensors_only_file(state: dict[str, torch.Tensor]) -> io.BytesIO:
-    """An in-memory torch file holding only `state`'s tensors."""
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    buffer.seek(0)
-    return buffer
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside loads tensors only and runs no code, even one that passes
+    ``weights_only=False``: torch's documented ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, set for the
+    duration (its opposite, which torch refuses beside it, is lifted meanwhile)."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ[names[0]] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def extract(dataset: Dataset, extractor: FeatureExtractorBase, settings: Settings,

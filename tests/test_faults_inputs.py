@@ -2,7 +2,6 @@
 traceback), and nothing it touches is changed; crafted Inception weights run no code."""
 
 import decimal
-import io
 import json
 import math
 import os
@@ -329,12 +328,25 @@ def test_plain_inception_state_dicts_load_as_tensors_only(tmp_path):
     torch.save(state, path)
     got = metrics.load_inception_state(path, check_digest=False)
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
-    again = torch.load(metrics.tensors_only_file(got), weights_only=True)
-    assert all(torch.equal(again[k], state[k]) for k in state)
     torch.save([1, 2], path)
     with pytest.raises(UserError, match="not a state dict of tensors"):
         metrics.load_inception_state(path, check_digest=False)
-    assert isinstance(metrics.tensors_only_file(got), io.BytesIO)
+
+
+def test_loads_inside_weights_only_loads_run_no_code_even_when_asked_to(tmp_path, monkeypatch):
+    """torch-fidelity calls torch.load(path, weights_only=False) on the Inception weights."""
+    marker, path = tmp_path / "pwned", tmp_path / "w.pth"
+    torch.save({"fc.weight": torch.ones(2), "evil": Payload(marker)}, path)
+    torch.save({"fc.weight": torch.ones(2)}, tmp_path / "plain.pth")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # a user's setting: lifted inside
+    with metrics.weights_only_loads():
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path, weights_only=False)
+        assert torch.equal(torch.load(tmp_path / "plain.pth", weights_only=False)["fc.weight"],
+                           torch.ones(2))
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_a_damaged_npz_of_samples_is_drawn_again(tiny_ckpt, tmp_path, capsys):
