@@ -416,17 +416,27 @@ def import_(
     out: Annotated[str, typer.Option("--out", help="st checkpoint to write (.safetensors).")],
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    as_recipe: Annotated[bool, typer.Option(
+        "--as-recipe", help="Keep the recipe's settings where the release computes otherwise "
+        "(to fine-tune under the paper's definition); the imported function then differs from "
+        "the release's.")] = False,
 ):
-    """Convert a score_sde checkpoint (loaded without running pickled code) to an st checkpoint."""
+    """Convert a score_sde / Soft Truncation checkpoint (loaded without running pickled code) to
+    an st checkpoint computing the released function."""
     from pathlib import Path
 
+    from stcli.console import warn
     from stcli.importer import import_checkpoint
     from stcli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides)
     if Path(out).exists() and not overwrite:
         raise UserError(f"{out} exists; choose another --out or pass --overwrite")
-    result = import_checkpoint(ckpt, spec, out)
+    result = import_checkpoint(ckpt, spec, out, as_recipe)
+    for line in result["changes"]:
+        info(f"as released: {line}")
+    for line in result["warnings"]:
+        warn(f"--as-recipe: the imported function differs from the release's: {line}")
     info(f"imported {ckpt}: {result['tensors']} tensors, {result['parameters']:,} parameters, "
          f"step {result['step']}, EMA and raw weights -> {out}")
 

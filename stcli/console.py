@@ -22,6 +22,12 @@ def error(message: str) -> None:
     err_console.print(message, markup=False)
 
 
+def warn(message: str) -> None:
+    """A warning or note on stderr (markup in the message itself is not interpreted)."""
+    err_console.print("[yellow]warning:[/] ", end="")
+    err_console.print(message, markup=False)
+
+
 class StepProgress:
     """Progress over `total` steps with free-form stats (loss, steps/s, ...) and an ETA."""
 

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from stcli import checkpoint
-from stcli.console import StepProgress, console, info
+from stcli.console import StepProgress, console, info, warn
 from stcli.data import InMemory
 from stcli.errors import UserError
 from stcli.metrics import (
@@ -51,7 +51,6 @@ from stcli.metrics import (
     extract,
     inception_weights,
     sha256,
-    warn,
 )
 
 SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -16,10 +16,11 @@ re-lays out tensors.
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from stcli import checkpoint
 from stcli.errors import UserError
 from stcli.nets import build_score_model
 from stcli.nets.ncsnpp import NCSNppSpec
-from stcli.recipe import Recipe
+from stcli.recipe import Recipe, parse_recipe
 
 PREFIX = "module."  # torch.nn.DataParallel
 BUFFERS = ("sigmas",)  # the official net's noise table: not part of the function of t
@@ -94,8 +95,9 @@ def official_modules(spec: NCSNppSpec, channels: int, size: int) -> Iterator[tup
     """(kind, st module path) of every official module, in score_sde's construction order.
 
     The index of a pair in this sequence is its ``all_modules`` index.  Kinds: fourier, linear,
-    conv, norm, resblock, attn, combine, resample (a layerspp Up/Downsample) and none (a module
-    without parameters).
+    conv, norm, resblock, attn, combine, resample (a layerspp Up/Downsample).  The resamplers of
+    the input and output pyramids (``input_skip`` / ``output_skip``) have no parameters and are
+    plain attributes of the official net, not entries of ``all_modules``.
     """
     last = len(spec.ch_mult) - 1
     attn = [r in spec.attn_resolutions for r in spec.resolutions(size)]
@@ -113,8 +115,7 @@ def official_modules(spec: NCSNppSpec, channels: int, size: int) -> Iterator[tup
                 yield "attn", f"down.{i}.attns.{b}"
         if i != last:
             yield ("resblock" if biggan else "resample"), f"down.{i}.resample"
-            if spec.progressive_input == "input_skip":
-                yield "none", "pyramid_down"
+            if spec.progressive_input == "input_skip":  # its resampler is no entry: no parameters
                 yield "combine", f"down.{i}.pyramid"
             elif spec.progressive_input == "residual":
                 yield "resample", f"down.{i}.pyramid"
@@ -127,8 +128,6 @@ def official_modules(spec: NCSNppSpec, channels: int, size: int) -> Iterator[tup
         if attn[i]:
             yield "attn", f"up.{k}.attns.0"
         if spec.progressive == "output_skip" or (spec.progressive == "residual" and i == last):
-            if i != last:
-                yield "none", "pyramid_up"
             yield "norm", f"up.{k}.pyramid.norm"
             yield "conv", f"up.{k}.pyramid.conv"
         elif spec.progressive == "residual":
@@ -145,7 +144,7 @@ def _params(kind: str, module: torch.nn.Module, spec: NCSNppSpec) -> Iterator[tu
     if kind == "fourier":
         yield "W", "W", "copy"
     elif kind in ("linear", "conv", "norm", "combine"):
-        prefix = "Conv." if kind == "combine" else ""
+        prefix = "Conv_0." if kind == "combine" else ""  # layerspp.Combine's 1x1 conv
         for name, (st_name, row) in _AFFINE.items():
             yield prefix + name, st_name, row
     elif kind == "resblock":
@@ -212,6 +211,97 @@ def _build(recipe: Recipe):
                              recipe.data.zero_centered)
 
 
+# --- what each release computes ----------------------------------------------------------------
+KEEP = object()  # in Release.sets: the recipe's own value of that field
+
+
+@dataclass(frozen=True)
+class Release:
+    """Where the released code computes something other than the paper's recipe: for a recipe
+    matching ``when`` (dotted field -> allowed values), the released run has ``sets`` (dotted
+    field -> value; a dict replaces the whole section).  docs/fidelity.md gives the evidence."""
+
+    what: str
+    when: dict
+    sets: dict
+    why: str
+
+
+RELEASES = (
+    Release("UNCSN++ time input", {"net.name": ("ncsnpp",), "net.time_input": ("unbounded",)},
+            {"net.time_input": "log_sigma"},
+            "the release computes the unbounded eta but its network receives log sigma at every sigma"),
+    Release("CelebA-HQ 256 SDE and loss", {"sde.name": ("rve",), "data.image_size": (256,)},
+            {"sde": {"name": "ve", "sigma_min": 0.01, "sigma_max": 348.0},
+             "loss.weighting": "variance", "loss.time_sampling": "uniform"},
+            "the released 256x256 config is a VE SDE, sigma 0.01 -> 348, with variance weighting"),
+    Release("VE/RVE truncation", {"sde.name": ("ve", "rve"), "truncation.name": ("power", "mixture")},
+            {"truncation": {"name": "hard", "eps": KEEP}},
+            "the release never soft-truncates a VE/RVE run (tau = eps at every step)"),
+)
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    data[leaf] = value
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+@dataclass
+class Released:
+    """The recipe of the released function and one line per setting that differs."""
+
+    recipe: Recipe
+    changes: list[str] = field(default_factory=list)
+
+
+def released_recipe(recipe: Recipe) -> Released:
+    """``recipe`` with every setting of RELEASES applied (in order, each to the result so far)."""
+    data, changes = recipe.to_dict(), []
+    for rule in RELEASES:
+        if not all(_get(data, k) in allowed for k, allowed in rule.when.items()):
+            continue
+        for key, value in rule.sets.items():
+            old = _get(data, key)
+            if isinstance(value, dict):
+                value = {k: (old or {}).get(k) if v is KEEP else v for k, v in value.items()}
+                if all(old.get(k) == v for k, v in value.items()) and set(old) <= set(value):
+                    continue
+            elif old == value:
+                continue
+            _set(data, key, value)
+            changes.append(f"{key}: {_show(value)} (the recipe said {_show(old)}): {rule.why}")
+    return Released(parse_recipe(data, "the released recipe") if changes else recipe, changes)
+
+
+def check_noise_table(official: Official, recipe: Recipe, source: str) -> str | None:
+    """The file's noise table (``sigmas``, geometric from sigma_max to sigma_min) against the
+    recipe's VE/RVE sigma range: None if they agree (or the SDE is not VE-type), else the
+    problem, naming the setting."""
+    table, sde = official.model.get("sigmas"), recipe.sde
+    if table is None or table.numel() < 2 or sde.name not in ("ve", "rve"):
+        return None
+    hi, lo = float(table.max()), float(table.min())
+    if math.isclose(hi, sde.sigma_max, rel_tol=1e-6) and math.isclose(lo, sde.sigma_min, rel_tol=1e-6):
+        return None
+    return (f"{source} was trained with sigma {lo:g} -> {hi:g} (its noise table module.sigmas), "
+            f"but the recipe's sde has sigma_min {sde.sigma_min:g}, sigma_max {sde.sigma_max:g}; "
+            f"set sde.sigma_min={lo:g} sde.sigma_max={hi:g} if that is the release's SDE")
+
+
 # --- reading the official file ------------------------------------------------------------------
 @dataclass
 class Official:
@@ -250,9 +340,26 @@ def read(path: str | Path) -> Official:
     shadow = list(ema["shadow_params"])
     if not all(isinstance(t, torch.Tensor) for t in shadow):
         raise UserError(f"{path} is not {what}: ema.shadow_params holds non-tensors")
-    step = state.get("step", 0)
-    step = int(step.item() if isinstance(step, torch.Tensor) else step)
-    return Official(model, shadow, step)
+    return Official(model, shadow, _step(state.get("step", 0), path, what))
+
+
+def _step(step, path: Path, what: str) -> int:
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"{path} is not {what}: its step is {step!r}, not a count of steps >= 0")
+    return step
+
+
+def _check_values(name: str, tensor: torch.Tensor, source: str) -> None:
+    """A weight must be floating point and finite: anything else would be a different function."""
+    if not tensor.is_floating_point():
+        raise UserError(f"{source}: {PREFIX}{name} holds {str(tensor.dtype).removeprefix('torch.')} "
+                        f"values, not floating-point weights")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UserError(f"{source}: {PREFIX}{name} holds {bad} non-finite value(s) (NaN or Inf); "
+                        f"the checkpoint is damaged")
 
 
 def convert(official: Official, recipe: Recipe, source: str = "the checkpoint"
@@ -280,6 +387,10 @@ def convert(official: Official, recipe: Recipe, source: str = "the checkpoint"
         if tuple(shadow[name].shape) != tuple(official.model[name].shape):
             raise UserError(f"{source}: the EMA copy of {PREFIX}{name} has shape "
                             f"{list(shadow[name].shape)}, the weight {list(official.model[name].shape)}")
+    for name in raw_names:
+        _check_values(name, official.model[name], source)
+        if name in shadow:
+            _check_values(name, shadow[name], f"{source} (its EMA copy)")
     ema_source = {**official.model, **shadow}
     raw = {row.st: _to_st(row, official.model, expected) for row in rows}
     ema = {row.st: _to_st(row, ema_source, expected) for row in rows}
@@ -298,8 +409,14 @@ def _check_names(rows: list[Row], model: dict[str, torch.Tensor], source: str) -
     for row in rows:
         for name in row.official:
             if name not in present:
-                raise UserError(f"{source} lacks the tensor {PREFIX}{name} (st's {row.st}); it "
-                                f"does not fit the recipe's net")
+                module = ".".join(name.split(".")[:2])  # all_modules.N
+                held = [n.removeprefix(module + ".") for n in model if n.startswith(module + ".")]
+                more = ", ..." if len(held) > 4 else ""
+                there = f"its {PREFIX}{module} holds {', '.join(held[:4])}{more}" if held \
+                    else f"it has no {PREFIX}{module}"
+                raise UserError(f"{source} does not fit the recipe's net: st's {row.st} comes from "
+                                f"{PREFIX}{name}, which the file lacks ({there}); check the recipe's "
+                                f"net options (num_res_blocks, ch_mult, attn_resolutions, progressive)")
     known = set(wanted)
     for name in model:
         if name not in known and name not in BUFFERS:
@@ -308,14 +425,26 @@ def _check_names(rows: list[Row], model: dict[str, torch.Tensor], source: str) -
     return [name for name in model if name in known]
 
 
-def import_checkpoint(src: str | Path, recipe: Recipe, out: str | Path) -> dict:
-    """Write the st checkpoint of score_sde checkpoint ``src`` for ``recipe`` to ``out``."""
+def import_checkpoint(src: str | Path, recipe: Recipe, out: str | Path, as_recipe: bool = False) -> dict:
+    """Write the st checkpoint of score_sde / Soft Truncation checkpoint ``src`` to ``out``.
+
+    The written recipe is the released function's (``released_recipe``: ``changes`` lists each
+    setting that differs from ``recipe``); ``as_recipe`` keeps ``recipe`` and returns the same
+    lines as ``warnings``.  A file trained with another sigma range than the recipe's is refused."""
     out = Path(out)
     if not out.parent.is_dir():
         raise UserError(f"the folder of --out {out} does not exist")
     official = read(src)
-    raw, ema = convert(official, recipe, str(src))
+    released = released_recipe(recipe)
+    target = recipe if as_recipe else released.recipe
+    mismatch = check_noise_table(official, target, str(src))
+    warnings = list(released.changes) if as_recipe else []
+    if mismatch and not as_recipe:
+        raise UserError(mismatch)
+    if mismatch:
+        warnings.append(mismatch)
+    raw, ema = convert(official, target, str(src))
     checkpoint.save(out, {**checkpoint.prefixed("model", raw), **checkpoint.prefixed("ema", ema)},
-                    {"step": official.step, "recipe": recipe.to_dict(), "source": str(src)})
-    return {"step": official.step, "tensors": len(raw),
-            "parameters": sum(t.numel() for t in raw.values())}
+                    {"step": official.step, "recipe": target.to_dict(), "source": str(src)})
+    return {"step": official.step, "tensors": len(raw), "parameters": sum(t.numel() for t in raw.values()),
+            "changes": [] if as_recipe else released.changes, "warnings": warnings}

@@ -38,7 +38,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
-from stcli.console import StepProgress, err_console
+from stcli.console import StepProgress, warn
 from stcli.errors import UserError
 from stcli.registry import METRICS, Component
 
@@ -49,12 +49,6 @@ WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 # The published file's SHA-256 begins with the hex tag of its name (torch hub's convention).
 WEIGHTS_SHA256_PREFIX = WEIGHTS_FILE.rsplit("-", 1)[-1].split(".")[0]
 DEFAULT_CACHE = Path("~/.cache/st/fidelity")
-
-
-def warn(message: str) -> None:
-    """A warning or note on stderr (markup in the message itself is not interpreted)."""
-    err_console.print("[yellow]warning:[/] ", end="")
-    err_console.print(message, markup=False)
 
 
 class SmallFeatures(FeatureExtractorBase):

@@ -160,10 +160,9 @@ def test_every_official_module_maps_once(family, tmp_path):
     assert len(names) == len(set(names))
     indices = sorted({int(n.split(".")[1]) for n in names})
     modules = list(importer.official_modules(recipe.net, *recipe.data.shape[:2]))
-    param_free = {i for i, (kind, _) in enumerate(modules) if kind == "none"}
     empty = {i for i, (kind, path) in enumerate(modules) if kind == "resample"
              and not any(r.st.startswith(f"backbone.{path}.") for r in rows)}
-    assert sorted(set(indices) | param_free | empty) == list(range(len(modules)))
+    assert sorted(set(indices) | empty) == list(range(len(modules)))
     # round trip: an st model written in the official layout imports to itself
     state = importer._build(recipe).state_dict()
     official = {}
@@ -198,8 +197,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
                    r"module\.all_modules\.0\.W has shape \[16\], but st's "
                    r"backbone\.embed\.fourier\.W needs \[128\]"),
         "missing": (_write_pth(tmp_path / "m.pth", missing), ve[1],
-                    r"lacks the tensor module\.all_modules\.5\.Conv_0\.weight \(st's "
-                    r"backbone\.down\.0\.blocks\.1\.conv1\.weight\)"),
+                    r"st's backbone\.down\.0\.blocks\.1\.conv1\.weight comes from "
+                    r"module\.all_modules\.5\.Conv_0\.weight, which the file lacks"),
         "extra": (_write_pth(tmp_path / "e.pth", extra), ve[1],
                   r"holds the tensor module\.all_modules\.99\.weight"),
         "pickled code": (_write_pth(tmp_path / "p.pth", evil), ve[1],

@@ -4,6 +4,7 @@ Table 7's P_k on toy2d) with several seeds, and Figs. 1a, 6a-c and 7.
     python benchmarks/repro/run.py              # full run (docs/reproduction.md); docs/img/
     python benchmarks/repro/run.py --quick      # tiny budgets (< 5 min); runs/repro-quick/
     python benchmarks/repro/run.py --dry-run    # build every recipe and component; train nothing
+    python benchmarks/repro/run.py --data digits --converge --extras   # each loss to convergence
 
 Jobs run in `--jobs` worker processes (default 2) with one thread each; a job whose
 result.json matches its recipe is not run again (`--force` reruns everything).  Writes
@@ -29,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per wo
 import numpy as np  # noqa: E402
 import report  # noqa: E402
 import torch  # noqa: E402
+from until_converged import at_steps, pilot_and_result  # noqa: E402
 from variants import DATASETS, ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
@@ -54,6 +56,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    choices=sorted({v.key for d in DATASETS.values() for v in d.variants + d.extras}),
                    help="only these losses (e.g. st_P0 st_P2 with --extras); then the tables and "
                    "curves are rebuilt from every saved result, as --report does")
+    p.add_argument("--converge", action="store_true",
+                   help="train each loss until its seed 0 converges (until_converged.py), then the "
+                   "other seeds to that step; data sets with a converge budget (digits)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
     p.add_argument("--report", action="store_true",
                    help="no jobs: the tables and curves from the saved results (<results>/<data>.json)")
@@ -70,8 +75,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.perf_counter()
+    if args.converge:
+        args.data = [d for d in args.data if DATASETS[d].converge is not None]
     plan = Plan(args.quick, args.out, tuple(args.data), args.extras,
-                tuple(args.losses) if args.losses else None)
+                tuple(args.losses) if args.losses else None, args.converge)
     if args.dry_run:
         return dry_run(plan)
     if args.report:
@@ -84,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"quick": args.quick, "figures": sde_figures(args.img)}
     classifier = prepare_classifier(args.out, summary) if "digits" in args.data else None
-    results = run_jobs(plan.jobs, classifier, args.jobs, args.results)
-    if args.losses:  # a part of the plan: the figures of the whole come from every saved result
+    run = converge_jobs if args.converge else run_jobs
+    results = run(plan.jobs, classifier, args.jobs, args.results)
+    if args.losses or args.converge:  # a part of the plan: the figures come from every saved result
         return report_only(args)
     summary["diagnose"] = diagnose_checkpoints(plan, args)
     sample_figures(plan, args)
@@ -176,15 +184,46 @@ def run_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path) -> l
         futures = {pool.submit(run_job, job, classifier): job for job in jobs}
         for i, fut in enumerate(as_completed(futures), 1):
             r = fut.result()
-            score = f"FID {r['fid']:.2f}" if "fid" in r else f"MMD² {r['mmd2_h0.1']:.2e}"
-            score += f" / EM {r['fid_em']:.2f}" if "fid_em" in r else \
-                f" / EM {r['mmd2_h0.1_em']:.2e}" if "mmd2_h0.1_em" in r else ""
-            print(f"[{i}/{len(jobs)}] {r['data']} {r['variant']} seed {r['seed']}: "
-                  f"NLL {r['nll']['mean']:.4f} NELBO {r['nelbo']['mean']:.4f} {score} "
-                  f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
+            _report_job(i, len(jobs), r)
             results.append(r)
             save_results(saved, r)
     return sorted(results, key=lambda r: (r["data"], r["variant"], r["seed"]))
+
+
+def converge_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path) -> list[dict]:
+    """Every loss's pilot (its seed-0 job) first, each trained until it converges; as a pilot
+    ends, its row is saved and the loss's other seeds start, trained to the pilot's budget."""
+    from evaluate import run_job
+
+    pilots = [j for j in jobs if j.seed == 0]
+    results = []
+    with _pool(n) as pool:
+        waiting = {pool.submit(pilot_and_result, j, classifier, saved): j for j in pilots}
+        while waiting:
+            fut = next(as_completed(waiting))
+            job = waiting.pop(fut)
+            if job.seed == 0:
+                state, r = fut.result()
+                verdict = "converged" if state["verdict"]["step"] is not None else "NOT converged"
+                print(f"pilot {job.variant.key}: {verdict} at {state['budget']} steps "
+                      f"(trained {state['chunks'][-1]['step'] if state['chunks'] else 0})", flush=True)
+                for other in (j for j in jobs if j.variant == job.variant and j.seed != 0):
+                    waiting[pool.submit(run_job, at_steps(other, state["budget"]), classifier)] = other
+            else:
+                r = fut.result()
+            _report_job(len(results) + 1, len(jobs), r)
+            results.append(r)
+            save_results(saved, r)
+    return results
+
+
+def _report_job(i: int, n: int, r: dict) -> None:
+    score = f"FID {r['fid']:.2f}" if "fid" in r else f"MMD² {r['mmd2_h0.1']:.2e}"
+    score += f" / EM {r['fid_em']:.2f}" if "fid_em" in r else \
+        f" / EM {r['mmd2_h0.1_em']:.2e}" if "mmd2_h0.1_em" in r else ""
+    print(f"[{i}/{n}] {r['data']} {r['variant']} seed {r['seed']} at {r['recipe']['train']['steps']} steps: "
+          f"NLL {r['nll']['mean']:.4f} NELBO {r['nelbo']['mean']:.4f} {score} "
+          f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)", flush=True)
 
 
 def save_results(folder: Path, result: dict) -> None:

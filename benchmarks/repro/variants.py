@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 EPS = 1.0e-5
-DIGITS_STEPS, DIGITS_CURVE = 3000, (1000, 2000)  # the 3-hour budget (docs/reproduction.md)
+DIGITS_STEPS, DIGITS_CURVE = 3000, (1000, 2000)  # the 3-hour budget of the first tables
+DIGITS_MAX = 30000  # --converge: the cap of a loss that does not converge
 TOY2D_STEPS, TOY2D_CURVE = 6000, (1000, 2000, 4000)  # the convergence criterion
 
 
@@ -86,6 +87,7 @@ class Budget:
     snapshot_every: int = 0  # EMA snapshots ckpt-<step>.safetensors (0: none)
     curve: tuple[int, ...] = ()  # snapshot steps measured for the learning curve (seed 0)
     shorten: tuple[str, ...] = ()  # overrides of this budget only
+    chunk: int = 0  # --converge: steps trained between the pilot's measurements (steps: the cap)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class DataSet:
     divergence: str  # of the ODE likelihood: exact in 2-D, Hutchinson otherwise
     quality: str  # name of the sample-quality score
     extras: tuple[Variant, ...] = ()  # run only with --extras, after every data set's main variants
+    converge: Budget | None = None  # --converge: each loss trained until its seed 0 converges
+    converge_quick: Budget | None = None
 
     def recipe_obj(self):
         """The base recipe with the shared overrides (data, SDE: what the evaluation needs)."""
@@ -118,7 +122,10 @@ DIGITS = DataSet(
     full=Budget(DIGITS_STEPS, (0, 1, 2), 64, 1e-4, 64, 500, snapshot_every=500, curve=DIGITS_CURVE),
     quick=Budget(20, (0, 1), 8, 1e-3, 2, 80, {"heun35": {"name": "heun", "steps": 4},
                                              "em": {"steps": 8}}, snapshot_every=10, curve=(10,)),
-    variants=TABLE4 + TABLE5, divergence="rademacher", quality="FID")
+    variants=TABLE4 + TABLE5, divergence="rademacher", quality="FID", extras=TABLE7[1:],
+    converge=Budget(DIGITS_MAX, (0, 1, 2), 64, 1e-4, 64, 500, snapshot_every=1000, chunk=1000),
+    converge_quick=Budget(40, (0, 1), 8, 1e-3, 2, 80, {"heun35": {"name": "heun", "steps": 4},
+                                                      "em": {"steps": 8}}, snapshot_every=10, chunk=10))
 TOY2D = DataSet(
     "toy2d", "recipes/toy2d_gmm_mlp_vp_st.yaml", (*PAPER, "train.ckpt_every=1000", *RUN),
     full=Budget(TOY2D_STEPS, (0, 1, 2), 500, 1e-4, 256, 4000, snapshot_every=1000, curve=TOY2D_CURVE),
@@ -187,6 +194,7 @@ class Plan:
     datasets: tuple[str, ...] = ("toy2d", "digits")
     extras: bool = False  # also the data sets' extra variants (Table 7's P0/P2), after the rest
     losses: tuple[str, ...] | None = None  # only these variant keys (None: all)
+    converge: bool = False  # the data sets' converge budgets (until_converged.py)
     jobs: list[Job] = field(default_factory=list)
 
     def __post_init__(self):
@@ -197,6 +205,8 @@ class Plan:
             for key in self.datasets:
                 data = DATASETS[key]
                 budget = data.quick if self.quick else data.full
+                if self.converge:
+                    budget = data.converge_quick if self.quick else data.converge
                 self.jobs.extend(Job(data, v, s, budget, self.root)
                                  for s in budget.seeds for v in getattr(data, part)
                                  if self.losses is None or v.key in self.losses)

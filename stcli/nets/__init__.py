@@ -43,6 +43,14 @@ def noise_out(s: torch.Tensor, sd: float) -> torch.Tensor:
     return sd * c_in(s, sd)
 
 
+def time_precision(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """t in float64 on x's device (float32 where the device has no float64, e.g. MPS): the time
+    input and its embedding are computed from it, so a Fourier phase 2 pi W log sigma of
+    thousands of radians keeps its digits; the embedding is cast to the weights' type."""
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    return torch.as_tensor(t, device=x.device).to(dtype)
+
+
 class ScoreModel(nn.Module):
     """A backbone with its SDE: forward(x, t) is the noise prediction, score(x, t) the score.
 
@@ -60,7 +68,7 @@ class ScoreModel(nn.Module):
         self.preconditioning, self.sigma_data, self.centered = preconditioning, sigma_data, centered
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eta = self.sde.time_input(t, self.time_input).to(x.dtype)
+        eta = self.sde.time_input(time_precision(t, x), self.time_input)
         if self.preconditioning == "none":
             # data in [0, 1] (data.centered false) enter the net as 2x - 1 (score_sde's convention)
             return self.backbone(x if self.centered else 2 * x - 1, eta)

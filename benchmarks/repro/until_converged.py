@@ -1,0 +1,122 @@
+"""Digits jobs trained to convergence, loss by loss (`run.py --converge`; docs/reproduction.md).
+
+For each loss the seed-0 job, the *pilot*, trains in chunks of `Budget.chunk` steps; after each
+chunk its new EMA snapshots are measured (`evaluate.measure`: NLL, NELBO, Heun FID) and the
+criterion of `convergence.converged_at` is applied to every snapshot so far.  The first snapshot
+that no later one beats is the loss's budget: seed 0 is reported at that snapshot and seeds 1..
+train to exactly that step (same recipe, so the same EMA weights a pilot snapshot holds).  A
+loss that converges later runs longer; one that has not converged by `Budget.steps` is reported
+there with ``"converged": false``.
+
+Nothing computed is lost to an interruption: the pilot's measured points go to
+<results>/pilots/<data>/<loss>.json after each measurement, every training resumes from its
+checkpoint, and a finished job's result is added to <results>/<data>.json at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from convergence import QUALITY, converged_at, snapshots
+
+
+def pilot_file(results: Path, data: str, loss: str) -> Path:
+    return results / "pilots" / data / f"{loss}.json"
+
+
+def at_steps(job, steps: int):
+    """The same job with train.steps = `steps` (everything else, the seed included, equal)."""
+    return dataclasses.replace(job, budget=dataclasses.replace(job.budget, steps=steps))
+
+
+def run_pilot(job, classifier: Path | None, results: Path) -> dict:
+    """Train the seed-0 `job` chunk by chunk until its snapshots converge or reach
+    job.budget.steps; return the loss's state {points, chunks, verdict, budget}."""
+    torch.set_num_threads(1)
+    path = pilot_file(results, job.data.key, job.variant.key)
+    state = json.loads(path.read_text()) if path.is_file() else {"points": [], "chunks": []}
+    key = QUALITY[job.data.key][0]
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        _measure_new(job, classifier, state, path)
+        verdict = converged_at(state["points"], key)
+        trained = state["chunks"][-1]["step"] if state["chunks"] else 0
+        if verdict["step"] is not None or trained >= job.budget.steps:
+            break
+        _train_chunk(at_steps(job, min(trained + job.budget.chunk, job.budget.steps)), state, path)
+    state["verdict"] = verdict
+    state["budget"] = verdict["step"] if verdict["step"] is not None else trained
+    _save(path, state)
+    return state
+
+
+def _train_chunk(job, state: dict, path: Path) -> None:
+    from stcli.train import train
+
+    t, c = time.perf_counter(), time.process_time()
+    with open(job.out_dir / "job.log", "a") as log, contextlib.redirect_stdout(log):
+        result = train(job.recipe(), resume="auto")
+    state["chunks"].append({"step": job.budget.steps, "loss": result.loss,
+                            "train_s": time.perf_counter() - t, "train_cpu_s": time.process_time() - c})
+    _save(path, state)
+
+
+def _measure_new(job, classifier: Path | None, state: dict, path: Path) -> None:
+    from evaluate import measure
+
+    done = {p["step"] for p in state["points"]}
+    for step, ckpt in snapshots(job.out_dir):
+        if step not in done:
+            point = measure(ckpt, job.data, job.budget, job.out_dir / f"samples-{step}", classifier)
+            state["points"] = sorted([*state["points"], point | {"step": step}], key=lambda p: p["step"])
+            _save(path, state)
+            key = QUALITY[job.data.key][0]
+            print(f"  pilot {job.variant.key} step {step}: NLL {point['nll']['mean']:.4f} NELBO "
+                  f"{point['nelbo']['mean']:.4f} {key} {point[key]:.3g} ± {point[key + '_se']:.2g}",
+                  flush=True)
+
+
+def pilot_result(job, state: dict, classifier: Path | None) -> dict:
+    """Seed 0's row of the tables: the pilot's measurement of its snapshot at the loss's budget,
+    the further samplers on that snapshot, and the training cost up to that step."""
+    from evaluate import draw, quality
+
+    s = state["budget"]
+    snap = job.out_dir / f"ckpt-{s}.safetensors"
+    at = at_steps(job, s)
+    point = next(p for p in state["points"] if p["step"] == s)
+    chunks = [c for c in state["chunks"] if c["step"] <= s]
+    result = {"data": job.data.key, "variant": job.variant.key, "label": job.variant.label,
+              "seed": job.seed, "recipe": at.recipe().to_dict(), "command": at.command(),
+              "final_loss": chunks[-1]["loss"], "resumed": len(chunks) > 1,
+              "train_s": sum(c["train_s"] for c in chunks),
+              "train_cpu_s": sum(c["train_cpu_s"] for c in chunks),
+              "converged": state["verdict"], "pilot_steps": state["chunks"][-1]["step"],
+              "pilot_train_cpu_s": sum(c["train_cpu_s"] for c in state["chunks"]),
+              "pilot_measure_cpu_s": sum(p["measure_cpu_s"] for p in state["points"])}
+    result.update({k: v for k, v in point.items() if k != "step"})
+    t, c = time.perf_counter(), time.process_time()
+    for name, spec in list(job.budget.samplers.items())[1:]:
+        samples = draw(snap, job.budget.n_samples, spec, job.out_dir / f"samples_{name}")
+        result.update({f"{k}_{name}": v for k, v in quality(samples, job.data, classifier).items()})
+    result["curve"] = [p for p in state["points"] if p["step"] != s]
+    result["eval_s"] = point["measure_s"] + time.perf_counter() - t
+    result["eval_cpu_s"] = point["measure_cpu_s"] + time.process_time() - c
+    return result
+
+
+def pilot_and_result(job, classifier: Path | None, results: Path) -> tuple[dict, dict]:
+    state = run_pilot(job, classifier, results)
+    return state, pilot_result(job, state, classifier)
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=0))
+    tmp.replace(path)
