@@ -178,3 +178,18 @@ def test_damaged_release_files_are_refused(tmp_path, capsys):
         code, _, err = st(capsys, "import", src, *args("celeba_uddpmpp_vp_nll_st"), "--out", out)
         assert code == 2 and re.search(message, err), (case, err)
         assert len(err.strip().splitlines()) == 1 and list(out.parent.iterdir()) == [], case
+
+
+SHORT = {"net.time_input": "log σ", "sde": "VE σ 0.01 → 348", "loss.weighting": "variance weighting",
+         "loss.time_sampling": "uniform t", "truncation": "τ = ε"}
+
+
+def test_the_docs_release_table_says_what_the_import_sets():
+    text = (ROOT / "docs" / "checkpoints.md").read_text()
+    table = text[text.index("| paper row | recipe | `st import` sets |"):]
+    rows = re.findall(r"^\| [^|]+ \| `(\w+)` \| ([^|]+) \|", table, re.M)
+    assert len(rows) >= 25
+    for recipe, sets in rows:
+        changes = importer.released_recipe(load_recipe(ROOT / "recipes" / f"{recipe}.yaml")).changes
+        said = "; ".join(SHORT[line.split(":")[0]] for line in changes) or "–"
+        assert sets.strip() == said, recipe
