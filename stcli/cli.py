@@ -30,6 +30,7 @@ app.add_typer(data_app, name="data")
 WeightsName = Literal["ema", "raw"]
 Predictor = Literal["euler_maruyama", "reverse_diffusion", "ancestral"]
 Corrector = Literal["langevin", "none"]
+Schedule = Literal["uniform", "log_snr", "edm"]
 Format = Literal["png", "npz"]
 Precision = Literal["fp32", "bf16"]
 Correction = Literal["after", "before"]
@@ -148,9 +149,10 @@ def data_prepare(
     check fails)."""
     from pathlib import Path
 
+    from stcli.outputs import output_folder
     from stcli.prepare import prepare
 
-    prepare(name, Path(source).expanduser(), Path(out).expanduser(), size=size, workers=workers)
+    prepare(name, Path(source).expanduser(), output_folder(out, "--out"), size=size, workers=workers)
 
 
 FidDevice = Annotated[str, typer.Option(
@@ -171,6 +173,16 @@ FidResize = Annotated[Optional[Resize], typer.Option(
 FidExtractor = Annotated[str, typer.Option(
     "--feature-extractor", help="inception-v3-compat (the standard), or st-random-64: a tiny "
     "random network for tests, whose numbers mean nothing.")]
+
+
+def finite(param: typer.CallbackParam, value):
+    """Reject inf and nan where a float option is read (typer accepts them)."""
+    import math
+
+    for v in value if isinstance(value, list) else [value]:
+        if v is not None and not math.isfinite(v):
+            raise UserError(f"{param.opts[0]} {v} is not a finite number")
+    return value
 
 
 def _fid_settings(device: str, batch_size: int, cache_dir: str, weights: str | None,
@@ -202,6 +214,7 @@ def fid(
     prc: Annotated[bool, typer.Option("--prc", help="Also precision, recall and F-score.")] = False,
     json_path: Annotated[Optional[str], typer.Option(
         "--json", show_default=False, help="Also write the results to this JSON file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json.")] = False,
     samples_dir: Annotated[Optional[str], typer.Option(
         "--samples-dir", show_default=False, help="Keep the samples drawn from a checkpoint in "
         "this (new or empty) folder; default: a temporary folder, deleted afterwards.")] = None,
@@ -219,14 +232,18 @@ def fid(
     from pathlib import Path
 
     from stcli.fid import run_fid
+    from stcli.outputs import output_file
     from stcli.registry import METRICS
 
+    if json_path is not None:
+        json_path = output_file(json_path, "--json", overwrite=overwrite, inputs=[samples],
+                                make_parents=True)
     wanted = ["fid"] + [name for name, on in (("isc", isc), ("kid", kid), ("prc", prc)) if on]
     run_fid(samples, ref, metrics=[METRICS.validate(name) for name in wanted],
             settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
                                    feature_extractor, resize),
             n=n, samples_dir=Path(samples_dir) if samples_dir else None,
-            json_path=Path(json_path) if json_path else None, seed=seed, weights=weights,
+            json_path=json_path, seed=seed, weights=weights,
             sampler=sampler)
 
 
@@ -247,11 +264,12 @@ def fid_ref(
     resize: FidResize = None,
 ):
     """Reference statistics (mean, covariance, pool features) of a data set, computed once."""
-    from pathlib import Path
 
     from stcli.fid import fid_ref as compute
+    from stcli.outputs import output_file
 
-    compute(source, Path(out).expanduser(), split=split, overwrite=overwrite,
+    out = output_file(out, "--out", overwrite=True, inputs=[source])  # it replaces only statistics
+    compute(source, out, split=split, overwrite=overwrite,
             settings=_fid_settings(device, batch_size, cache_dir, inception_weights,
                                    feature_extractor, resize))
 
@@ -264,17 +282,21 @@ def sample(
     out: Annotated[str, typer.Option("--out", help="Output folder.")] = "samples",
     sampler: Sampler = None,
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", help="Grid steps of pc / euler / heun / euler_maruyama.")] = None,
+        "--steps", help="Grid steps of pc / euler / heun / dpm2m / euler_maruyama (default: the "
+        "sampler's own, or the recipe's if it names the same sampler).")] = None,
+    schedule: Annotated[Optional[Schedule], typer.Option(
+        "--schedule", show_default=False, help="Time grid: uniform in t, log_snr (even in "
+        "log sigma/mu) or edm (Karras et al.'s rho = 7 grid); default as for --steps.")] = None,
     predictor: Annotated[Optional[Predictor], typer.Option(
         "--predictor", show_default=False, help="pc predictor.")] = None,
     corrector: Annotated[Optional[Corrector], typer.Option(
         "--corrector", show_default=False, help="pc corrector.")] = None,
     snr: Annotated[Optional[float], typer.Option(
-        "--snr", help="Signal-to-noise ratio of the Langevin corrector.")] = None,
+        "--snr", callback=finite, help="Signal-to-noise ratio of the Langevin corrector.")] = None,
     rtol: Annotated[Optional[float], typer.Option(
-        "--rtol", help="Relative tolerance of the ode sampler.")] = None,
+        "--rtol", callback=finite, help="Relative tolerance of the ode sampler.")] = None,
     atol: Annotated[Optional[float], typer.Option(
-        "--atol", help="Absolute tolerance of the ode sampler.")] = None,
+        "--atol", callback=finite, help="Absolute tolerance of the ode sampler.")] = None,
     denoise: Annotated[Optional[bool], typer.Option(
         "--denoise/--no-denoise", help="Final Tweedie denoising step (default: the recipe's).",
         show_default=False)] = None,
@@ -291,9 +313,12 @@ def sample(
     procs: Procs = 1,
 ):
     """Draw N samples from CKPT into --out (resumable; image i depends only on --seed and i)."""
+    from stcli.outputs import output_folder
     from stcli.sample import generate
 
-    options = {"name": sampler, "steps": steps, "predictor": predictor, "corrector": corrector,
+    out = output_folder(out, "--out")
+    options = {"name": sampler, "steps": steps, "schedule": schedule, "predictor": predictor,
+               "corrector": corrector,
                "snr": snr, "rtol": rtol, "atol": atol, "denoise": denoise}
     overrides = {k: v for k, v in options.items() if v is not None}
     _relaunch_if_asked(procs)
@@ -305,7 +330,7 @@ def sample(
 def nll(
     ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
     eps: Annotated[Optional[float], typer.Option(
-        "--eps", show_default=False, help="Integrate the probability-flow ODE from eps to T "
+        "--eps", callback=finite, show_default=False, help="Integrate the probability-flow ODE from eps to T "
         "(default: the recipe's eval.nll.eps, else its training eps).")] = None,
     correction: Annotated[Optional[Correction], typer.Option(
         "--correction", show_default=False, help="after: -log p_eps(x_eps) + R_eps (the "
@@ -324,10 +349,10 @@ def nll(
         "--repeats", min=1, show_default=False, help="Passes over the split with fresh "
         "dequantisation noise (default: the recipe's eval.nll.repeats).")] = None,
     rtol: Annotated[Optional[float], typer.Option(
-        "--rtol", show_default=False,
+        "--rtol", callback=finite, show_default=False,
         help="ODE relative tolerance (default: the recipe's eval.nll.rtol).")] = None,
     atol: Annotated[Optional[float], typer.Option(
-        "--atol", show_default=False,
+        "--atol", callback=finite, show_default=False,
         help="ODE absolute tolerance (default: the recipe's eval.nll.atol).")] = None,
     time_variable: Annotated[Optional[TimeVariable], typer.Option(
         "--time-variable", show_default=False, help="The ODE's integration variable (default: "
@@ -345,6 +370,7 @@ def nll(
         "--nelbo-samples", min=1, help="Monte Carlo draws of (t, z) per datum.")] = 1,
     json_path: Annotated[Optional[str], typer.Option(
         "--json", help="Write every number and the settings here.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json.")] = False,
     weights: Weights = "ema",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
@@ -352,11 +378,14 @@ def nll(
 ):
     """Bits/dim of CKPT by the probability-flow ODE (and the NELBO), mean and standard error.
     Unset options take the checkpoint recipe's eval.nll section."""
-    from pathlib import Path
 
     from stcli.nll import NllOptions, evaluate, report, solver_settings
+    from stcli.outputs import output_file
 
     solver = solver_settings(protocol, time_variable, rtol, atol, error_norm)
+    if json_path is not None:
+        json_path = output_file(json_path, "--json", overwrite=overwrite, inputs=[ckpt],
+                                make_parents=True)
     if eps is not None and not eps > 0:
         raise UserError(f"--eps must be positive, got {eps}")
     _relaunch_if_asked(procs)
@@ -366,7 +395,7 @@ def nll(
                       seed=seed, device=device)
     result = evaluate(ckpt, opts)
     if _is_rank0():
-        report(result, opts, ckpt, Path(json_path) if json_path else None)
+        report(result, opts, ckpt, json_path)
 
 
 @app.command()
@@ -377,6 +406,8 @@ def diagnose(
         help="Folder for diagnose.png and diagnose.json (default: CKPT's folder/diagnose).")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the JSON (as written to diagnose.json) instead of the table.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace diagnose.json and diagnose.png already in --out.")] = False,
     split: Annotated[str, typer.Option("--split", help="Data split the x0 come from.")] = "test",
     limit: Annotated[int, typer.Option("--limit", help="Data points x0 used at every t.")] = 256,
     points: Annotated[int, typer.Option(
@@ -384,8 +415,8 @@ def diagnose(
     samples: Annotated[int, typer.Option(
         "--samples", help="Monte Carlo draws t ~ p_iw,tau per tau (Figs. 6a/6b).")] = 512,
     tau: Annotated[Optional[list[float]], typer.Option(
-        "--tau", show_default=False, help="Truncation time of Fig. 6b, repeatable (eps is always "
-        "included; default 1e-3, 1e-2, 1e-1).")] = None,
+        "--tau", callback=finite, show_default=False, help="Truncation time of Fig. 6b, "
+        "repeatable (eps is always included; default 1e-3, 1e-2, 1e-1).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Network batch size.")] = 256,
     weights: Weights = "ema",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -400,8 +431,8 @@ def diagnose(
     opts = DiagnoseOptions(split=split, limit=limit, points=points, samples=samples,
                            taus=tuple(tau) if tau else DiagnoseOptions.taus,
                            batch_size=batch_size, weights=weights, seed=seed, device=device)
-    folder = Path(out) if out else Path(ckpt).parent / "diagnose"
-    check_out(folder)
+    folder = Path(out) if out is not None else Path(ckpt).parent / "diagnose"
+    check_out(folder, overwrite)
     result = run_diagnose(ckpt, opts)
     files = write(result, folder)
     report(result, files, as_json)
@@ -423,15 +454,14 @@ def import_(
 ):
     """Convert a score_sde / Soft Truncation checkpoint (loaded without running pickled code) to
     an st checkpoint computing the released function."""
-    from pathlib import Path
 
     from stcli.console import warn
     from stcli.importer import import_checkpoint
+    from stcli.outputs import output_file
     from stcli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides)
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{out} exists; choose another --out or pass --overwrite")
+    out = output_file(out, "--out", overwrite=overwrite, inputs=[ckpt, recipe])
     result = import_checkpoint(ckpt, spec, out, as_recipe)
     for line in result["changes"]:
         info(f"as released: {line}")
@@ -447,11 +477,12 @@ def export(
     out: Annotated[str, typer.Option("--out", help="File to write (.safetensors).")],
     weights: Weights = "ema",
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Floating-point type of the weights.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ):
     """Inference-only weights of CKPT plus its recipe (no optimizer state, no RNG states)."""
     from stcli.export import export as run_export
 
-    result = run_export(ckpt, out, weights, dtype)
+    result = run_export(ckpt, out, weights, dtype, overwrite)
     info(f"exported the {weights} weights of {ckpt} as {dtype}: {result['tensors']} tensors, "
          f"{result['bytes'] / 2**20:.2f} MiB ({result['bytes'] / result['source_bytes']:.0%} of "
          f"the checkpoint) -> {out}")

@@ -29,6 +29,7 @@ from pydantic import (
 from torch.utils.data import Dataset
 
 from stcli.errors import UserError, plain_message
+from stcli.images import GRAY_MODES, read_header, read_pixels
 from stcli.registry import DATASETS, Component
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -80,11 +81,11 @@ def _center_crop(img, size: int):
 def read_image(path: Path, size: int, pre_crop: int | None = None, mode: str = "RGB") -> torch.Tensor:
     """uint8 (3, size, size) RGB (or (1, size, size) for mode "L"): optional centre crop to
     pre_crop, short side resized to size (PIL bicubic, which antialiases when shrinking), then
-    centre crop to size."""
+    centre crop to size.  The pixels are read by stcli.images.read_pixels."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert(mode)
+    array = read_pixels(path, mode)
+    img = Image.fromarray(array[..., 0] if mode == "L" else array)
     if pre_crop:
         img = _center_crop(img, pre_crop)
     w, h = img.size
@@ -405,20 +406,11 @@ class Folder(ImageData):
         return ImageFiles(paths, partial(read_image, size=self.image_size, mode=mode))
 
 
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
 def detect_channels(paths: list[Path]) -> int:
     """1 if every image is grayscale (read from the file headers), else 3."""
-    from PIL import Image
-
     for path in paths:
-        try:
-            with Image.open(path) as img:
-                if img.mode not in GRAY_MODES:
-                    return 3
-        except (OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"cannot read the image {path}: {err}") from None
+        if read_header(path)[1] not in GRAY_MODES:
+            return 3
     return 1 if paths else 3
 
 
@@ -572,13 +564,10 @@ def npz_rows(path: Path) -> int:
 
 def read_png32(path: Path, size: int) -> torch.Tensor:
     """An RGB image of exactly size x size pixels as uint8 (3, size, size), never resampled."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        if img.size != (size, size):
-            raise UserError(f"dataset 'imagenet32': {path} is {img.size[0]}x{img.size[1]}, "
-                            f"expected {size}x{size}")
-        array = np.array(img.convert("RGB"))
+    array = read_pixels(path, "RGB")
+    if array.shape[:2] != (size, size):
+        raise UserError(f"dataset 'imagenet32': {path} is {array.shape[1]}x{array.shape[0]}, "
+                        f"expected {size}x{size}")
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

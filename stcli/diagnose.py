@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +32,8 @@ import torch
 
 from stcli.console import console
 from stcli.errors import UserError
+from stcli.outputs import output_file, output_folder, write_result
+from stcli.runlock import atomic
 from stcli.sdes import LinearSDE, ScoreFn, bcast, sum_squares
 from stcli.seeding import generator
 
@@ -202,26 +203,35 @@ def plot(result: dict, path: Path) -> None:
     axes[2].legend(markerscale=4)
     fig.suptitle(f"{result['checkpoint']} (step {result['step']})", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
-def check_out(out: Path) -> None:
-    """Refuse an --out that is a file or cannot be written, before any computing."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {existing} is not writable")
+FILES = ("diagnose.json", "diagnose.png")
+
+
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an --out that is a file, cannot be written or holds earlier results (unless
+    `overwrite`), before any computing."""
+    output_folder(out, "--out")
+    for name in FILES:
+        if (out / name).exists():
+            output_file(out / name, f"--out {out}: its", overwrite=overwrite)
 
 
 def write(result: dict, out: Path) -> tuple[Path, Path]:
     """diagnose.json and diagnose.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png = out / "diagnose.json", out / "diagnose.png"
-    json_path.write_text(json.dumps(result, indent=1))
+    json_path, png = (out / name for name in FILES)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        console.out(json.dumps(result), highlight=False)
+        raise UserError(f"cannot make --out {out} ({err.strerror}); the results are printed "
+                        "above") from None
+    write_result(json_path, json.dumps(result, indent=1), "results")
     plot(result, png)
     return json_path, png
 

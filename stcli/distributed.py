@@ -152,13 +152,36 @@ def timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def launcher(env: dict[str, str] | os._Environ) -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) of torchrun's variables, each checked before a process
+    group starts: integers, 1 <= WORLD_SIZE, 0 <= RANK < WORLD_SIZE, and with several processes
+    a MASTER_ADDR and a MASTER_PORT in 1..65535 (else every rank waits for ever)."""
+    def number(key: str, default: int, low: int = 0) -> int:
+        value = env.get(key, str(default)).strip()
+        if not re.fullmatch(r"[+-]?\d+", value) or int(value) < low:
+            raise UserError(f"the launcher's variable {key}={env.get(key)!r} is not an integer >= {low}")
+        return int(value)
+
+    world, rank, local = number("WORLD_SIZE", 1, 1), number("RANK", 0), number("LOCAL_RANK", 0)
+    if rank >= world:
+        raise UserError(f"the launcher's variables say RANK={rank} of WORLD_SIZE={world}: a rank "
+                        f"must be below the number of processes (0 to {world - 1})")
+    if world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} but {' and '.join(missing)} unset: start the "
+                            "processes with torchrun (or srun), or set them to rank 0's host and a free port")
+        if not 1 <= number("MASTER_PORT", 0) <= 65535:
+            raise UserError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port (1 to 65535)")
+    return world, rank, local
+
+
 def setup(device: str = "auto") -> Context:
     """Join the process group when launched by torchrun or srun (several tasks), else run alone.
     Under srun, torchrun's variables are derived from Slurm's and exported (children and the
     rank-0 checks of the CLI see them too)."""
     os.environ.update(slurm_environment(os.environ))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, _, local_rank = launcher(os.environ)
     # modulo the visible GPUs: a task that sees only its own GPU (srun --gpus-per-task=1) uses cuda:0
     dev = pick_device(device, local_rank % max(1, torch.cuda.device_count()))
     if world > 1 and not dist.is_initialized():
@@ -226,7 +249,7 @@ def relaunch(procs: int, argv: list[str]) -> int:
 
 def is_launched() -> bool:
     """Started by torchrun, or one of several srun tasks (then --procs would start N runs)."""
-    return ("TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return ("TORCHELASTIC_RUN_ID" in os.environ or launcher(os.environ)[0] > 1
             or bool(slurm_environment(os.environ)))
 
 

@@ -17,25 +17,24 @@ import torch
 
 from stcli import checkpoint
 from stcli.errors import UserError
+from stcli.loading import open_checkpoint
+from stcli.outputs import output_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SECTIONS = {"ema": "ema", "raw": "model"}
 
 
-def export(ckpt: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> dict:
-    """Write the ``weights`` of ``ckpt`` as ``dtype`` with its recipe to ``out``."""
+def export(ckpt: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32",
+           overwrite: bool = False) -> dict:
+    """Write the ``weights`` of ``ckpt`` as ``dtype`` with its recipe to ``out`` (an existing
+    file only with ``overwrite``; never the checkpoint itself)."""
     if weights not in SECTIONS:
         raise UserError(f"--weights must be one of {', '.join(SECTIONS)}, got {weights!r}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out = Path(out)
-    if Path(ckpt).resolve() == out.resolve():
-        raise UserError(f"--out {out} is the checkpoint itself; choose another file")
-    if not out.parent.is_dir():
-        raise UserError(f"the folder of --out {out} does not exist")
-    tensors, meta = checkpoint.load(ckpt)
-    if "recipe" not in meta:
-        raise UserError(f"checkpoint {ckpt} holds no recipe")
+    out = output_file(out, "--out", overwrite=overwrite, inputs=[ckpt])
+    opened = open_checkpoint(ckpt)
+    tensors, meta = opened.tensors, opened.meta
     section = SECTIONS[weights]
     state = checkpoint.section(section, tensors)
     if not state:

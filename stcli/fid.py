@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 import zipfile
@@ -42,6 +41,7 @@ from stcli import checkpoint
 from stcli.console import StepProgress, console, info, warn
 from stcli.data import InMemory
 from stcli.errors import UserError
+from stcli.images import GRAY_MODES, read_header, read_pixels
 from stcli.metrics import (
     INCEPTION,
     Metric,
@@ -52,9 +52,9 @@ from stcli.metrics import (
     inception_weights,
     sha256,
 )
+from stcli.outputs import write_result
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 GRID = "grid.png"  # `st sample` writes it beside its images: never measured
 STATS_KIND = "st-fid-reference/1"
 TRAINING_ONLY = ("random_flip", "dequantization", "centered", "download", "train_split")
@@ -70,7 +70,8 @@ class ImageSet:
 
 
 class FileImages(Dataset):
-    """Image files read as RGB uint8 (3, H, W); an unreadable file is a UserError naming it."""
+    """Image files read as RGB uint8 (3, H, W) by stcli.images.read_pixels; an unreadable file
+    is a UserError naming it."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths
@@ -79,13 +80,7 @@ class FileImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
-        try:
-            with Image.open(self.paths[i]) as img:
-                array = np.array(img.convert("RGB"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {self.paths[i]}: {err}") from None
+        array = read_pixels(self.paths[i], "RGB")
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -120,18 +115,14 @@ def from_folder(root: Path) -> ImageSet:
 
 
 def _check_headers(root: Path, paths: list[Path]) -> None:
-    """One size for all images, every file readable; grayscale images are reported."""
-    from PIL import Image
-
+    """One size for all images (upright, as read), every header readable and within the pixel
+    limit; grayscale images are reported."""
     sizes: dict[tuple[int, int], Path] = {}
     gray = 0
     for path in paths:
-        try:
-            with Image.open(path) as img:
-                sizes.setdefault(img.size, path)
-                gray += img.mode in GRAY_MODES
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
+        size, mode = read_header(path)
+        sizes.setdefault(size, path)
+        gray += mode in GRAY_MODES
     if len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
         raise UserError(f"images under {root} differ in size: {p1} is {s1[0]}x{s1[1]}, "
@@ -590,7 +581,4 @@ def _print_table(report: dict, results: dict) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_result(path, json.dumps(data, indent=2) + "\n", "result")

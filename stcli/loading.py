@@ -39,7 +39,36 @@ def open_checkpoint(path: str | Path) -> Opened:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise UserError(f"checkpoint {path} is damaged: its step {step!r} is not a "
                         "non-negative integer")
+    check_values(tensors, "export" in meta, path)
     return Opened(tensors, meta, recipe, step)
+
+
+WEIGHTS = ("model.", "ema.", "optim.")  # the sections of weights and optimizer moments
+
+
+def check_values(tensors: dict[str, torch.Tensor], export: bool, path) -> None:
+    """Weights and optimizer moments are floating point -- float32, which st trains in, unless
+    the file is an `st export` (fp16/bf16 parameters) -- and finite; RNG states are bytes.  A
+    file that breaks this was damaged after st wrote it: refuse it rather than compute with it."""
+    for name, t in tensors.items():
+        if name.startswith("rng."):
+            if t.dtype != torch.uint8:
+                raise UserError(f"checkpoint {path} is damaged: its RNG state {name} holds "
+                                f"{_dtype(t)} values, not bytes")
+            continue
+        if not name.startswith(WEIGHTS):
+            continue
+        if not t.is_floating_point() or (not export and t.dtype != torch.float32):
+            raise UserError(f"checkpoint {path} is damaged: {name} holds {_dtype(t)} values "
+                            f"where st writes {'floating-point' if export else 'float32'} ones")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"checkpoint {path} is damaged: {name} holds {bad} non-finite "
+                            "value(s) (NaN or Inf); st never writes such weights")
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path, what: str,

@@ -22,11 +22,11 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
+from pydantic import PositiveFloat, model_validator
 
 from stcli import truncation  # noqa: F401  (registers the truncation specs used below)
 from stcli.likelihood import reconstruction_from_noise
-from stcli.registry import TARGETS, TRUNCATIONS, live_unions
+from stcli.registry import TARGETS, TRUNCATIONS, Strict, live_unions
 from stcli.sdes import LinearSDE, bcast, sum_squares
 from stcli.targets import DSM
 
@@ -34,10 +34,8 @@ TruncationSpec = TRUNCATIONS.union()
 
 
 @live_unions(weighting_P=TRUNCATIONS, target=TARGETS)
-class ScoreMatchingLoss(BaseModel):
+class ScoreMatchingLoss(Strict):
     """The `loss:` section of a recipe, callable on a batch."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     weighting: Literal["likelihood", "variance", "g2_P", "edm"] = "likelihood"
     weighting_P: TruncationSpec | None = None  # P of lambda = g^2_P (Eq. 10)

@@ -29,6 +29,7 @@ from stcli.likelihood import (
     nll,
 )
 from stcli.loading import load_model
+from stcli.outputs import write_result
 from stcli.seeding import generator
 
 
@@ -205,4 +206,4 @@ def report(result: NllResult, opts: NllOptions, ckpt, json_path: Path | None) ->
         payload = {"checkpoint": str(ckpt), "settings": opts.__dict__, "summary": result.summary(),
                    "nfe_per_batch": result.nfe, "seconds": result.seconds,
                    "per_sample_bpd": {k: v.tolist() for k, v in result.bpd.items()}}
-        json_path.write_text(json.dumps(payload, indent=1))
+        write_result(json_path, json.dumps(payload, indent=1), "result")

@@ -27,6 +27,7 @@ from typing import Callable
 
 from stcli.console import StepProgress, info
 from stcli.errors import UserError
+from stcli.images import read_header, read_pixels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -196,8 +197,6 @@ def _check_png32(data: bytes, where: str) -> None:
 
 # --- CelebA-HQ ----------------------------------------------------------------------------------
 def prepare_celebahq(source: Path, out: Path, size: int = 256, workers: int = 4) -> None:
-    from PIL import Image
-
     if not source.is_dir():
         raise UserError(f"--from for celebahq is the folder of CelebA-HQ images; {source} is a file")
     paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -207,8 +206,7 @@ def prepare_celebahq(source: Path, out: Path, size: int = 256, workers: int = 4)
     if clash:
         raise UserError(f"several images under {source} are named {clash}.*")
     for p in paths:  # headers only
-        with Image.open(p) as img:
-            w, h = img.size
+        (w, h), _ = read_header(p)
         if w != h or w % size:
             raise UserError(f"{p} is {w}x{h}; CelebA-HQ images are square with a side that is a "
                             f"multiple of --size {size}")
@@ -224,8 +222,7 @@ def _downscaler(folder: Path, size: int) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         from PIL import Image
 
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = Image.fromarray(read_pixels(path, "RGB"))
         factor = img.size[0] // size
         small = img.reduce(factor) if factor > 1 else img  # the mean of each factor x factor block
         small.save(folder / f"{path.stem}.png")

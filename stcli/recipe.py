@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -33,6 +31,7 @@ from stcli.registry import (
     SAMPLERS,
     SDES,
     TRUNCATIONS,
+    Strict,
     format_validation_error,
     live_unions,
 )
@@ -40,8 +39,8 @@ from stcli.sdes import LinearSDE
 from stcli.truncation import Hard
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class Section(Strict):
+    pass
 
 
 class Optim(Section):
@@ -169,9 +168,11 @@ class Recipe(Section):
     @classmethod
     def _plain_name(cls, name: str) -> str:
         """The name is the run folder runs/<name>: one path component, not . or .."""
-        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
-            raise ValueError(f"{name!r} must be a non-empty name without path separators "
-                             "(it names the run folder runs/<name>), not '.' or '..'")
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") \
+                or not name.isprintable() or name != name.strip():
+            raise ValueError(f"{name!r} must be a non-empty name of printable characters without "
+                             "path separators or surrounding spaces (it names the run folder "
+                             "runs/<name>), not '.' or '..'")
         return name
 
     @model_validator(mode="after")
@@ -203,26 +204,53 @@ class Recipe(Section):
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested dicts."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested dicts.
+
+    A mapping value merges into the section it names (`train={steps: 3}` changes train.steps
+    only), unless it names another component (`truncation={name: hard}` replaces the section);
+    a key set twice, by any two overrides, is an error."""
+    seen: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not p for p in key.split(".")):
-            raise UserError(f"override {item!r} is not of the form key.path=value")
+            raise UserError(f"override {_quoted(item)} is not of the form key.path=value")
         try:
             value = safe_load(raw) if raw else None
         except yaml.YAMLError as err:
-            raise UserError(f"override {item!r}: value is not valid YAML ({err})") from None
-        node = data
+            raise UserError(f"override {_quoted(item)}: value is not valid YAML ({err})") from None
         *parents, leaf = key.split(".")
+        for path in _leaves(tuple(key.split(".")), value):
+            clash = next((k for k in seen if k[:len(path)] == path or path[:len(k)] == k), None)
+            if clash is not None:
+                raise UserError(f"override {_quoted(item)} sets {'.'.join(path)}, which "
+                                f"{_quoted(seen[clash])} already set; give each key once")
+            seen[path] = item
+        node = data
         for i, part in enumerate(parents):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
+                raise UserError(f"override {_quoted(item)}: {'.'.join(parents[:i + 1])} is not a section")
             node = child
-        node[leaf] = value
+        node[leaf] = _merged(node.get(leaf), value)
     return data
+
+
+def _leaves(path: tuple[str, ...], value) -> list[tuple[str, ...]]:
+    """The dotted keys an override of `path` with `value` sets (a mapping: each of its keys)."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves((*path, str(k)), v)]
+    return [path]
+
+
+def _merged(old, new):
+    """`new` merged into `old` where both are mappings of the same component; else `new`."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    if new.get("name", old.get("name")) != old.get("name"):
+        return new
+    return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -239,9 +267,39 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_DEPTH = 32  # a recipe's sections and components nest 4 deep; a deeper value is a mistake
+
+
+class TooDeep(yaml.YAMLError):
+    def __str__(self) -> str:
+        return f"nested more than {MAX_DEPTH} levels deep"
+
+
 def safe_load(text: str):
-    """yaml.safe_load, refusing repeated keys."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: builds plain data only
+    """yaml.safe_load, refusing repeated keys and values nested deeper than MAX_DEPTH."""
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: builds plain data only
+    except RecursionError:
+        raise TooDeep() from None
+    if _depth(data) > MAX_DEPTH:
+        raise TooDeep()
+    return data
+
+
+def _depth(data) -> int:
+    """How deep lists and mappings nest in `data` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH and isinstance(node, dict | list):
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _quoted(item: str, limit: int = 60) -> str:
+    """An override as a message quotes it (at most `limit` characters)."""
+    return repr(item if len(item) <= limit else item[:limit] + "...")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -261,6 +319,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"recipe {path} is a binary file, not YAML")
     try:
         data = safe_load(text)
+    except TooDeep as err:
+        raise UserError(f"recipe {path} is {err}") from None
     except yaml.YAMLError as err:
         raise UserError(f"recipe {path} is not valid YAML:\n{err}") from None
     if not isinstance(data, dict):

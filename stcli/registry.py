@@ -14,19 +14,55 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import types
 from collections.abc import Callable
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from stcli.errors import UserError
 
 
-class Component(BaseModel):
-    """Base of every registry entry: strict (unknown fields are errors) and immutable."""
+def _numbers(annotation) -> tuple[bool, bool]:
+    """(a number field, a list of numbers) for a field annotation, bool excluded."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _numbers(args[0])
+    if origin in (Union, types.UnionType):
+        kinds = [_numbers(a) for a in args]
+        return any(k[0] for k in kinds) and bool not in args, any(k[1] for k in kinds)
+    if origin in (list, tuple):
+        return False, any(_numbers(a)[0] for a in args)
+    return annotation in (int, float), False
+
+
+class Strict(BaseModel):
+    """Recipe models: unknown fields are errors, values immutable and finite, and a boolean is
+    not a number (pydantic would read `steps: true` as 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, info in cls.model_fields.items():
+            number, numbers = _numbers(info.annotation)
+            value = data.get(name)
+            items = value if numbers and isinstance(value, list | tuple) else [value] if number else []
+            bad = [v for v in items if isinstance(v, bool)]
+            if bad:
+                where = "" if value is bad[0] else f" (in {str(value).lower()})"
+                raise PydanticCustomError("boolean_number", "{value} is a boolean, not a number" + where,
+                                          {"field": name, "value": str(bad[0]).lower()})
+        return data
+
+
+class Component(Strict):
+    """Base of every registry entry: strict (unknown fields are errors) and immutable."""
 
     name: str
 
@@ -155,6 +191,8 @@ def format_validation_error(err: ValidationError, prefix: str = "", data: Any = 
     for e in err.errors():
         path = _dotted(e["loc"], data)
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "boolean_number":  # raised for the model: name the field
+            path = ".".join(p for p in (path, e["ctx"]["field"]) if p)
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):

@@ -67,3 +67,64 @@ def oom_message(cfg, ctx: distributed.Context, step: int, last_good: str) -> str
             f"train.micro_batches={cfg.micro_batches} pass(es) of {per_pass} images, "
             f"train.precision={cfg.precision}; try {'; or '.join(advice)}. {last_good[0].upper()}"
             f"{last_good[1:]}.")
+
+
+# --- what a job needs, against what the machine has ------------------------------------------------
+TRAIN_BYTES_PER_PARAM = 20  # float32 weights, EMA, gradients and Adam's two moments
+
+
+def parameter_count(recipe) -> int:
+    """Parameters of the recipe's net, counted on the meta device (nothing is allocated)."""
+    from stcli.nets import build_score_model
+
+    with torch.device("meta"):
+        model = build_score_model(recipe.net, recipe.sde, recipe.data.resolved().shape,
+                                  recipe.data.zero_centered)
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_training_fits(recipe, device: torch.device) -> None:
+    """Refuse a net whose weights, EMA, gradients and Adam state alone exceed `device`'s free
+    memory (activations come on top), before anything is allocated."""
+    n = parameter_count(recipe)
+    need, free = n * TRAIN_BYTES_PER_PARAM, free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"the net ({recipe.net.name}, nf={getattr(recipe.net, 'nf', '?')}) has "
+                        f"{n:,} parameters: training needs at least {need / 2**30:,.1f} GiB for its "
+                        f"weights, EMA, gradients and Adam state, before activations; {device} has "
+                        f"{free / 2**30:,.1f} GiB free")
+
+
+def check_disk(n: int, bytes_each: int, folder, what: str) -> None:
+    """Refuse to write `n` files of about `bytes_each` when the disk of `folder` (or its nearest
+    existing parent) has less room."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    need = n * bytes_each
+    if need > free:
+        raise UserError(f"{what} need about {_size(need)} (at most {_size(bytes_each)} each, "
+                        f"uncompressed); {existing} has {_size(free)} free")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"

@@ -15,7 +15,7 @@ from stcli import distributed
 from stcli.console import info
 from stcli.errors import UserError
 from stcli.recipe import Recipe, Train, apply_overrides, parse_recipe, read_yaml
-from stcli.runlock import remove_temporaries, temporary_name
+from stcli.runlock import LOCK, TMP_PREFIX, remove_temporaries, temporary_name
 
 CHECKPOINT = "ckpt.safetensors"  # the latest checkpoint of a run folder, the one a resume reads
 
@@ -29,6 +29,9 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every
              "heldout_every", "heldout_size"}
 
 
+RUN_FILES = ("recipe.yaml", "log.jsonl", "log.csv", CHECKPOINT, "tensorboard")  # st train's own
+
+
 def check_out_dir(out_dir: Path, resume: bool) -> None:
     """What the run folder must (not) hold; writes nothing."""
     ckpt_path = out_dir / CHECKPOINT
@@ -39,6 +42,13 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if not resume and ckpt_path.exists():
         raise UserError(f"{out_dir} already holds a run; continue it with --resume or "
                         "choose another train.out_dir")
+    if not resume and out_dir.is_dir() and not any((out_dir / f).exists() for f in RUN_FILES):
+        other = sorted(p.name for p in out_dir.iterdir()
+                       if p.name != LOCK and not p.name.startswith(TMP_PREFIX))
+        if other:
+            raise UserError(f"train.out_dir {out_dir} holds other files ({', '.join(other[:3])}"
+                            f"{', ...' if len(other) > 3 else ''}) and is not a run folder of st "
+                            "train; choose a new or empty folder")
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, ckpt_id: tuple[int, int, int] | None, recipe: Recipe,

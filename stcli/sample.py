@@ -22,6 +22,7 @@ differs (``overwrite=True`` deletes the old samples and starts afresh).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -42,6 +43,7 @@ from stcli.errors import UserError
 from stcli.images import save_grid
 from stcli.loading import load_model
 from stcli.registry import SAMPLERS
+from stcli.resources import check_disk
 from stcli.runlock import TMP_PREFIX, RunLock, atomic, remove_temporaries
 from stcli.samplers import Sampler
 from stcli.seeding import seed_for
@@ -51,6 +53,8 @@ GRID = 64
 MIN_ROWS = 16  # network batches are padded to at least this many rows (see Job.score)
 NPZ = "samples.npz"
 MANIFEST = "manifest.json"
+SOURCES = "sampler_from"  # in the manifest: where each sampler setting came from (not compared)
+PNG_OVERHEAD = 128  # bytes of a PNG's signature, chunks and file-system slack, per image
 MANIFEST_KIND = "st-samples/1"
 
 
@@ -69,8 +73,14 @@ def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None 
     ctx = distributed.setup(device)
     try:
         loaded = load_model(ckpt, weights, ctx.device)
+        check_disk(n, math.prod(loaded.recipe.data.resolved().shape) + PNG_OVERHEAD, out,
+                   f"{n:,} samples")
         spec = resolve_sampler(loaded.recipe.sample, sampler or {})
+        sources = sampler_sources(loaded.recipe.sample, sampler or {}, spec)
+        if ctx.is_main:
+            info(f"sampler {describe_sampler(spec, sources)}")
         manifest = make_manifest(ckpt, loaded.step, weights, spec, seed, n, fmt, precision)
+        manifest[SOURCES] = sources
         Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision, manifest, overwrite).run()
     finally:
         if owns_group:
@@ -93,16 +103,32 @@ def _check(n: int, batch_size: int, weights: str, fmt: str, precision: str, out:
 
 
 def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sampler:
-    """The recipe's sampler with `overrides`; switching sampler keeps the fields they share."""
-    base = recipe_sample.model_dump()
-    name = overrides.get("name", base["name"])
+    """The sampler `overrides` ask for.  The recipe's own sampler keeps the recipe's settings
+    under the overrides; another sampler starts from its own defaults (its steps and grid), so
+    no setting of the recipe's sampler leaks into it."""
+    name = overrides.get("name", recipe_sample.name)
     fields = SAMPLERS.spec(name).model_fields
     unknown = sorted(k for k in overrides if k not in fields)
     if unknown:
         raise UserError(f"sampler {name!r} has no option {', '.join(unknown)}; its options: "
                         f"{', '.join(k for k in fields if k != 'name')}")
+    base = recipe_sample.model_dump() if name == recipe_sample.name else {}
     params = {k: v for k, v in {**base, **overrides}.items() if k in fields and k != "name"}
     return SAMPLERS.validate(name, **params)
+
+
+def sampler_sources(recipe_sample: Sampler, overrides: dict[str, Any], spec: Sampler) -> dict[str, str]:
+    """Where each setting of `spec` comes from: "option" (given by the user), "recipe" (the
+    checkpoint's recipe names this sampler) or "default" (the sampler's own)."""
+    same = spec.name == recipe_sample.name
+    return {k: "option" if k in overrides else "recipe" if same else "default"
+            for k in type(spec).model_fields if k != "name"}
+
+
+def describe_sampler(spec: Sampler, sources: dict[str, str]) -> str:
+    """One line: the sampler and each setting with its source, e.g. "dpm2m: steps 20 (default)"."""
+    values = spec.model_dump(mode="json")
+    return f"{spec.name}: " + ", ".join(f"{k} {json.dumps(values[k])} ({sources[k]})" for k in sources)
 
 
 def make_manifest(ckpt: str | Path, step: int, weights: str, spec: Sampler, seed: int, n: int,
@@ -132,6 +158,8 @@ def read_manifest(out: Path) -> dict | None:
 def manifest_difference(old: dict, new: dict) -> str | None:
     """The first field (dotted, e.g. ``sampler.steps``) whose value differs, with both values."""
     for key in dict.fromkeys([*new, *old]):
+        if key == SOURCES:
+            continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = manifest_difference(a, b)

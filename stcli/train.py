@@ -31,8 +31,14 @@ from stcli.images import save_grid
 from stcli.loading import load_weights, open_checkpoint
 from stcli.nets import build_score_model
 from stcli.recipe import Recipe
+from stcli.resources import (
+    check_training_fits,
+    is_out_of_memory,
+    oom_message,
+    resolve_micro_batches,
+    resolve_workers,
+)
 from stcli.resources import default_workers as default_workers  # still importable from here
-from stcli.resources import is_out_of_memory, oom_message, resolve_micro_batches, resolve_workers
 from stcli.rundir import RESUMABLE as RESUMABLE  # still importable from here
 from stcli.rundir import check_compatible, prune_snapshots, resolve_resume
 from stcli.rundir import load_run_folder as load_run_folder  # still importable from here
@@ -134,6 +140,7 @@ class Trainer:
         self.feed = recipe.loss.target.feed(self.sde, recipe.truncation.eps,
                                             self.cfg.batch_size // ctx.world_size, ctx.world_size,
                                             len(self.dataset), self.device)
+        check_training_fits(recipe, self.device)
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape,
                                        self.data.zero_centered).to(self.device)

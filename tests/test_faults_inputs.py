@@ -248,11 +248,11 @@ def test_power_truncation_with_infinite_k_is_refused(tiny_recipe, capsys):
 # --- evaluation options ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option,value", [("--rtol", "-1"), ("--atol", "-1"), ("--rtol", "0"),
-                                          ("--atol", "nan")])
-def test_nll_tolerances_must_be_positive(tiny_ckpt, capsys, option, value):
-    refused(st(capsys, "nll", tiny_ckpt, option, value, "--device", "cpu"),
-            f"{option} must be a positive number")
+@pytest.mark.parametrize("option,value,message", [
+    ("--rtol", "-1", "must be a positive number"), ("--atol", "-1", "must be a positive number"),
+    ("--rtol", "0", "must be a positive number"), ("--atol", "nan", "nan is not a finite number")])
+def test_nll_tolerances_must_be_positive(tiny_ckpt, capsys, option, value, message):
+    refused(st(capsys, "nll", tiny_ckpt, option, value, "--device", "cpu"), f"{option} ", message)
 
 
 def test_diagnose_out_is_checked_before_computing(tiny_ckpt, tmp_path, capsys, monkeypatch):

@@ -65,7 +65,7 @@ def write_folder(path, images, mode="RGB"):
 def test_fid_of_a_set_against_itself_is_zero_and_reference_is_cached(tmp_path, common, capsys):
     folder = write_folder(tmp_path / "a", gradients())
     for expected in ("computed and cached", "from the cache"):
-        assert st("fid", folder, "--ref", folder, "--json", tmp_path / "r.json", *common) == 0
+        assert st("fid", folder, "--ref", folder, "--json", tmp_path / "r.json", "--overwrite", *common) == 0
         assert expected in capsys.readouterr().out
         assert abs(json.loads((tmp_path / "r.json").read_text())["metrics"]["fid"]) < 1e-9
     Image.fromarray(noise(n=1)[0]).save(folder / "new.png")  # new content: not the cached entry
@@ -95,7 +95,7 @@ def test_fid_equals_the_closed_form_frechet_distance(tmp_path, common, capsys):
     folder = write_folder(tmp_path / "b", b)
     out = tmp_path / "deep" / "r.json"
     assert st("fid", tmp_path / "a.npz", "--ref", folder, "--isc", "--kid", "--prc",
-              "--json", out, *common) == 0
+              "--json", out, "--overwrite", *common) == 0
     report = json.loads(out.read_text())
     expected = frechet(features(a), features(b))
     assert report["metrics"]["fid"] == pytest.approx(expected, rel=1e-4)
@@ -105,7 +105,7 @@ def test_fid_equals_the_closed_form_frechet_distance(tmp_path, common, capsys):
     assert "KID subset size reduced from 1000 to 96" in capsys.readouterr().err
     # the same set as (N, C, H, W) npz and its own reference: 0
     np.savez(tmp_path / "nchw.npz", a.transpose(0, 3, 1, 2))
-    assert st("fid", tmp_path / "nchw.npz", "--ref", tmp_path / "a.npz", "--json", out,
+    assert st("fid", tmp_path / "nchw.npz", "--ref", tmp_path / "a.npz", "--json", out, "--overwrite",
               *common) == 0
     assert abs(json.loads(out.read_text())["metrics"]["fid"]) < 1e-9
 
@@ -137,7 +137,7 @@ def test_reference_statistics_round_trip_and_refusals(tmp_path, common, capsys):
     assert st("fid-ref", recipe, "--out", train_stats, *common) == 0
     fids = []
     for ref in (train_stats, recipe):  # a recipe as --ref: its train split
-        assert st("fid", folder, "--ref", ref, "--json", tmp_path / "r.json", *common) == 0
+        assert st("fid", folder, "--ref", ref, "--json", tmp_path / "r.json", "--overwrite", *common) == 0
         fids.append(json.loads((tmp_path / "r.json").read_text())["metrics"]["fid"])
     assert fids[0] == pytest.approx(fids[1], rel=1e-12) and fids[0] > 0
     capsys.readouterr()
@@ -179,7 +179,7 @@ def test_fid_of_a_checkpoint_end_to_end(ckpt, tmp_path, common, capsys):
     assert st("fid-ref", recipe, "--out", stats, *common) == 0
     kept = tmp_path / "samples"
     assert st("fid", path, "-n", 32, "--ref", stats, "--samples-dir", kept, "--kid",
-              "--json", tmp_path / "r.json", *common) == 0
+              "--json", tmp_path / "r.json", "--overwrite", *common) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_samples"] == 32 and report["metrics"]["fid"] > 0
     assert (kept / "grid.png").is_file()  # written by `st sample`, not measured
@@ -194,10 +194,10 @@ def test_fid_of_a_checkpoint_end_to_end(ckpt, tmp_path, common, capsys):
     capsys.readouterr()
     assert st("fid", path, "-n", 32, "--ref", stats, "--samples-dir", kept, "--seed", 5, *common) == 2
     assert "holds samples made with another seed (0 there, 5 requested)" in capsys.readouterr().err
-    assert st("fid", kept, "--ref", stats, "--json", tmp_path / "k.json", *common) == 0
+    assert st("fid", kept, "--ref", stats, "--json", tmp_path / "k.json", "--overwrite", *common) == 0
     assert json.loads((tmp_path / "k.json").read_text())["samples_provenance"] == made
     # defaults from the checkpoint's recipe: eval.fid.ref digits-test (its own data), n = 24
-    assert st("fid", path, "--json", tmp_path / "d.json", *common) == 0
+    assert st("fid", path, "--json", tmp_path / "d.json", "--overwrite", *common) == 0
     report = json.loads((tmp_path / "d.json").read_text())
     assert (report["ref"], report["n_samples"], report["n_ref"]) == ("digits-test", 24, 297)
 
@@ -261,7 +261,7 @@ def test_grayscale_images_are_converted_and_said_so(tmp_path, common, capsys):
     gray = write_folder(tmp_path / "gray", images, mode="L")
     rgb = write_folder(tmp_path / "rgb", np.repeat(np.asarray(
         [np.asarray(Image.fromarray(x).convert("L")) for x in images])[..., None], 3, axis=3))
-    assert st("fid", gray, "--ref", rgb, "--json", tmp_path / "r.json", *common) == 0
+    assert st("fid", gray, "--ref", rgb, "--json", tmp_path / "r.json", "--overwrite", *common) == 0
     assert f"{N} of {N} images under {gray} are grayscale: converted to 3 channels" in \
         capsys.readouterr().err
     assert abs(json.loads((tmp_path / "r.json").read_text())["metrics"]["fid"]) < 1e-9

@@ -405,7 +405,7 @@ def eps_ckpts(tiny_ckpt, tmp_path_factory):
 def _nll(capsys, tmp_path, ckpt, *options) -> dict:
     path = tmp_path / "nll.json"
     code, _, err = st(capsys, "nll", ckpt, "--limit", 2, "--batch-size", 2, "--rtol", 1e-2,
-                      "--atol", 1e-2, "--device", "cpu", "--json", path, *options)
+                      "--atol", 1e-2, "--device", "cpu", "--json", path, "--overwrite", *options)
     assert code in (0, None), err
     return json.loads(path.read_text())
 
@@ -508,7 +508,7 @@ def test_fid_resize_mode_is_applied_recorded_and_not_mixed(tmp_path, fid_common,
     fids = {}
     for mode in ("tf", "clean"):
         assert st(capsys, "fid", tmp_path / "a.npz", "--ref", tmp_path / "b.npz", "--resize", mode,
-                  "--json", report, *fid_common)[0] in (0, None)
+                  "--json", report, "--overwrite", *fid_common)[0] in (0, None)
         got = json.loads(report.read_text())
         fids[mode] = got["metrics"]["fid"]
         assert got["resize"] == mode
@@ -534,7 +534,7 @@ def test_published_mu_sigma_statistics_serve_as_fid_reference(tmp_path, fid_comm
     np.savez(tmp_path / "published.npz", mu=mu, sigma=sigma)
     report = tmp_path / "r.json"
     code, _, err = st(capsys, "fid", tmp_path / "a.npz", "--ref", tmp_path / "published.npz",
-                      "--json", report, *fid_common)
+                      "--json", report, "--overwrite", *fid_common)
     assert code in (0, None), err
     got = json.loads(report.read_text())
     assert got["n_ref"] is None
@@ -610,6 +610,6 @@ def test_st_fid_of_a_checkpoint_uses_its_recipes_resize(tmp_path, fid_common, ca
     assert code == 2 and "Invalid value for '--resize'" in err
     report = tmp_path / "r.json"
     code, _, err = st(capsys, "fid", eps_ckpts["eval"], "--ref", stats, "-n", 4, "--resize", "tf",
-                      "--json", report, *fid_common)
+                      "--json", report, "--overwrite", *fid_common)
     assert code in (0, None), err
     assert json.loads(report.read_text())["resize"] == "tf"

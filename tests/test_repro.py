@@ -20,6 +20,7 @@ import digits_fid  # noqa: E402
 import gmm_mmd  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
+import until_converged  # noqa: E402
 from variants import DATASETS, TABLE4, TABLE5, TABLE7, Plan  # noqa: E402
 
 MEANS = torch.tensor([[0.0, 0.0], [1.5, -0.5], [-1.0, 2.0]], dtype=torch.float64)
@@ -36,11 +37,11 @@ def gmm_samples(n, seed=0):
 def test_quick_dry_run_builds_every_variant(tmp_path, capsys):
     out = run.main(["--quick", "--dry-run", "--extras", "--out", str(tmp_path)])
     keys = {v.key for v in TABLE4 + TABLE5 + TABLE7}
-    n_digits, n_toy2d = len(TABLE4 + TABLE5), len(TABLE4 + TABLE5 + TABLE7)
+    n_digits, n_toy2d = len(TABLE4 + TABLE5 + TABLE7[1:]), len(TABLE4 + TABLE5 + TABLE7)
     assert len(out["built"]) == 2 * n_digits + 2 * n_toy2d
     assert all(any(f"{k}_s" in c for c in out["built"]) for k in keys)
-    assert "28 jobs built" in capsys.readouterr().out
-    assert len(Plan(True, tmp_path).jobs) == 2 * n_digits + 2 * len(TABLE4 + TABLE5)  # no extras
+    assert "30 jobs built" in capsys.readouterr().out
+    assert len(Plan(True, tmp_path).jobs) == 4 * len(TABLE4 + TABLE5)  # no extras
     stf = run.main(["--quick", "--dry-run", "--data", "toy2d_stf", "--out", str(tmp_path)])
     assert len(stf["built"]) == 8 and sum("name: stf" in c for c in stf["built"]) == 4
     sweep = run.main(["--quick", "--dry-run", "--data", "toy2d_eps", "--out", str(tmp_path)])
@@ -104,6 +105,19 @@ def test_convergence_criterion_takes_the_first_snapshot_nothing_later_beats():
     assert convergence.converged_at(points, "fid", tol="paired")["step"] is None
     mean, se = convergence.paired_se([1.0, 2.0, 3.0], [0.5, 1.0, 2.0])
     assert mean == pytest.approx(-5 / 6) and se == pytest.approx(np.std([-0.5, -1, -1], ddof=1) / np.sqrt(3))
+
+
+def test_resolution_criterion_needs_a_longer_window_and_a_drop_that_matters():
+    """tol="resolution": a NELBO drop counts if it exceeds delta (and 2 paired s.e.); the verdict
+    waits for a snapshot at window x s."""
+    shifts = [1.0, 0.5, 0.2, 0.19, 0.185, 0.185, 0.182]  # items move together: paired s.e. 0
+    points = [_point(1000 * (i + 1), s, 3.0) for i, s in enumerate(shifts)]
+    criterion = dict(tol="resolution", delta=0.02, window=1.5)
+    assert convergence.converged_at(points, "fid", **criterion)["step"] == 3000  # later drops <= 0.02
+    assert convergence.converged_at(points[:4], "fid", **criterion)["step"] is None  # 4000 < 1.5 x 3000
+    assert convergence.converged_at(points, "fid", **{**criterion, "delta": 0.001})["step"] is None
+    assert [until_converged.next_stop(s, 1000) for s in (0, 3000, 4000, 8000, 12000)] == \
+        [1000, 4000, 5000, 10000, 15000]
 
 
 def test_mmd_data_terms_match_monte_carlo():

@@ -65,23 +65,33 @@ def paired_se(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
-def converged_at(points: list[dict], key: str, tol: str = "item", later: int = 2) -> dict:
-    """The first snapshot s, followed by at least `later` snapshots, that no later snapshot s'
-    beats: the NELBO of s' is not lower by more than the standard error of NELBO(s) over test
-    items (tol="item": the resolution of the tables), or by more than 2 standard errors of the
-    paired difference over the same items and noise (tol="paired": any detectable improvement);
-    and the sample-quality score of s' is not lower by more than 2 s.e. of the difference
-    (independent samples: sqrt(se_s^2 + se_s'^2)). step None: no snapshot qualifies."""
+def converged_at(points: list[dict], key: str, tol: str = "item", later: int = 2,
+                 window: float = 1.0, delta: float = 0.0) -> dict:
+    """The first snapshot s, followed by at least `later` snapshots and by one at `window` x s
+    or beyond, that no later snapshot beats.  s' beats s if the sample-quality score of s' is
+    lower by more than 2 s.e. of the difference (independent samples: sqrt(se_s^2 + se_s'^2)),
+    or if the NELBO of s' is lower by more than
+      tol="item":       the standard error of NELBO(s) over test items (the tables' resolution);
+      tol="paired":     2 s.e. of the paired difference over the same items and noise (any
+                        detectable improvement);
+      tol="resolution": both `delta` bits/dim and 2 paired s.e. (a detectable improvement of a
+                        size that matters).
+    step None: no snapshot qualifies yet."""
+    last = points[-1]["step"] if points else None
     for i, p in enumerate(points[: max(len(points) - later, 0)]):
+        if last < window * p["step"]:
+            break
         beaten = False
         for q in points[i + 1:]:
             dn, sn = paired_se(p["nelbo_items"], q["nelbo_items"])
-            allowed = p["nelbo"]["stderr"] if tol == "item" else 2 * sn
+            allowed = {"item": p["nelbo"]["stderr"], "paired": 2 * sn,
+                       "resolution": max(delta, 2 * sn)}[tol]
             sq = math.hypot(p[key + "_se"], q[key + "_se"])
             beaten |= dn < -allowed or q[key] - p[key] < -2 * sq
         if not beaten:
-            return {"step": p["step"], "tol": tol, "later": later, "last": points[-1]["step"]}
-    return {"step": None, "tol": tol, "later": later, "last": points[-1]["step"] if points else None}
+            return {"step": p["step"], "tol": tol, "later": later, "window": window, "delta": delta,
+                    "last": last}
+    return {"step": None, "tol": tol, "later": later, "window": window, "delta": delta, "last": last}
 
 
 def markdown(points: list[dict], key: str, scale: float = 1.0) -> str:

@@ -1,12 +1,14 @@
 """Digits jobs trained to convergence, loss by loss (`run.py --converge`; docs/reproduction.md).
 
-For each loss the seed-0 job, the *pilot*, trains in chunks of `Budget.chunk` steps; after each
-chunk its new EMA snapshots are measured (`evaluate.measure`: NLL, NELBO, Heun FID) and the
-criterion of `convergence.converged_at` is applied to every snapshot so far.  The first snapshot
-that no later one beats is the loss's budget: seed 0 is reported at that snapshot and seeds 1..
-train to exactly that step (same recipe, so the same EMA weights a pilot snapshot holds).  A
-loss that converges later runs longer; one that has not converged by `Budget.steps` is reported
-there with ``"converged": false``.
+For each loss the seed-0 job, the *pilot*, trains in chunks (`Budget.chunk` steps, growing with
+the step: `next_stop`); after each chunk its EMA snapshot is measured (`evaluate.measure`: NLL,
+NELBO, Heun FID) and the criterion of `convergence.converged_at` is applied to every measured
+snapshot so far, as CRITERION sets it: the first snapshot s that nothing later beats up to
+1.5 x s (the NELBO lower by 0.02 bpd and 2 paired s.e., or the FID lower by 2 s.e.).  s is the
+loss's budget: seed 0 is reported at that snapshot and seeds 1.. train to exactly that step (same
+recipe, so the same EMA weights the pilot's snapshot holds).  A loss that converges later runs
+longer; one that has not converged when the pilot reaches `Budget.steps` is reported there, its
+verdict ``"step": null``.
 
 Nothing computed is lost to an interruption: the pilot's measured points go to
 <results>/pilots/<data>/<loss>.json after each measurement, every training resumes from its
@@ -22,7 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from convergence import QUALITY, converged_at, snapshots
+from convergence import QUALITY, converged_at
+
+CRITERION = {"tol": "resolution", "delta": 0.02, "window": 1.5, "later": 2}
+
+
+def next_stop(step: int, chunk: int) -> int:
+    """The next measured step: every `chunk` steps up to 4 chunks, then about a quarter of the
+    steps so far (1k, 2k, 3k, 4k, 5k, ..., 8k, 10k, 12k, 15k, 18k, 22k, 27k for chunk 1k)."""
+    return step + chunk * max(1, step // (4 * chunk))
 
 
 def pilot_file(results: Path, data: str, loss: str) -> Path:
@@ -44,11 +54,12 @@ def run_pilot(job, classifier: Path | None, results: Path) -> dict:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     while True:
         _measure_new(job, classifier, state, path)
-        verdict = converged_at(state["points"], key)
+        verdict = converged_at(state["points"], key, **CRITERION)
         trained = state["chunks"][-1]["step"] if state["chunks"] else 0
         if verdict["step"] is not None or trained >= job.budget.steps:
             break
-        _train_chunk(at_steps(job, min(trained + job.budget.chunk, job.budget.steps)), state, path)
+        _train_chunk(at_steps(job, min(next_stop(trained, job.budget.chunk), job.budget.steps)),
+                     state, path)
     state["verdict"] = verdict
     state["budget"] = verdict["step"] if verdict["step"] is not None else trained
     _save(path, state)
@@ -70,7 +81,8 @@ def _measure_new(job, classifier: Path | None, state: dict, path: Path) -> None:
     from evaluate import measure
 
     done = {p["step"] for p in state["points"]}
-    for step, ckpt in snapshots(job.out_dir):
+    for step in (c["step"] for c in state["chunks"]):
+        ckpt = job.out_dir / f"ckpt-{step}.safetensors"
         if step not in done:
             point = measure(ckpt, job.data, job.budget, job.out_dir / f"samples-{step}", classifier)
             state["points"] = sorted([*state["points"], point | {"step": step}], key=lambda p: p["step"])

@@ -1,0 +1,239 @@
+"""Every value st reads is checked where it is read, and nothing the user owns is overwritten:
+one test per cause (output paths, weights, numbers, overrides, names, late outputs, sizes, the
+launcher's variables).  Each refusal is exit 2 with one line naming the problem, and every file
+the user had is byte-identical afterwards."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import st
+from faults_util import damaged, mount_tmpfs, raw, refused, snapshot, unmount
+
+from stcli import outputs
+
+
+def one_line(result) -> str:
+    flat = refused(result)
+    assert len(result[2].strip().splitlines()) == 1, result[2]
+    return flat
+
+
+# --- one writer policy --------------------------------------------------------------------------
+def test_outputs_never_replace_what_the_user_owns(tiny_ckpt, tmp_path, capsys):
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's own file")
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    before = snapshot(tmp_path) | snapshot(tiny_ckpt.parent)
+    cases = {
+        "export over a file": (("export", tiny_ckpt, "--out", mine),
+                               "exists; choose another file or pass --overwrite"),
+        "export over a pipe": (("export", tiny_ckpt, "--out", fifo, "--overwrite"), "is not a regular file"),
+        "export over its input": (("export", tiny_ckpt, "--out", tiny_ckpt, "--overwrite"),
+                                  "is the command's input"),
+        "export into a folder": (("export", tiny_ckpt, "--out", folder), "is a folder; name a file"),
+        "nll --json over a file": (("nll", tiny_ckpt, "--json", mine, "--limit", "2"), "--json"),
+        "nll --json a folder": (("nll", tiny_ckpt, "--json", folder, "--limit", "2", "--overwrite"),
+                                "is a folder"),
+        "fid --json a folder": (("fid", tmp_path, "--ref", tmp_path, "--json", folder), "is a folder"),
+        "sample --out empty": (("sample", tiny_ckpt, "-n", "2", "--out", ""), "--out is empty"),
+        "sample --out a file": (("sample", tiny_ckpt, "-n", "2", "--out", mine), "is not a folder"),
+    }
+    for case, (args, message) in cases.items():
+        flat = one_line(st(capsys, *args))
+        assert message in flat, (case, flat)
+    assert snapshot(tmp_path) | snapshot(tiny_ckpt.parent) == before
+    assert not list(tmp_path.glob(".st-tmp-*"))
+
+
+def test_import_never_replaces_its_own_input(tmp_path, capsys):
+    from conftest import ROOT
+
+    src = tmp_path / "in.pth"
+    src.write_bytes((ROOT / "tests/fixtures/score_sde/score_sde_ve_ncsnpp_nf16.pth").read_bytes())
+    before = src.read_bytes()
+    flat = one_line(st(capsys, "import", src, "--recipe", ROOT / "recipes/cifar10_ncsnpp_ve_var.yaml",
+                       "net.nf=16", "--out", src, "--overwrite"))
+    assert "is the command's input" in flat and src.read_bytes() == before
+
+
+def _full(path):
+    raise outputs.UserError(f"no space left on the device to write {path}")
+
+
+def test_a_result_that_cannot_be_written_is_printed_first(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """The work is done when the write fails (a full disk, a vanished folder): the numbers are
+    printed, then the error."""
+    monkeypatch.setattr(outputs, "atomic", _full)
+    code, out, err = st(capsys, "nll", tiny_ckpt, "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
+                        "--device", "cpu", "--json", tmp_path / "nll.json")
+    assert code == 2 and "the result is printed above" in err
+    printed = json.loads(out[out.index('{\n "checkpoint"'):])
+    assert len(next(iter(printed["per_sample_bpd"].values()))) == 2 and not (tmp_path / "nll.json").exists()
+
+
+def _fill(folder):
+    """Write into `folder` until its file system is full."""
+    try:
+        with open(folder / "filler", "wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+    except OSError:
+        pass
+
+
+def test_diagnose_on_a_full_disk_prints_its_result(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    disk = tmp_path / "disk"
+    mounted = mount_tmpfs(disk, 8 * 4096)
+    try:
+        if mounted:
+            (disk / "d").mkdir()
+            _fill(disk)
+        else:  # not root: a write that fails as a full disk does
+            monkeypatch.setattr(outputs, "atomic", _full)
+        code, out, err = st(capsys, "diagnose", tiny_ckpt, "--limit", "2", "--points", "2",
+                            "--samples", "4", "--tau", "0.1", "--batch-size", "4", "--device", "cpu",
+                            "--out", disk / "d")
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "no space left" in err and "printed above" in err and '"integrand"' in out
+    finally:
+        if mounted:
+            unmount(disk)
+
+
+# --- the checkpoint reader: finite, float32, for every command ------------------------------------
+def test_non_finite_or_mistyped_weights_are_refused_by_every_reader(tiny_ckpt, tmp_path, capsys):
+    t, _ = raw(tiny_ckpt)
+    ema = next(k for k in t if k.startswith("ema.") and t[k].dim() == 4)
+    model = "model." + ema[4:]
+    bad = {
+        "nan ema": (dict(tensors={ema: torch.full_like(t[ema], float("nan"))}), f"{ema} holds"),
+        "inf raw": (dict(tensors={model: t[model].clone().fill_(float("inf"))}), f"{model} holds"),
+        "int32": (dict(tensors={ema: t[ema].to(torch.int32)}), "holds int32 values where st writes float32"),
+        "float64": (dict(tensors={model: t[model].double()}), "holds float64 values"),
+    }
+    for case, (change, message) in bad.items():
+        path = damaged(tiny_ckpt, tmp_path / case / "ckpt.safetensors", **change)
+        for args in (("sample", path, "-n", "1", "--out", tmp_path / "s"),
+                     ("sample", path, "-n", "1", "--out", tmp_path / "s", "--weights", "raw"),
+                     ("export", path, "--out", tmp_path / case / "e.safetensors"),
+                     ("nll", path, "--limit", "1")):
+            flat = one_line(st(capsys, *args))
+            assert message in flat and "damaged" in flat, (case, args, flat)
+        assert not (tmp_path / "s").exists() and not (tmp_path / case / "e.safetensors").exists()
+
+
+def test_resume_refuses_a_mistyped_checkpoint_and_keeps_it(tiny_ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    t, _ = raw(tiny_ckpt)
+    ema = next(k for k in t if k.startswith("model.") and t[k].dim() == 4)
+    ckpt = damaged(tiny_ckpt, run / "ckpt.safetensors", tensors={ema: t[ema].to(torch.int32)})
+    (run / "recipe.yaml").write_bytes((tiny_ckpt.parent / "recipe.yaml").read_bytes())
+    before = snapshot(run)
+    one_line(st(capsys, "train", run, "train.steps=5", "--resume"))
+    assert snapshot(run) == before and ckpt.exists()
+
+
+# --- numbers that are not numbers ------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (("--atol", "inf"), "inf is not a finite number"),
+    (("--rtol", "nan"), "nan is not a finite number"),
+    (("--eps", "inf"), "inf is not a finite number"),
+])
+def test_cli_floats_must_be_finite(tiny_ckpt, capsys, args, message):
+    assert message in one_line(st(capsys, "nll", tiny_ckpt, *args))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.steps=true", "train.steps"), ("train.batch_size=true", "train.batch_size"),
+    ("optim.lr=false", "optim.lr"), ("net.ch_mult=[1, true]", "net.ch_mult"),
+    ("truncation.k=true", "truncation.k"), ("seed=true", "seed"),
+])
+def test_a_boolean_is_not_a_number(tiny_recipe, capsys, override, field):
+    flat = refused(st(capsys, "recipe", "validate", tiny_recipe(), override))
+    assert f"{field}: true is a boolean, not a number" in flat or \
+        f"{field}: false is a boolean, not a number" in flat
+
+
+# --- overrides: a section merges, a key is given once ----------------------------------------------
+def test_a_section_override_merges_and_a_key_is_given_once(tiny_recipe, capsys):
+    from stcli.recipe import load_recipe
+
+    path = tiny_recipe()
+    r = load_recipe(path, ["train.batch_size=4", "train={steps: 3}"])
+    assert (r.train.batch_size, r.train.steps, r.train.ckpt_every) == (4, 3, 3)  # recipe's ckpt_every kept
+    switched = load_recipe(path, ["truncation={name: hard}"])  # another component: replaced
+    assert switched.truncation.name == "hard" and switched.truncation.eps == 1e-5
+    for pair in (["train.steps=5", "train.steps=6"], ["train={steps: 3}", "train.steps=4"],
+                 ["train=3", "train.steps=2"]):
+        flat = refused(st(capsys, "recipe", "validate", path, *pair))
+        assert "already set; give each key once" in flat, pair
+
+
+# --- names and paths -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", " padded", "bell\x07"])
+def test_run_names_are_printable_folder_names(tiny_recipe, capsys, name):
+    flat = refused(st(capsys, "recipe", "validate", tiny_recipe(), f"name={json.dumps(name)}"))
+    assert "name:" in flat and "printable" in flat
+
+
+def test_train_never_writes_into_a_folder_of_other_files(tiny_recipe, tmp_path, capsys):
+    samples = tmp_path / "samples_folder"
+    samples.mkdir()
+    (samples / "000000.png").write_bytes(b"not mine to touch")
+    (samples / "manifest.json").write_text("{}")
+    before = snapshot(samples)
+    flat = one_line(st(capsys, "train", tiny_recipe(), f"train.out_dir={samples}"))
+    assert "is not a run folder of st train" in flat and "000000.png" in flat
+    assert snapshot(samples) == before and sorted(p.name for p in samples.iterdir()) == [
+        "000000.png", "manifest.json"]
+
+
+# --- sizes: estimated before starting --------------------------------------------------------------
+def test_a_net_too_large_for_memory_is_refused_before_allocating(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "big"
+    flat = one_line(st(capsys, "train", tiny_recipe(), "net.nf=100000", f"train.out_dir={out}"))
+    assert "parameters: training needs at least" in flat and "GiB free" in flat
+    assert not out.exists()
+
+
+def test_more_samples_than_the_disk_holds_are_refused(tiny_ckpt, tmp_path, capsys):
+    flat = one_line(st(capsys, "sample", tiny_ckpt, "-n", "1000000000000000", "--out", tmp_path / "s"))
+    assert "1,000,000,000,000,000 samples need about" in flat and "free" in flat
+    assert not (tmp_path / "s").exists()
+
+
+def test_recipes_and_overrides_nested_too_deep(tiny_recipe, tmp_path, capsys):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: x\ndata: " + "[" * 20000 + "]" * 20000 + "\n")
+    assert "is nested more than 32 levels deep" in one_line(st(capsys, "recipe", "validate", deep))
+    flat = one_line(st(capsys, "recipe", "validate", tiny_recipe(),
+                       "net.ch_mult=" + "[" * 5000 + "]" * 5000))
+    assert "nested more than 32 levels deep" in flat and len(flat) < 300
+
+
+# --- the launcher's variables ----------------------------------------------------------------------
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer >= 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not an integer >= 1"),
+    ({"RANK": "-1"}, "RANK='-1' is not an integer >= 0"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT unset"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"},
+     "RANK=3 of WORLD_SIZE=2"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 of WORLD_SIZE=1"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "99999"}, "is not a port"),
+])
+def test_launcher_variables_are_checked_before_the_process_group(tiny_recipe, tmp_path, capsys,
+                                                                 monkeypatch, env, message):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    flat = one_line(st(capsys, "train", tiny_recipe(), f"train.out_dir={out}"))
+    assert message in flat and not out.exists()
