@@ -92,6 +92,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        if not _safetensors_header(path):
+            raise UserError(f"{path} is not a checkpoint: it is not a safetensors file (st "
+                            "checkpoints are written by st train, st import and st export)") from None
         raise UserError(f"checkpoint {path} is corrupt or truncated ({err})") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not an st checkpoint (format {metadata.get('format')!r})")
@@ -104,6 +107,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str
                 raise UserError(f"checkpoint {path} is damaged: its metadata {k!r} is not valid "
                                 "JSON") from None
     return tensors, meta
+
+
+def _safetensors_header(path: Path) -> bool:
+    """Whether `path` begins as a safetensors file does: an 8-byte little-endian header length
+    (below 100 MB, safetensors' own limit) and then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < 100_000_000 and head[8:] == b"{"
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

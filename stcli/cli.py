@@ -532,18 +532,18 @@ def _resume_auto(argv: list[str]) -> list[str]:
 
 def _command(argv: list[str]):
     """The command of `app`, built now: --sampler accepts the samplers registered at this time
-    (a plugin's, registered before `main` runs, too; read only for the commands that have it)."""
-    if not set(argv[:1]) & {"sample", "fid"}:
-        return typer.main.get_command(app)
+    (a plugin's, registered before `main` runs, too), and flags show no type in --help."""
     from stcli.registry import SAMPLERS
 
-    names = Literal[tuple(SAMPLERS.names())]
+    names = Literal[tuple(SAMPLERS.names())] if set(argv[:1]) & {"sample", "fid"} else None
 
     def typed(command) -> None:
         for param in command.params:
-            if "--sampler" in param.opts:
+            if names is not None and "--sampler" in param.opts:
                 param.type_descriptor = replace(param.type_descriptor, annotation=names)
                 param._runtime_param = None
+            if getattr(param, "is_flag", False):  # typer would print "<bool>" beside a flag
+                param.display_type_rich = lambda ctx: None
         for sub in getattr(command, "commands", {}).values():
             typed(sub)
 

@@ -28,6 +28,9 @@ def warn(message: str) -> None:
     err_console.print(message, markup=False)
 
 
+PLAIN_EVERY_S = 10  # without a terminal: a progress line at most this often, during long items too
+
+
 class StepProgress:
     """Progress over `total` steps with free-form stats (loss, steps/s, ...) and an ETA."""
 
@@ -54,12 +57,35 @@ class StepProgress:
     def update(self, completed: int, stats: dict[str, str], force: bool = False) -> None:
         if not self.enabled:
             return
+        self.completed, self.stats = completed, stats
         text = "  ".join(f"{k} {v}" for k, v in stats.items())
         if self._progress:
             self._progress.update(self._task, completed=completed, stats=text)
-        elif force or time.monotonic() - self._last_plain > 10:
+        elif force or time.monotonic() - self._last_plain > PLAIN_EVERY_S:
             self._last_plain = time.monotonic()
             console.print(f"{self.description} {completed}/{self.total}  {text}")
+
+    def beat(self, inside: str) -> None:
+        """Progress inside the current item (a sampler step, the ODE time reached): shown live,
+        or as a plain line when none was printed for PLAIN_EVERY_S, so a long batch is never
+        silent."""
+        if self.enabled:
+            self.update(getattr(self, "completed", 0), {**getattr(self, "stats", {}), "now": inside})
+
+    def beating(self, score_fn):
+        """`score_fn` reporting each evaluation: its count in the batch and the time t."""
+        if not self.enabled:
+            return score_fn
+        count = 0
+
+        def score(x, t):
+            nonlocal count
+            count += 1
+            now = float(t.max()) if hasattr(t, "max") else float(t)
+            self.beat(f"NFE {count} at t {now:.3g}")
+            return score_fn(x, t)
+
+        return score
 
 
 def fmt_eta(seconds: float) -> str:

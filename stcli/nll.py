@@ -139,7 +139,8 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
                 g = generator(ctx.device, opts.seed, "nll", r, b)
                 x = data.transform(torch.stack([dataset[i] for i in idx]).to(ctx.device), g)
                 try:
-                    vals, nfe = nll(model.score, sde, x, eps=eps, correction=opts.correction,
+                    vals, nfe = nll(progress.beating(model.score), sde, x, eps=eps,
+                                    correction=opts.correction,
                                     divergence=opts.divergence, probes=opts.probes,
                                     rtol=opts.rtol, atol=opts.atol,
                                     time_variable=opts.time_variable,

@@ -268,12 +268,14 @@ class Job:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.model.score(x, t).float()[:k]
 
-    def sample(self, indices: list[int]) -> tuple[torch.Tensor, int]:
+    def sample(self, indices: list[int], progress: StepProgress | None = None
+               ) -> tuple[torch.Tensor, int]:
         """Samples of `indices` (x_T drawn first from each image's generator) and the NFE."""
         gens = image_generators(self.seed, indices, self.ctx.device)
         x = torch.stack([self.sde.prior_sample(self.data.shape, generator=g, device=self.ctx.device)
                          for g in gens])
-        return self.spec(self.score, self.sde, x, generator=gens)
+        score = progress.beating(self.score) if progress else self.score
+        return self.spec(score, self.sde, x, generator=gens)
 
     def missing(self) -> list[int]:
         if self.per_file:
@@ -329,7 +331,7 @@ class Job:
         with StepProgress("sample", len(todo), enabled=ctx.is_main) as progress:
             for lo in range(0, len(mine), self.batch_size):
                 batch = mine[lo:lo + self.batch_size]
-                x, batch_nfe = self.sample(batch)
+                x, batch_nfe = self.sample(batch, progress)
                 self.store(batch, x, collected)
                 done, nfe, batches = done + len(batch), nfe + batch_nfe, batches + 1
                 self.report(progress, done, len(mine), batch_nfe, time.perf_counter() - t0)

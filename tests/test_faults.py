@@ -46,9 +46,10 @@ def last_step(log) -> int:
 
 
 def test_two_trains_on_one_folder_the_second_is_refused_then_kill_and_resume(tiny_recipe, capsys):
-    """Issue items 1, 4, 5: a lock naming its holder; after SIGKILL between two checkpoints
-    the stale lock is taken over, temporaries are removed and every log (jsonl, csv, TensorBoard)
-    holds every step once; the wall clock continues from the checkpoint's."""
+    """A lock naming its holder; after SIGKILL between two checkpoints the logs are prefixes of
+    one another (at most the record being written is missing from the later ones), the stale
+    lock is taken over, temporaries are removed and every log (jsonl, csv, TensorBoard) holds
+    every step once; the wall clock continues from the checkpoint's."""
     a = tiny_recipe("run", train={"steps": 100000, "ckpt_every": 10, "log": ["csv", "tensorboard"]})
     b = tiny_recipe("other", seed=99)
     data = yaml.safe_load(b.read_text())
@@ -74,8 +75,12 @@ def test_two_trains_on_one_folder_the_second_is_refused_then_kill_and_resume(tin
     assert (run / LOCK).exists()  # left behind by the killed process
     saved, wall = (checkpoint.load(run / "ckpt.safetensors")[1][k] for k in ("step", "wall_s"))
     assert max(log_steps(log)) > saved  # steps after the checkpoint were logged
-    crashed = csv_and_tensorboard_steps(run)
-    assert crashed[0] == crashed[1] == log_steps(log)  # flushed at every window
+    # each log is flushed at every window, one after another: a kill between two of them
+    # leaves the later ones one record short, never out of order; the resume below truncates
+    # every log to the checkpoint's step
+    steps = log_steps(log)
+    for written in csv_and_tensorboard_steps(run):
+        assert written == steps[:len(written)] and len(steps) - len(written) <= 1, (written, steps)
     (run / f"{TMP_PREFIX}ckpt.safetensors.x").mkdir(exist_ok=True)
     (run / f"{TMP_PREFIX}ckpt.safetensors.x" / ".tmpAbC123").write_bytes(b"\0" * 1000)
     (run / f"{TMP_PREFIX}recipe.yaml.7").write_bytes(b"")

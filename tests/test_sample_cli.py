@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_st
+from conftest import run_st, st
 from faults_util import damaged, raw
 
 import stcli.sample as sample_mod
@@ -169,3 +169,45 @@ def test_a_folder_of_other_samples_is_refused_naming_the_field(ckpt, tmp_path, c
     assert pngs(out) == pngs(fresh) and pngs(out) != before
     assert json.loads((out / "manifest.json").read_text())["seed"] == 5
     assert (out / "stray.txt").is_file()  # --overwrite deletes only what st sample writes
+
+
+def test_progress_is_never_silent_inside_a_batch(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Without a terminal, a long batch still prints lines: the evaluation count and the time t
+    reached (here every line is due: the interval is set to 0)."""
+    from stcli import console
+
+    monkeypatch.setattr(console, "PLAIN_EVERY_S", 0)
+    code, out, err = st(capsys, "sample", tiny_ckpt, "-n", "3", "--out", tmp_path / "s",
+                        "--sampler", "euler", "--steps", "4", "--device", "cpu")
+    assert code == 0, err
+    beats = [line for line in out.splitlines() if "now NFE" in line]
+    assert [line.split("now NFE ")[1].split()[0] for line in beats] == ["1", "2", "3", "4", "5"]
+    code, out, err = st(capsys, "nll", tiny_ckpt, "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
+                        "--device", "cpu")
+    assert code == 0, err
+    assert sum("now NFE" in line for line in out.splitlines()) >= 10 and " at t 1" in out
+
+
+def test_a_sampler_other_than_the_recipes_keeps_its_own_defaults(tiny_ckpt, tmp_path, capsys):
+    """The recipe's sampler settings (euler_maruyama, 5 steps on the uniform grid) do not leak
+    into another sampler: dpm2m runs its own 20 steps on the EDM grid; the line printed and the
+    manifest say where each setting came from."""
+    code, out, err = st(capsys, "sample", tiny_ckpt, "-n", "2", "--out", tmp_path / "a",
+                        "--sampler", "dpm2m", "--device", "cpu")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["sampler"]["steps"] == 20 and manifest["sampler"]["schedule"] == "edm"
+    assert manifest["sampler_from"] == {"steps": "default", "schedule": "default", "rho": "default",
+                                        "denoise": "default"}
+    assert 'sampler dpm2m: denoise true (default), steps 20 (default), schedule "edm" (default)' in out
+    code, out, err = st(capsys, "sample", tiny_ckpt, "-n", "2", "--out", tmp_path / "b",
+                        "--sampler", "heun", "--steps", "3", "--schedule", "log_snr", "--device", "cpu")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert (manifest["sampler"]["steps"], manifest["sampler"]["schedule"]) == (3, "log_snr")
+    assert manifest["sampler_from"]["steps"] == manifest["sampler_from"]["schedule"] == "option"
+    code, out, err = st(capsys, "sample", tiny_ckpt, "-n", "2", "--out", tmp_path / "c", "--device", "cpu")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["sampler"]["name"] == "euler_maruyama" and manifest["sampler"]["steps"] == 5
+    assert set(manifest["sampler_from"].values()) == {"recipe"}
