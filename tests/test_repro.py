@@ -90,7 +90,8 @@ def test_paper_settings_and_seed_major_order(tmp_path):
 
 def _point(step, nelbo_shift, q, q_se=0.1, n=50):
     items = (np.linspace(0.0, 1.0, n) + nelbo_shift).tolist()
-    return {"step": step, "nelbo_items": items, "nelbo": {"mean": float(np.mean(items)),
+    return {"step": step, "nelbo_items": items, "nll": {"mean": float(np.mean(items))},
+            "nelbo": {"mean": float(np.mean(items)),
             "stderr": float(np.std(items, ddof=1) / np.sqrt(n))}, "fid": q, "fid_se": q_se}
 
 

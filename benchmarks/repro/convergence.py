@@ -75,7 +75,8 @@ def converged_at(points: list[dict], key: str, tol: str = "item", later: int = 2
       tol="paired":     2 s.e. of the paired difference over the same items and noise (any
                         detectable improvement);
       tol="resolution": both `delta` bits/dim and 2 paired s.e. (a detectable improvement of a
-                        size that matters).
+                        size that matters); and s' also beats s if its NLL (the same test
+                        items, dequantisation noise and probes) is lower by more than `delta`.
     step None: no snapshot qualifies yet."""
     last = points[-1]["step"] if points else None
     for i, p in enumerate(points[: max(len(points) - later, 0)]):
@@ -88,6 +89,8 @@ def converged_at(points: list[dict], key: str, tol: str = "item", later: int = 2
                        "resolution": max(delta, 2 * sn)}[tol]
             sq = math.hypot(p[key + "_se"], q[key + "_se"])
             beaten |= dn < -allowed or q[key] - p[key] < -2 * sq
+            if tol == "resolution":
+                beaten |= q["nll"]["mean"] - p["nll"]["mean"] < -delta
         if not beaten:
             return {"step": p["step"], "tol": tol, "later": later, "window": window, "delta": delta,
                     "last": last}

@@ -4,7 +4,8 @@ For each loss the seed-0 job, the *pilot*, trains in chunks (`Budget.chunk` step
 the step: `next_stop`); after each chunk its EMA snapshot is measured (`evaluate.measure`: NLL,
 NELBO, Heun FID) and the criterion of `convergence.converged_at` is applied to every measured
 snapshot so far, as CRITERION sets it: the first snapshot s that nothing later beats up to
-1.5 x s (the NELBO lower by 0.02 bpd and 2 paired s.e., or the FID lower by 2 s.e.).  s is the
+1.5 x s (the NLL lower by 0.02 bpd, the NELBO lower by 0.02 bpd and 2 paired s.e., or the FID
+lower by 2 s.e.).  s is the
 loss's budget: seed 0 is reported at that snapshot and seeds 1.. train to exactly that step (same
 recipe, so the same EMA weights the pilot's snapshot holds).  A loss that converges later runs
 longer; one that has not converged when the pilot reaches `Budget.steps` is reported there, its
