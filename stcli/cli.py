@@ -40,6 +40,7 @@ ErrorNorm = Literal["rms", "rms_per_part"]
 Protocol = Literal["default", "paper"]
 Resize = Literal["tf", "clean"]
 Dtype = Literal["fp32", "fp16", "bf16"]
+ExportFormat = Literal["st", "diffusers"]
 SAMPLER_PLACEHOLDER = Literal["(the registered samplers)"]  # set by `_command` from SAMPLERS
 
 Weights = Annotated[WeightsName, typer.Option("--weights", help="Checkpoint weights: ema or raw.")]
@@ -109,14 +110,30 @@ def recipe_show(
     recipe: RecipeArg,
     overrides: Overrides = None,
     params: Annotated[bool, typer.Option("--params", help="Also print the net's parameter count.")] = False,
+    cost: Annotated[bool, typer.Option("--cost", help="Also print FLOPs and memory of a training "
+                                       "step on one device (docs/cost.md).")] = False,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="Also the times of a step, the run and "
+                                               "an FID on this GPU (implies --cost): A100 (80 GB), "
+                                               "A100-40GB, H100, V100 or L40S.")] = None,
 ):
     """Print the resolved recipe (every default filled in), validated."""
     from stcli.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides)
+    device = None
+    if gpu is not None:
+        from stcli.cost import gpu as find_gpu
+
+        device = find_gpu(gpu)  # before any output: an unknown name is the only message
     info(spec.to_yaml().rstrip())
     if params:
         info(f"# net parameters: {count_parameters(spec):,}")
+    if cost or device is not None:
+        from stcli import cost as costs
+
+        counted = costs.count(spec)
+        timed = costs.timing(counted, device) if device is not None else None
+        info("\n".join(f"# {line}" for line in costs.lines(counted, timed)))
 
 
 @recipe_app.command("validate")
@@ -474,12 +491,24 @@ def import_(
 @app.command(epilog=epilog("export"))
 def export(
     ckpt: Annotated[str, typer.Argument(help="An st checkpoint.", metavar="CKPT")],
-    out: Annotated[str, typer.Option("--out", help="File to write (.safetensors).")],
+    out: Annotated[str, typer.Option("--out", help="File to write (.safetensors); with --format "
+                                     "diffusers, a folder.")],
     weights: Weights = "ema",
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Floating-point type of the weights.")] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", help="st: one st checkpoint file; diffusers: a folder that diffusers' "
+        "UNet2DModel.from_pretrained loads, with scheduler configuration and model card.")] = "st",
 ):
     """Inference-only weights of CKPT plus its recipe (no optimizer state, no RNG states)."""
+    if fmt == "diffusers":
+        from stcli.export_diffusers import export_diffusers
+
+        result = export_diffusers(ckpt, out, weights, dtype, overwrite)
+        info(f"exported the {result['weights']} weights of {ckpt} as a diffusers UNet2DModel "
+             f"({result['parameters']:,} parameters; scheduler: {result['scheduler'] or 'none'}) "
+             f"-> {out}")
+        return
     from stcli.export import export as run_export
 
     result = run_export(ckpt, out, weights, dtype, overwrite)

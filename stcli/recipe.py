@@ -78,6 +78,7 @@ class Train(Section):
     workers: NonNegativeInt | None = None  # loaders for file-backed data; None: 0 on CPU, up to 8 on CUDA
     log: list[str] = ["jsonl"]  # loggers (stcli.tracking): jsonl (always on), csv, tensorboard, wandb
     heldout_every: NonNegativeInt = 0  # loss on a fixed batch of the test split every this many steps
+    eval_every: NonNegativeInt = 0  # FID (and KID) of the EMA weights every this many steps (eval.fid)
     heldout_size: PositiveInt = 256  # test items in that batch
 
     @field_validator("log")
@@ -132,6 +133,14 @@ class FidEval(Section):
     ref: str | None = None
     n: PositiveInt = 50000
     resize: Literal["tf", "clean"] = "tf"
+    # during training (train.eval_every): samples per evaluation, the sampler (the recipe's
+    # sampler with these settings; another name starts from that sampler's defaults), the
+    # feature extractor (st-random-64: a tiny random network for tests), KID beside FID
+    train_n: PositiveInt = 2000
+    train_sampler: dict[str, Any] = {}
+    extractor: str = "inception-v3-compat"
+    kid: bool = True
+    batch_size: PositiveInt = 64
 
 
 class Eval(Section):

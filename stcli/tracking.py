@@ -49,6 +49,7 @@ from stcli.targets import DSM
 T_BINS = 8
 TAU_QUANTILES = (0.1, 0.5, 0.9)
 HELDOUT_KEYS = ("heldout_loss", "heldout_loss_ema")
+EVAL_KEYS = ("fid", "kid_mean", "kid_std")  # train.eval_every (stcli.train_fid)
 
 
 # --- the statistics of a window ----------------------------------------------------------------
@@ -90,7 +91,12 @@ class Window:
     def reset(self) -> None:
         self.sums = torch.zeros(2, T_BINS, dtype=torch.float64, device=self.device)
         self.losses, self.taus, self.grad_norms = [], [], []
-        self.start = time.perf_counter()
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on other work than training steps (checkpoints, sample grids,
+        evaluations): left out of steps_per_s, so the rate and the ETA are the training's."""
+        self.paused += seconds
 
     def add_samples(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Bin i holds edges[i] <= t < edges[i + 1] (t = T in the last)."""
@@ -108,7 +114,7 @@ class Window:
         processes: every rank calls it at the same step."""
         total, count = distributed.all_reduce_sum(self.sums.clone()).tolist()
         peak = all_reduce_max(peak_memory_mb(self.device), self.device)
-        seconds = max(time.perf_counter() - self.start, 1e-9)
+        seconds = max(time.perf_counter() - self.start - self.paused, 1e-9)
         taus = torch.tensor(self.taus, dtype=torch.float64)
         quantiles = torch.quantile(taus, torch.tensor(TAU_QUANTILES, dtype=torch.float64)).tolist()
         rate = len(self.losses) / seconds
@@ -121,6 +127,7 @@ class Window:
             "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
             "grad_norm_max": max(self.grad_norms),
             "steps_per_s": rate, "images_per_s": rate * self.batch_size, "peak_mem_mb": peak,
+            "window_steps": len(self.losses),
         }
         self.reset()
         return record
@@ -307,7 +314,7 @@ class CsvWriter(FileWriter):
         row = flatten(record)
         try:
             if self.file is None:
-                for key in ["step", *row, *HELDOUT_KEYS]:
+                for key in ["step", *row, *HELDOUT_KEYS, *EVAL_KEYS]:
                     if key not in self.columns:
                         self.columns.append(key)
                 with atomic(self.path) as tmp, open(tmp, "w", newline="") as f:

@@ -45,6 +45,7 @@ from stcli.rundir import load_run_folder as load_run_folder  # still importable 
 from stcli.runlock import RunLock
 from stcli.sample import MIN_ROWS
 from stcli.seeding import generator, seed_for
+from stcli.train_fid import TrainingFID
 
 INITIAL_LOSS_SCALE = 2.0**16  # fp16: the loss scale of a fresh run (torch's GradScaler default)
 
@@ -168,6 +169,7 @@ class Trainer:
         self.heldout = tracking.HeldOut(recipe, ctx, self.cfg.heldout_size,
                                         self.cfg.batch_size // ctx.world_size // self.cfg.micro_batches) \
             if self.cfg.heldout_every else None
+        self.evaluate = TrainingFID.prepare(recipe, ctx) if self.cfg.eval_every else None
 
     # --- run directory and checkpoints ------------------------------------------------------
     def _claim_out_dir(self) -> None:
@@ -320,33 +322,45 @@ class Trainer:
                     self.window.add_samples(*self.step_samples)  # of the attempt that counted (fp16)
                     self.window.add_step(loss, tau, gnorm)
                     heldout = self.heldout is not None and self.step % cfg.heldout_every == 0
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or heldout:
-                        loss_avg = self._log_window(progress, heldout, t0)
+                    evaluate = self.evaluate is not None and self.step % cfg.eval_every == 0
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or heldout or evaluate:
+                        loss_avg = self._log_window(progress, heldout, evaluate, t0)
                     if stop:
                         self._stop()
+                    paused = time.perf_counter()
                     self._periodic()
+                    self.window.exclude(time.perf_counter() - paused)
         finally:
             self._restore_signal_handlers(handlers)
             self.tracker.close()
         return TrainResult(self.step, loss_avg, self.out_dir)
 
-    def _log_window(self, progress: StepProgress, heldout: bool, t0: float) -> float:
-        """Write the statistics of the steps since the last record to every logger, update the
-        progress line, and return the window's mean loss."""
+    def _log_window(self, progress: StepProgress, heldout: bool, evaluate: bool, t0: float) -> float:
+        """Write the statistics of the steps since the last record (and, when due, the held-out
+        losses and the FID of the EMA model) to every logger, update the progress line, and
+        return the window's mean loss."""
         record = {"step": self.step, **self.window.summary(),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "wall_s": self.clock.now(), "elapsed_s": time.perf_counter() - t0}
+        paused = time.perf_counter()
         if heldout:
             record.update(self._heldout_losses())
+        if evaluate:
+            record.update(self.evaluate(self.ema, self.step))
+        self.window.exclude(time.perf_counter() - paused)  # the next window's rate: training only
         if self.feed is not None:
             record.update(self.feed.flush())
         record.update(self._scaler_record())
         self.tracker.write(record)
         rate = record["steps_per_s"]
-        progress.update(self.step, {
-            "loss": f"{record['loss']:.4g}", "steps/s": f"{rate:.2f}",
-            "img/s": f"{rate * self.cfg.batch_size:.0f}",
-            "eta": fmt_eta((self.cfg.steps - self.step) / max(rate, 1e-9))}, force=True)
+        stats = {"loss": f"{record['loss']:.4g}", "steps/s": f"{rate:.2f}",
+                 "img/s": f"{rate * self.cfg.batch_size:.0f}",
+                 "eta": fmt_eta((self.cfg.steps - self.step) / max(rate, 1e-9))}
+        if record["window_steps"] < self.cfg.log_every and self.step != self.cfg.steps:
+            stats["window"] = f"{record['window_steps']} steps"  # e.g. the first after a resume
+        if "fid" in record:
+            stats["fid"] = f"{record['fid']:.4g}"
+        progress.update(self.step, stats, force=True)
         return record["loss"]
 
     def _good_step(self, batch: torch.Tensor, extra: torch.Tensor | None
