@@ -31,8 +31,10 @@ def sample(model: Loaded, n: int, sampler: str | None = None, steps: int | None 
            seed: int = 0, batch_size: int = 256, **options) -> torch.Tensor:
     """n samples of ``model`` as uint8 images (n, C, H, W) (float32 (n, ...) for non-image data).
 
-    ``sampler`` (pc, ode, euler, heun, euler_maruyama), ``steps`` and the other ``options``
-    (e.g. ``snr=0.16``, ``rtol=1e-3``) override the recipe's ``sample`` section.
+    ``sampler`` (pc, euler_maruyama, ode, euler, heun, dpm2m, unipc; any registered one),
+    ``steps`` and the other ``options`` (e.g. ``schedule="edm"``, ``snr=0.16``, ``rtol=1e-3``)
+    override the recipe's ``sample`` section; another sampler than the recipe's starts from its
+    own defaults.
     """
     from stcli.sample import Job, resolve_sampler
 

@@ -581,6 +581,16 @@ def _command(argv: list[str]):
     return command
 
 
+INTERRUPTED = {  # what a Ctrl-C leaves behind, per command
+    "sample": "interrupted (Ctrl-C): the images written so far are kept; the same command draws "
+              "only the missing ones",
+    "fid": "interrupted (Ctrl-C): nothing was measured; samples kept with --samples-dir are "
+           "reused by the same command",
+    "nll": "interrupted (Ctrl-C): nothing was written",
+    "diagnose": "interrupted (Ctrl-C): nothing was written",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer handles usage errors (exit 2); ours are turned into one message."""
     global _ARGV
@@ -595,3 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         if _is_rank0():
             error(str(err))
         sys.exit(128 + err.signum)
+    except SystemExit as done:
+        if done.code == 130 and _is_rank0():  # typer's answer to Ctrl-C (KeyboardInterrupt)
+            error(INTERRUPTED.get(_ARGV[0] if _ARGV else "", "interrupted (Ctrl-C)"))
+        raise

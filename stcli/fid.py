@@ -388,6 +388,8 @@ def fid_ref(arg: str, out: Path, *, split: str, settings: Settings, overwrite: b
 
         default = load_recipe(path).eval.fid.resize
     settings = settings.with_resize(default)
+    if settings.extractor == INCEPTION:
+        inception_weights(settings)  # missing weights: said before the images are hashed
     images = open_images(arg, split, settings)
     if len(images.dataset) < 2:
         raise UserError(f"reference statistics need at least 2 images, {images.label} has "
@@ -469,10 +471,12 @@ def run_fid(samples: str, ref_arg: str | None, *, metrics: list[Metric], setting
     if n is not None and recipe is None:
         raise UserError("-n applies to a checkpoint only; SAMPLES is a set of images")
     settings = settings.with_resize(recipe.eval.fid.resize if recipe else None)
-    images = None if recipe else open_images(samples, "train", settings)  # checked first
     ref = _reference(ref_arg or (recipe.eval.fid.ref if recipe else None), settings, recipe)
     if recipe and isinstance(ref, Reference):
         _check_same_data(ref, recipe, path)
+    if settings.extractor == INCEPTION:
+        inception_weights(settings)  # missing weights: said before the images are read or hashed
+    images = None if recipe else open_images(samples, "train", settings)
     count = len(images.dataset) if images else (n or recipe.eval.fid.n)
     if isinstance(ref, Reference) and ref.features is None:
         others = [m.name for m in metrics if m.name != "fid"]

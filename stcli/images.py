@@ -129,12 +129,18 @@ def _open(path: str | Path) -> Image.Image:
     raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}")
 
 
+GRID_MIN_SIDE = 48  # pixels: smaller images are enlarged (nearest) in a grid, to be seen
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Save uint8 images (B, C, H, W) as one PNG grid (near-square by default)."""
+    """Save uint8 images (B, C, H, W) as one PNG grid (near-square by default); images under
+    GRID_MIN_SIDE pixels are enlarged by an integer factor, each pixel a square block."""
     from torchvision.utils import make_grid
 
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=255)
+    factor = max(1, math.ceil(GRID_MIN_SIDE / max(images.shape[-2:])))
+    images = images.cpu().repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255)
     array = grid.permute(1, 2, 0).numpy()  # make_grid always returns 3 channels
     path = Path(path)
     with atomic(path) as tmp:

@@ -296,3 +296,21 @@ def test_a_full_disk_while_logging_is_one_message(tmp_path, monkeypatch):
     log.file = Full()
     with pytest.raises(UserError, match="cannot write the log .*log.jsonl: no space left on the device"):
         log.write({"step": 1})
+
+
+def test_ctrl_c_on_sample_says_what_is_kept_and_the_same_command_continues(tiny_ckpt, tmp_path):
+    out = tmp_path / "s"
+    args = ("sample", tiny_ckpt, "-n", "400", "--out", out, "--batch-size", "8", "--sampler", "euler",
+            "--steps", "40", "--device", "cpu")
+    proc = popen_st(*args)
+    try:
+        wait_for(lambda: len(list(out.glob("000000/*.png"))) >= 8, proc=proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == ("error: interrupted (Ctrl-C): the images written so far are kept; the "
+                           "same command draws only the missing ones")
+    kept = len(list(out.glob("000000/*.png")))
+    assert 8 <= kept < 400

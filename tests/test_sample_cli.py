@@ -100,7 +100,7 @@ def test_cli_writes_a_grid_and_reports_nfe(ckpt, tmp_path, capsys):
     assert "total NFE 4 " in out and "images/s" in out  # heun: 2 NFE per step, no denoising
     from PIL import Image
 
-    assert Image.open(tmp_path / "s" / "grid.png").size == (22, 22)  # 2x2 grid of 8px + padding
+    assert Image.open(tmp_path / "s" / "grid.png").size == (102, 102)  # 2x2 grid of 8px x 6 + padding
 
 
 @pytest.mark.parametrize("case,message", [

@@ -187,3 +187,15 @@ def test_mlp_shapes_gradients_and_bad_shapes():
     for shape in [(1, 8, 8), (3, 4)]:
         with pytest.raises(UserError, match=r"shape \(D,\)"):
             NETS.build("mlp", shape=shape)
+
+
+def test_attention_gradients_keep_the_weights_layout():
+    """DDP checks that each gradient has its parameter's strides ("grad strides do not match
+    bucket view strides" otherwise): the attention output reaches proj in x's layout."""
+    from stcli.nets.layers import AttnBlock
+
+    block = AttnBlock(16)
+    torch.nn.init.normal_(block.proj.weight)
+    block(torch.randn(2, 16, 4, 4)).square().sum().backward()
+    for p in block.parameters():
+        assert p.grad.stride() == p.stride(), p.shape

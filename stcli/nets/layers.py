@@ -162,7 +162,11 @@ class AttnBlock(nn.Module):
         b, c, hgt, wid = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, hgt * wid).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        return out.transpose(-1, -2).reshape(b, c, hgt, wid)
+        # (B, C, H, W) laid out as x: the transposed view is channels-last, which would give
+        # proj's weight a gradient of another layout than the weight's (DDP warns of it)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous() else torch.contiguous_format
+        return out.transpose(-1, -2).reshape(b, c, hgt, wid).contiguous(memory_format=layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.proj(self.attend(x))) * self.scale
