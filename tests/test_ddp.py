@@ -37,7 +37,7 @@ def test_two_gloo_processes_stay_in_lockstep(tiny_recipe, tmp_path):
     assert [t["grid_rows"] for t in taus] == [[[0]], [[1, 2]]]  # one grid (step 4), 1 + 2 rows
     two, one = (np.asarray(Image.open(p)) for p in (path.parent / "ddp" / "samples" / "grid-4.png",
                                                     tmp_path / "single-process-grid.png"))
-    assert one.shape == two.shape == (22, 22, 3) and np.array_equal(one, two)
+    assert one.shape == two.shape == (102, 102, 3) and np.array_equal(one, two)  # 2x2 of 8px x6
     cells = [one[2:10, 2:10], one[2:10, 12:20], one[12:20, 2:10]]  # 8px images, 2px padding
     assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
 

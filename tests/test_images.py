@@ -9,6 +9,7 @@ import warnings
 import zlib
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from conftest import st
@@ -231,3 +232,19 @@ def test_a_huge_image_in_a_folder_dataset_is_refused_in_one_line(tiny_recipe, tm
     assert "Traceback" not in out + err
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and f"{huge} is 14000x14000 = 196000000 pixels" in line, err
+
+
+def test_grids_enlarge_small_images_by_whole_pixels_and_keep_large_ones(tmp_path):
+    from stcli.images import GRID_MIN_SIDE, save_grid
+
+    small = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    save_grid(small, tmp_path / "small.png", nrow=3)
+    grid = np.asarray(Image.open(tmp_path / "small.png"))
+    f = GRID_MIN_SIDE // 8
+    assert grid.shape == (f * 8 + 4, 3 * f * 8 + 8, 3)
+    first = grid[2:2 + f * 8, 2:2 + f * 8, 0]  # each pixel a f x f block, values unchanged
+    assert np.array_equal(first, np.kron(small[0, 0].numpy(), np.ones((f, f), np.uint8)))
+    large = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    save_grid(large, tmp_path / "large.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "large.png"))[2:66, 2:66],
+                          large[0].permute(1, 2, 0).numpy())

@@ -40,10 +40,16 @@ def run_job(job, classifier: Path | None) -> dict:
     if not resume:
         shutil.rmtree(job.out_dir, ignore_errors=True)
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(job.out_dir / "job.log", "a") as log, contextlib.redirect_stdout(log):
+    with open(log_path(job), "a") as log, contextlib.redirect_stdout(log):
         result = _train_and_measure(job, recipe, classifier, resume)
     (job.out_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def log_path(job) -> Path:
+    """The job's training output, beside its run folder (st train refuses a folder holding
+    files of its own before the first run)."""
+    return job.out_dir.with_name(f"{job.out_dir.name}.log")
 
 
 def _cached(path: Path, recipe: dict) -> dict | None:

@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per wo
 import numpy as np  # noqa: E402
 import report  # noqa: E402
 import torch  # noqa: E402
-from until_converged import at_steps, pilot_and_result  # noqa: E402
+from until_converged import at_steps, keep, pilot_and_result, seed_job, settled  # noqa: E402
 from variants import DATASETS, ROOT, Job, Plan  # noqa: E402
 
 DIAG_LOSSES = ("g2", "var", "g2P1", "st_P1", "st_P0.9")
@@ -59,6 +59,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--converge", action="store_true",
                    help="train each loss until its seed 0 converges (until_converged.py), then the "
                    "other seeds to that step; data sets with a converge budget (digits)")
+    p.add_argument("--keep", action="store_true",
+                   help="no jobs: copy the unfinished --converge jobs' checkpoints to "
+                   "benchmarks/repro/state (commit them; the next machine resumes from them)")
     p.add_argument("--force", action="store_true", help="rerun jobs even if their results exist")
     p.add_argument("--report", action="store_true",
                    help="no jobs: the tables and curves from the saved results (<results>/<data>.json)")
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         return dry_run(plan)
     if args.report:
         return report_only(args)
+    if args.keep:
+        kept = keep(plan.jobs, args.results)
+        print("\n".join(f"kept {p.relative_to(ROOT)} ({p.stat().st_size / 2**20:.1f} MiB)" for p in kept))
+        return {"kept": [str(p) for p in kept]}
     torch.set_num_threads(1)
     os.chdir(ROOT)  # the recipes' train.out_dir are relative to the repository root
     if args.force:
@@ -192,13 +199,27 @@ def run_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path) -> l
 
 def converge_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path) -> list[dict]:
     """Every loss's pilot (its seed-0 job) first, each trained until it converges; as a pilot
-    ends, its row is saved and the loss's other seeds start, trained to the pilot's budget."""
-    from evaluate import run_job
-
-    pilots = [j for j in jobs if j.seed == 0]
+    ends, its row is saved and the loss's other seeds start, trained to the pilot's budget.  Of
+    pilots settled in an earlier session, the seeds of converged ones go first, those of pilots
+    stopped at the cap after every pilot."""
     results = []
+
+    def seeds(job: Job, budget: int) -> dict:
+        return {pool.submit(seed_job, at_steps(other, budget), classifier): other
+                for other in jobs if other.variant == job.variant and other.seed != 0}
+
     with _pool(n) as pool:
-        waiting = {pool.submit(pilot_and_result, j, classifier, saved): j for j in pilots}
+        waiting = {}
+        pilots = [(j, settled(j, saved)) for j in jobs if j.seed == 0]
+        done = sorted(((j, b) for j, b in pilots if b is not None), key=lambda p: p[1])
+        capped = [(j, b) for j, b in done if b >= j.budget.steps]  # not converged: after the pilots
+        for job, budget in [p for p in done if p not in capped]:
+            print(f"pilot {job.variant.key}: settled at {budget} steps (saved)", flush=True)
+            waiting |= seeds(job, budget)
+        waiting |= {pool.submit(pilot_and_result, j, classifier, saved): j for j, b in pilots if b is None}
+        for job, budget in capped:
+            print(f"pilot {job.variant.key}: not converged at its cap, {budget} steps (saved)", flush=True)
+            waiting |= seeds(job, budget)
         while waiting:
             fut = next(as_completed(waiting))
             job = waiting.pop(fut)
@@ -207,8 +228,7 @@ def converge_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path)
                 verdict = "converged" if state["verdict"]["step"] is not None else "NOT converged"
                 print(f"pilot {job.variant.key}: {verdict} at {state['budget']} steps "
                       f"(trained {state['chunks'][-1]['step'] if state['chunks'] else 0})", flush=True)
-                for other in (j for j in jobs if j.variant == job.variant and j.seed != 0):
-                    waiting[pool.submit(run_job, at_steps(other, state["budget"]), classifier)] = other
+                waiting |= seeds(job, state["budget"])
             else:
                 r = fut.result()
             _report_job(len(results) + 1, len(jobs), r)

@@ -13,7 +13,10 @@ verdict ``"step": null``.
 
 Nothing computed is lost to an interruption: the pilot's measured points go to
 <results>/pilots/<data>/<loss>.json after each measurement, every training resumes from its
-checkpoint, and a finished job's result is added to <results>/<data>.json at once.
+checkpoint, and a finished job's result is added to <results>/<data>.json at once.  The run
+folder does not outlive a machine, so `run.py --keep` copies every unfinished job's resume
+checkpoint (and a converged pilot's snapshot) to STATE, which is committed; a job whose run folder
+lacks them starts from those copies (`restore`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +32,42 @@ import torch
 from convergence import QUALITY, converged_at
 
 CRITERION = {"tol": "resolution", "delta": 0.02, "window": 1.5, "later": 2}
+STATE = Path(__file__).parent / "state"
+
+
+def _kept(job) -> Path:
+    return STATE / job.data.key / job.variant.key / f"seed{job.seed}"
+
+
+def restore(job) -> None:
+    """Copy the kept checkpoints of `job` into its run folder where the folder lacks them."""
+    kept = _kept(job)
+    for f in sorted(kept.glob("*.safetensors")) if kept.is_dir() else ():
+        if not (job.out_dir / f.name).is_file():
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, job.out_dir / f.name)
+
+
+def keep(jobs, results: Path) -> list[Path]:
+    """Copy each unfinished job's resume checkpoint, and each converged pilot's snapshot at its
+    budget, to STATE (replacing older copies); drop the copies of finished jobs."""
+    saved = []
+    for job in jobs:
+        kept, finished = _kept(job), (job.out_dir / "result.json").is_file()
+        state = pilot_file(results, job.data.key, job.variant.key)
+        budget = json.loads(state.read_text()).get("budget") if job.seed == 0 and state.is_file() else None
+        wanted = [f"ckpt-{budget}.safetensors"] if budget else [] if finished else ["ckpt.safetensors"]
+        wanted = [n for n in wanted if (job.out_dir / n).is_file()]
+        if not wanted and not finished:
+            continue  # nothing new here (a run folder of another machine): keep what is kept
+        for old in kept.glob("*.safetensors") if kept.is_dir() else ():
+            if old.name not in wanted:
+                old.unlink()
+        for name in wanted:
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(job.out_dir / name, kept / name)
+            saved.append(kept / name)
+    return saved
 
 
 def next_stop(step: int, chunk: int) -> int:
@@ -53,6 +93,7 @@ def run_pilot(job, classifier: Path | None, results: Path) -> dict:
     state = json.loads(path.read_text()) if path.is_file() else {"points": [], "chunks": []}
     key = QUALITY[job.data.key][0]
     job.out_dir.mkdir(parents=True, exist_ok=True)
+    restore(job)
     while True:
         _measure_new(job, classifier, state, path)
         verdict = converged_at(state["points"], key, **CRITERION)
@@ -68,10 +109,12 @@ def run_pilot(job, classifier: Path | None, results: Path) -> dict:
 
 
 def _train_chunk(job, state: dict, path: Path) -> None:
+    from evaluate import log_path
+
     from stcli.train import train
 
     t, c = time.perf_counter(), time.process_time()
-    with open(job.out_dir / "job.log", "a") as log, contextlib.redirect_stdout(log):
+    with open(log_path(job), "a") as log, contextlib.redirect_stdout(log):
         result = train(job.recipe(), resume="auto")
     state["chunks"].append({"step": job.budget.steps, "loss": result.loss,
                             "train_s": time.perf_counter() - t, "train_cpu_s": time.process_time() - c})
@@ -102,6 +145,10 @@ def pilot_result(job, state: dict, classifier: Path | None) -> dict:
     s = state["budget"]
     snap = job.out_dir / f"ckpt-{s}.safetensors"
     at = at_steps(job, s)
+    if not snap.is_file():  # lost with an earlier machine: the same recipe and seed remake it
+        remake = dataclasses.replace(at, root=job.out_dir / "remake")
+        _train_chunk(remake, {"chunks": []}, remake.out_dir / "chunks.json")
+        shutil.copyfile(remake.out_dir / snap.name, snap)
     point = next(p for p in state["points"] if p["step"] == s)
     chunks = [c for c in state["chunks"] if c["step"] <= s]
     result = {"data": job.data.key, "variant": job.variant.key, "label": job.variant.label,
@@ -133,3 +180,22 @@ def _save(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=0))
     tmp.replace(path)
+
+
+def seed_job(job, classifier: Path | None) -> dict:
+    """A further seed trained to its pilot's budget, from its kept checkpoint if any."""
+    from evaluate import run_job
+
+    restore(job)
+    return run_job(job, classifier)
+
+
+def settled(job, results: Path) -> int | None:
+    """The budget of a pilot whose row is already in <results>/<data>.json, else None."""
+    state, table = pilot_file(results, job.data.key, job.variant.key), results / f"{job.data.key}.json"
+    if not (state.is_file() and table.is_file()):
+        return None
+    budget = json.loads(state.read_text()).get("budget")
+    rows = json.loads(table.read_text())["runs"]
+    return budget if any((r["variant"], r["seed"], r["recipe"]["train"]["steps"]) ==
+                         (job.variant.key, 0, budget) for r in rows) else None
