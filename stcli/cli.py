@@ -385,6 +385,9 @@ def nll(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
     nelbo_samples: Annotated[int, typer.Option(
         "--nelbo-samples", min=1, help="Monte Carlo draws of (t, z) per datum.")] = 1,
+    solver_check: Annotated[int, typer.Option(
+        "--solver-check", min=0, help="Items solved again at 100x tighter tolerances to estimate "
+        "the solver's own error of the mean (0: none).")] = 16,
     json_path: Annotated[Optional[str], typer.Option(
         "--json", help="Write every number and the settings here.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json.")] = False,
@@ -408,7 +411,8 @@ def nll(
     _relaunch_if_asked(procs)
     opts = NllOptions(split=split, limit=limit, batch_size=batch_size, repeats=repeats, eps=eps,
                       correction=correction, divergence=divergence, probes=probes, **solver,
-                      nelbo=nelbo, nelbo_samples=nelbo_samples, weights=weights,
+                      nelbo=nelbo, nelbo_samples=nelbo_samples, solver_check=solver_check,
+                      weights=weights,
                       seed=seed, device=device)
     result = evaluate(ckpt, opts)
     if _is_rank0():

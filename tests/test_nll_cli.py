@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import run_st, st
 
 from stcli import checkpoint
@@ -86,3 +87,38 @@ def test_bad_input(ckpt, tmp_path, capsys):
     assert code == 2 and "no ema weights" in err
     code, _, err = st(capsys, "nll", tmp_path / "missing.safetensors")
     assert code == 2 and "does not exist" in err
+
+
+def test_the_solver_error_estimate_tracks_the_error_to_a_tight_solve(tiny_ckpt, capsys):
+    """--solver-check: items solved again at 100x tighter tolerances estimate the solver's error
+    of the mean; against a 1e-6 solve of the same items (same noise), the estimate holds most of
+    the true error, and it falls with the tolerance; every report prints it."""
+    from stcli import nll as nll_mod
+    from stcli.likelihood import bits_per_dim, nll
+    from stcli.loading import load_model
+    from stcli.seeding import generator
+
+    loaded = load_model(tiny_ckpt)
+    data = loaded.recipe.data.for_evaluation()
+    test = data.create("test")
+
+    def solve(tol):
+        g = generator(torch.device("cpu"), 0, "nll-solver-check")
+        x = data.transform(torch.stack([test[i] for i in range(4)]), g)
+        vals, _ = nll(loaded.model.score, loaded.recipe.sde, x, eps=loaded.recipe.nll_eps,
+                      rtol=tol, atol=tol, generator=g)
+        return bits_per_dim(vals, data.dim, data.bpd_offset()).double()
+
+    estimates = {}
+    for tol in (3e-2, 3e-3):
+        opts = nll_mod.NllOptions(limit=4, batch_size=4, rtol=tol, atol=tol, device="cpu",
+                                  solver_check=4)
+        estimates[tol] = nll_mod.evaluate(tiny_ckpt, opts).solver["mean_diff"]
+    true = float((solve(3e-2) - solve(1e-6)).mean())
+    assert abs(true) > 1e-4  # a loose solve errs measurably
+    assert abs(estimates[3e-2] - true) <= 0.5 * abs(true)
+    assert abs(estimates[3e-3]) < abs(estimates[3e-2])
+    code, out, err = st(capsys, "nll", tiny_ckpt, "--limit", "2", "--rtol", "3e-2", "--atol", "3e-2",
+                        "--device", "cpu")
+    assert code == 0, err
+    assert "solver error of the mean, estimated on 2 items" in out
