@@ -62,56 +62,152 @@ def measure(model, sde, name: str, params: dict, steps: int, batch: int, shape, 
     return sampler, nfe, batch / best
 
 
-ACCURACY = [("euler", "edm", 1), ("heun", "edm", 2), ("dpm2m", "edm", 1), ("dpm2m", "log_snr", 1)]
+GRIDS = ("uniform", "log_snr", "edm")
+# the probability-flow samplers on every grid; unipc in its chosen setting (docs/sampling.md)
+ACCURACY = [f"{name}:{grid}" for name in ("euler", "heun", "dpm2m", "unipc") for grid in GRIDS]
+
+
+def parse_case(text: str) -> tuple[str, dict]:
+    """'name:schedule[:key=value,...]' (values read as YAML) -> (name, settings)."""
+    import yaml
+
+    name, schedule, *rest = text.split(":")
+    params = dict(item.split("=", 1) for item in rest[0].split(",")) if rest else {}
+    return name, {"schedule": schedule} | {k: yaml.safe_load(v) for k, v in params.items()}
+
+
+def steps_for(name: str, nfe: int) -> int:
+    """Grid steps that spend `nfe` evaluations: heun takes 2 per step, the others 1."""
+    return max(2, nfe // (2 if name == "heun" else 1))
+
+
+def machine() -> dict:
+    import datetime
+    import platform
+
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (var / n) ** 0.5
+
+
+def prior_draw(sde, n: int, shape, seed: int, device) -> torch.Tensor:
+    """x_T of `n` samples from a generator seeded with `seed`: one noise draw per seed."""
+    return sde.prior_sample((n, *shape), generator=torch.Generator(device).manual_seed(seed),
+                            device=device, dtype=torch.float32)
+
+
+def reference(model, sde, x: torch.Tensor, tol: float, cache: str | None, key: str):
+    """The converged probability flow from x (adaptive dopri5 at rtol = atol = tol, no
+    denoising) and its NFE, read from / written to `cache` (a folder) when given."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache) / f"{key}.safetensors" if cache else None
+    if path and path.exists():
+        saved = load_file(str(path))
+        if torch.equal(saved["x_T"], x.cpu()):
+            return saved["ref"].to(x.device), int(saved["nfe"])
+    ref, nfe = SAMPLERS.validate("ode", rtol=tol, atol=tol, denoise=False)(model.score, sde, x)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x_T": x.cpu(), "ref": ref.cpu(), "nfe": torch.tensor(nfe)}, str(path))
+    return ref, nfe
 
 
 def accuracy(args) -> None:
+    """RMSE of x_eps to the converged flow per case and NFE, mean ± s.e. over the seeds."""
+    import hashlib
+
     from stcli.loading import load_model
 
     device = torch.device(args.device)
     loaded = load_model(args.ckpt, device=args.device)
     model, sde, shape = loaded.model, loaded.recipe.sde, loaded.recipe.data.shape
-    x = sde.prior_sample((args.batch, *shape), generator=torch.Generator(device).manual_seed(0),
-                         device=device, dtype=torch.float32)
-    ref_sampler = SAMPLERS.validate("ode", rtol=args.ref_tol, atol=args.ref_tol, denoise=False)
-    ref, ref_nfe = ref_sampler(model.score, sde, x)
-    info(f"{args.ckpt}: batch {args.batch}, reference dopri5 at {args.ref_tol:g}: {ref_nfe} NFE "
-         "(per-sample steps)")
-    rows = []
-    for name, schedule, per_step in ACCURACY:
-        for nfe in args.nfe:
-            sampler = SAMPLERS.validate(name, steps=max(2, nfe // per_step), schedule=schedule,
-                                        denoise=False)
-            y, used = sampler(model.score, sde, x)
-            rmse = float((y - ref).pow(2).mean().sqrt())
-            rows.append({"sampler": name, "schedule": schedule, "nfe": used, "rmse": rmse})
-    info("| sampler | schedule | NFE | RMSE to converged flow |\n|---|---|---|---|\n" + "\n".join(
-        f"| {r['sampler']} | {r['schedule']} | {r['nfe']} | {r['rmse']:.5f} |" for r in rows))
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for name, schedule, _ in ACCURACY:
-            pts = [(r["nfe"], r["rmse"]) for r in rows if (r["sampler"], r["schedule"]) == (name, schedule)]
-            ax.plot(*zip(*pts), "o-", label=f"{name} ({schedule})")
-        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to converged flow",
-               title="probability-flow samplers, quickstart digits")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+    sha = hashlib.sha256(open(args.ckpt, "rb").read()).hexdigest()
+    todo = [(text, *parse_case(text)) for text in args.accuracy_cases]
+    rmse = {(text, nfe): [] for text, _, _ in todo for nfe in args.nfe}
+    used = {}
+    ref_nfe = []
+    for seed in args.seeds:
+        x = prior_draw(sde, args.batch, shape, seed, device)
+        ref, nfe_ref = reference(model, sde, x, args.ref_tol, args.ref_cache,
+                                 f"{sha[:16]}-b{args.batch}-s{seed}-tol{args.ref_tol:g}")
+        ref_nfe.append(nfe_ref)
+        for text, name, params in todo:
+            for nfe in args.nfe:
+                sampler = SAMPLERS.validate(name, steps=steps_for(name, nfe), denoise=False, **params)
+                y, used[text, nfe] = sampler(model.score, sde, x)
+                rmse[text, nfe].append(float((y - ref).pow(2).mean().sqrt()))
+        info(f"seed {seed}: reference {nfe_ref} NFE; " + ", ".join(
+            f"{text}@{nfe} {rmse[text, nfe][-1]:.4f}" for text, _, _ in todo for nfe in args.nfe))
+    rows = [{"case": text, "sampler": name, "settings": params, "nfe": used[text, nfe],
+             "rmse": rmse[text, nfe], "mean": mean_se(rmse[text, nfe])[0],
+             "se": mean_se(rmse[text, nfe])[1]} for text, name, params in todo for nfe in args.nfe]
+    info(f"{args.ckpt}: {args.batch} samples per seed, seeds {args.seeds}, reference dopri5 at "
+         f"{args.ref_tol:g} ({min(ref_nfe)}-{max(ref_nfe)} NFE); RMSE mean ± s.e. over the seeds")
+    info(table(rows, args.nfe, lambda r: f"{r['mean']:.4f} ± {r['se']:.4f}"))
+    result = {"ckpt": args.ckpt, "ckpt_sha256": sha, "step": loaded.step, "batch": args.batch,
+              "seeds": args.seeds, "ref_tol": args.ref_tol, "ref_nfe": ref_nfe,
+              "machine": machine(), "rows": rows}
     if args.json:
         import json
 
-        open(args.json, "w").write(json.dumps(rows, indent=1))
+        open(args.json, "w").write(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot([result], args.plot)
+
+
+def table(rows: list[dict], nfes: list[int], cell) -> str:
+    """A Markdown table: one row per case, one column per NFE."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    by = {(r["case"], r["nfe"] if "nfe_target" not in r else r["nfe_target"]): r for r in rows}
+    lines = ["| sampler:grid | " + " | ".join(f"{n} NFE" for n in nfes) + " |",
+             "|---|" + "---|" * len(nfes)]
+    for case in cases:
+        cells = [cell(by[case, n]) if (case, n) in by else "-" for n in nfes]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str, titles: list[str] | None = None) -> None:
+    """RMSE vs NFE with s.e. bars, one panel per result, each sampler on its best grid (the
+    lowest mean RMSE summed over the NFE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, result, title in zip(axes[0], results, titles or [r["ckpt"] for r in results]):
+        rows = result["rows"]
+        for name in dict.fromkeys(r["sampler"] for r in rows):
+            cases = {r["case"] for r in rows if r["sampler"] == name}
+            best = min(cases, key=lambda c: sum(r["mean"] for r in rows if r["case"] == c))
+            pts = sorted((r["nfe"], r["mean"], r["se"]) for r in rows if r["case"] == best)
+            nfe, mean, se = zip(*pts)
+            ax.errorbar(nfe, mean, yerr=se, fmt="o-", capsize=3, label=best)
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to converged flow",
+               title=f"{title} ({len(result['seeds'])} seeds x {result['batch']})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def fid_per_nfe(args) -> None:
-    """The small-scale FID of benchmarks/repro (64-d features of a digit classifier trained on
-    the digits train split, against that split) of --fid samples per sampler and NFE, all from
-    the same prior draw, with the final denoising step."""
+    """The small-scale FID of benchmarks/repro (64-d features of the digit classifier of
+    runs/repro/classifier, trained on the digits train split, against that split) of --fid
+    samples per case and NFE (steps = NFE, then the denoising step), one prior draw per seed:
+    FID ± its bootstrap s.e. per seed, and the mean ± s.e. over the seeds."""
     import sys
     import tempfile
     from pathlib import Path
@@ -125,26 +221,46 @@ def fid_per_nfe(args) -> None:
     loaded = load_model(args.ckpt, device=args.device)
     model, recipe = loaded.model, loaded.recipe
     sde, shape = recipe.sde, recipe.data.shape
+    weights = Path(args.classifier)
     with tempfile.TemporaryDirectory() as tmp:
-        acc = dfid.train_classifier(Path(tmp) / "cnn.safetensors")
-        ext = dfid.extractor(Path(tmp) / "cnn.safetensors")
-        ref = dfid.features(dfid.digit_split("train")[0], ext)
-    x = sde.prior_sample((args.fid, *shape), generator=torch.Generator(device).manual_seed(0),
-                         device=device, dtype=torch.float32)
-    info(f"{args.ckpt}: FID of {args.fid} samples against the digits train split (classifier "
-         f"test accuracy {acc['test_accuracy']:.3f})")
+        if not weights.exists():  # as before: a classifier of its own, seeded
+            weights = Path(tmp) / "cnn.safetensors"
+            dfid.train_classifier(weights)
+        ext = dfid.extractor(weights)
+    ref = dfid.features(dfid.digit_split("train")[0], ext)
     test = dfid.digit_split("test")[0][:args.fid]  # the floor: real digits not in the reference
-    rows = [{"sampler": f"digits test split ({len(test)} images)", "schedule": "-", "nfe": 0,
-             "fid": dfid.fid(dfid.features(test, ext), ref)}]
-    for name, schedule, per_step in ACCURACY:
-        for nfe in args.nfe:
-            sampler = SAMPLERS.validate(name, steps=max(2, nfe // per_step), schedule=schedule)
-            y, used = sampler(model.score, sde, x)
-            feats = dfid.features(recipe.data.picture(y).cpu(), ext)
-            rows.append({"sampler": name, "schedule": schedule, "nfe": used, "fid": dfid.fid(feats, ref)})
-            info(f"| {name} | {schedule} | {used} | {rows[-1]['fid']:.2f} |")
-    info("| sampler | schedule | NFE | FID |\n|---|---|---|---|\n" + "\n".join(
-        f"| {r['sampler']} | {r['schedule']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows))
+    test_feats = dfid.features(test, ext)
+    floor = {"case": f"digits test split ({len(test)} images)", "fid": dfid.fid(test_feats, ref),
+             "bootstrap_se": dfid.fid_bootstrap_se(test_feats, ref)}
+    info(f"{args.ckpt}: FID of {args.fid} samples per seed against the digits train split; "
+         f"floor {floor['fid']:.2f} ± {floor['bootstrap_se']:.2f}")
+    todo = [(text, *parse_case(text)) for text in args.accuracy_cases]
+    per = {(text, nfe): [] for text, _, _ in todo for nfe in args.nfe}
+    used = {}
+    for seed in args.seeds:
+        x = prior_draw(sde, args.fid, shape, seed, device)
+        for text, name, params in todo:
+            for nfe in args.nfe:
+                sampler = SAMPLERS.validate(name, steps=steps_for(name, nfe), **params)
+                y, used[text, nfe] = sampler(model.score, sde, x)
+                feats = dfid.features(recipe.data.picture(y).cpu(), ext)
+                per[text, nfe].append((dfid.fid(feats, ref), dfid.fid_bootstrap_se(feats, ref)))
+                info(f"seed {seed} | {text} | {used[text, nfe]} NFE | FID {per[text, nfe][-1][0]:.2f} "
+                     f"± {per[text, nfe][-1][1]:.2f}")
+    rows = [{"case": text, "sampler": name, "settings": params, "nfe_target": nfe,
+             "nfe": used[text, nfe], "fid": [f for f, _ in per[text, nfe]],
+             "bootstrap_se": [s for _, s in per[text, nfe]],
+             "mean": mean_se([f for f, _ in per[text, nfe]])[0],
+             "se": mean_se([f for f, _ in per[text, nfe]])[1]} for text, name, params in todo
+            for nfe in args.nfe]
+    info(table(rows, args.nfe, lambda r: f"{r['mean']:.2f} ± {r['se']:.2f} ({r['nfe']} NFE)"))
+    if args.json:
+        import json
+
+        result = {"ckpt": args.ckpt, "step": loaded.step, "classifier": str(args.classifier),
+                  "samples_per_seed": args.fid, "seeds": args.seeds, "floor": floor,
+                  "machine": machine(), "rows": rows}
+        open(args.json, "w").write(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -156,13 +272,26 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cases", nargs="+", help="name:steps pairs instead of the default set")
     parser.add_argument("--ckpt", help="measure accuracy vs NFE on this checkpoint")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                        help="One prior draw x_T per seed.")
+    parser.add_argument("--accuracy-cases", nargs="+", default=ACCURACY,
+                        help="name:schedule[:key=value,...] per case, e.g. unipc:edm:order=2,bh=h")
     parser.add_argument("--ref-tol", type=float, default=1e-7)
+    parser.add_argument("--ref-cache", help="A folder that keeps the reference solutions.")
     parser.add_argument("--fid", type=int, help="With --ckpt (digits): FID of N samples per NFE instead.")
+    parser.add_argument("--classifier", default="runs/repro/classifier/digits_cnn.safetensors",
+                        help="The digit classifier of --fid (trained afresh if missing).")
     parser.add_argument("--plot")
+    parser.add_argument("--replot", nargs="+", help="Draw --plot from these JSON results instead.")
+    parser.add_argument("--titles", nargs="+", help="Panel titles of --replot.")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.replot:
+        import json
+
+        return plot([json.load(open(p)) for p in args.replot], args.plot, args.titles)
     if args.ckpt and args.fid:
         return fid_per_nfe(args)
     if args.ckpt:

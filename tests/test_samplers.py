@@ -146,7 +146,7 @@ SDE_CASES = {"ve": {"sigma_max": 400.0}, "rve": {"sigma_max": 400.0, "eps": 1e-3
 ACCURATE = {  # settings accurate on every SDE; a newly registered sampler runs with its defaults
     "euler_maruyama": {"steps": 500, "schedule": "log_snr"},
     "pc": {"corrector": "none", "steps": 500, "schedule": "log_snr"},
-    "euler": {"steps": 500}, "heun": {"steps": 60}, "dpm2m": {"steps": 40}}
+    "euler": {"steps": 500}, "heun": {"steps": 60}, "dpm2m": {"steps": 40}, "unipc": {"steps": 40}}
 VARIANTS = [  # the default grids of the stochastic samplers, and the other predictors/correctors
     ("vp", "euler_maruyama", {"steps": 1000}),
     ("ve", "euler_maruyama", {"steps": 1000}),
