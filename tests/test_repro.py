@@ -191,7 +191,7 @@ def test_classifier_training_is_deterministic(tmp_path):
 def _result(variant, seed, nll, fid):
     return {"data": "digits", "variant": variant, "label": variant, "seed": seed,
             "nll": {"mean": nll}, "nelbo": {"mean": nll + 0.1}, "fid": fid, "fid_em": fid + 1,
-            "train_s": 1.0, "eval_s": 2.0}
+            "train_s": 1.0, "eval_s": 2.0, "recipe": {"train": {"steps": 3000}}}
 
 
 def test_tables_mean_standard_error_and_paired_differences():
@@ -203,4 +203,5 @@ def test_tables_mean_standard_error_and_paired_differences():
     (diff,) = report.paired(runs)["digits"]
     assert diff["fid"]["mean"] == pytest.approx(-3.0)
     assert diff["fid"]["se"] == pytest.approx(np.std([-2, -3, -4], ddof=1) / np.sqrt(3))
-    assert "12.00 ± 1.15" in report.markdown(report.aggregate(runs)["digits"], "digits")
+    table = report.markdown(report.aggregate(runs)["digits"], "digits")
+    assert "12.00 ± 1.15" in table and "| g2 | 3,000 (0,1,2) |" in table

@@ -46,7 +46,10 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
     for (data, variant), runs in groups.items():
         runs.sort(key=lambda r: r["seed"])
         row = {"variant": variant, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs],
-               "cpu": all("train_cpu_s" in r for r in runs)}
+               "cpu": all("train_cpu_s" in r for r in runs),
+               "steps": sorted({r["recipe"]["train"]["steps"] for r in runs}),
+               # --converge runs: None where the pilot stopped at the cap unconverged
+               "converged": runs[0]["converged"]["step"] if "converged" in runs[0] else "n/a"}
         for part in ("train", "eval"):  # core-seconds (CPU time of the one thread) where recorded
             key = f"{part}_cpu_s" if row["cpu"] else f"{part}_s"
             row[f"{part}_s"] = mean_se([r[key] for r in runs])
@@ -83,11 +86,14 @@ def fmt(stat: dict, scale: float = 1.0) -> str:
 def markdown(rows: list[dict], data: str, extra: tuple[str, ...] = ("tables", "time")) -> str:
     cols = COLUMNS[data]
     cpu = all(row.get("cpu") for row in rows)
-    head = ["loss", *(h for _, h, _ in cols)] + \
+    head = ["loss", "steps (seeds)", *(h for _, h, _ in cols)] + \
         ([f"train + eval {'core-s' if cpu else 's'}"] if "time" in extra else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["label"], *(fmt(row[k], s) for k, _, s in cols)]
+        steps = "/".join(f"{s:,}" for s in row.get("steps", []))
+        mark = " (cap, not converged)" if row.get("converged", "n/a") is None else ""
+        seeds = ",".join(map(str, row["seeds"]))
+        cells = [row["label"], f"{steps}{mark} ({seeds})", *(fmt(row[k], s) for k, _, s in cols)]
         if "time" in extra:
             cells.append(f"{row['train_s']['mean']:.0f} + {row['eval_s']['mean']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")

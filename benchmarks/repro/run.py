@@ -318,7 +318,7 @@ def sample_figures(plan: Plan, args) -> None:
 
 def curve_figures(results: list[dict], args) -> dict:
     """NLL, NELBO and sample quality against the training step, seed 0 of each loss: the
-    measured EMA snapshots and the final model."""
+    measured EMA snapshots and the final model, and the pilots of --converge still training."""
     import figures
 
     curves: dict[str, dict[str, list[dict]]] = {}
@@ -327,7 +327,14 @@ def curve_figures(results: list[dict], args) -> dict:
             final = {k: r[k] for k in ("nll", "nelbo", QUALITY[r["data"]][0])}
             final[QUALITY[r["data"]][0] + "_se"] = r.get(QUALITY[r["data"]][0] + "_se", 0.0)
             points = [*r["curve"], final | {"step": r["recipe"]["train"]["steps"]}]
-            curves.setdefault(r["data"], {})[r["label"]] = points
+            curves.setdefault(r["data"], {})[r["label"]] = sorted(points, key=lambda p: p["step"])
+    for data in args.data:
+        labels = {v.key: v.label for v in DATASETS[data].variants + DATASETS[data].extras}
+        for path in sorted((args.results / "pilots" / data).glob("*.json")):
+            label = labels.get(path.stem)
+            points = json.loads(path.read_text())["points"]
+            if label and points and label not in curves.get(data, {}):
+                curves.setdefault(data, {})[label + " (training)"] = points
     for data, by_loss in curves.items():
         key, label = QUALITY[data]
         figures.learning_curves(by_loss, key, label, args.img / f"repro_curves_{data}.png",
