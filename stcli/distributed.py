@@ -187,9 +187,27 @@ def setup(device: str = "auto") -> Context:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout())
+        _join("nccl" if dev.type == "cuda" else "gloo", world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Context(rank=rank, world_size=world, device=dev)
+
+
+def _join(backend: str, world: int) -> None:
+    """init_process_group, said first (it waits for every rank) and a UserError if they do not
+    all come within the timeout."""
+    from stcli.console import info
+
+    wait = timeout()
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if os.environ.get("RANK", "0") == "0":
+        info(f"waiting for {world} processes to join at {where} (at most {wait.total_seconds():g} s; "
+             "ST_DIST_TIMEOUT)")
+    try:
+        dist.init_process_group(backend, timeout=wait)
+    except dist.DistError as err:
+        raise UserError(f"the {world} processes did not all join at {where} within "
+                        f"{wait.total_seconds():g} s ({type(err).__name__}); start every rank, "
+                        "or raise ST_DIST_TIMEOUT") from None
 
 
 def teardown() -> None:

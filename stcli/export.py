@@ -39,7 +39,7 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", dtype: str =
     state = checkpoint.section(section, tensors)
     if not state:
         raise UserError(f"checkpoint {ckpt} holds no {weights} weights")
-    params = _parameter_names(meta["recipe"], ckpt)
+    params = _parameter_names(meta["recipe"], ckpt, state, weights)
     cast = {k: v.to(DTYPES[dtype]) if k in params else v for k, v in state.items()}
     checkpoint.save(out, checkpoint.prefixed(section, cast),
                     {"recipe": meta["recipe"], "step": meta.get("step", 0),
@@ -48,12 +48,16 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", dtype: str =
             "source_bytes": Path(ckpt).stat().st_size}
 
 
-def _parameter_names(recipe: dict, ckpt: str | Path) -> set[str]:
-    """Names of the trainable tensors of the checkpoint's model (built on the meta device)."""
+def _parameter_names(recipe: dict, ckpt: str | Path, state: dict, weights: str) -> set[str]:
+    """Names of the trainable tensors of the checkpoint's model (built on the meta device), once
+    `state` is checked to be that model's, every name and shape (as `st sample` checks it)."""
+    from stcli.loading import load_weights
     from stcli.nets import build_score_model
     from stcli.recipe import parse_recipe
 
     spec = parse_recipe(recipe, f"the recipe inside {ckpt}")
     with torch.device("meta"):
-        model = build_score_model(spec.net, spec.sde, spec.data.shape)
-    return {name for name, _ in model.named_parameters()}
+        model = build_score_model(spec.net, spec.sde, spec.data.shape, spec.data.zero_centered)
+    names = {name for name, _ in model.named_parameters()}
+    load_weights(model, dict(state), ckpt, f"{weights} weights of {spec.net.name}:", assign=True)
+    return names

@@ -362,11 +362,19 @@ def cached_reference(images: ImageSet, extractor, settings: Settings) -> Referen
     return ref
 
 
-def _existing_stats(out: Path, images: ImageSet, settings: Settings) -> dict:
-    """Metadata of an existing --out for the same source and extractor; a refusal otherwise."""
+def _stats_metadata(out: Path) -> dict:
+    """Metadata of an existing --out that holds reference statistics; a refusal otherwise (even
+    with --overwrite, which replaces statistics, never another file)."""
     meta = read_metadata(out)
     if meta.get("kind") != STATS_KIND:
-        raise UserError(f"{out} exists and holds no reference statistics; choose another --out")
+        what = "an st checkpoint" if "recipe" in meta else "a file not written by `st fid-ref`"
+        raise UserError(f"{out} exists and is {what}, not reference statistics; choose another --out")
+    return meta
+
+
+def _existing_stats(out: Path, images: ImageSet, settings: Settings) -> dict:
+    """Metadata of an existing --out for the same source and extractor; a refusal otherwise."""
+    meta = _stats_metadata(out)
     if (source_identity(meta["source"]) != source_identity(images.source)
             or meta["feature_extractor"] != settings.extractor
             or meta.get("resize", "tf") != settings.resize_mode):
@@ -394,6 +402,8 @@ def fid_ref(arg: str, out: Path, *, split: str, settings: Settings, overwrite: b
     if len(images.dataset) < 2:
         raise UserError(f"reference statistics need at least 2 images, {images.label} has "
                         f"{len(images.dataset)}")
+    if out.exists() and overwrite:
+        _stats_metadata(out)
     old = _existing_stats(out, images, settings) if out.exists() and not overwrite else None
     digest = content_hash(images)
     if old and old.get("content_hash") == digest:

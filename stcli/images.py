@@ -118,9 +118,14 @@ def _open(path: str | Path) -> Image.Image:
     Image.init()
     with open(path, "rb") as f:
         prefix = f.read(16)
+    if not prefix:
+        raise UnidentifiedImageError(f"{os.fspath(path)!r} is an empty file")
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
-        result = not accept or accept(prefix)
+        try:  # a plugin's check of the first bytes may itself fail on a short file
+            result = not accept or accept(prefix)
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
         if result and not isinstance(result, str):
             try:
                 return factory(os.fspath(path), os.fspath(path))  # it opens and owns the file

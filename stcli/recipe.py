@@ -69,7 +69,7 @@ class Train(Section):
     snapshot_weights: Literal["full", "ema"] = "full"  # ema: snapshots hold the EMA weights only
     sample_every: NonNegativeInt = 50000  # 0: no sample grids during training
     grid_size: PositiveInt = 64
-    out_dir: str | None = None  # default runs/<name>
+    out_dir: str | None = Field(None, min_length=1, pattern=r"\S")  # default (None) runs/<name>
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: autocast with a loss scaler
     compile: bool = False
     channels_last: bool | None = None  # model and batches in channels_last format; None: on CUDA
@@ -279,9 +279,17 @@ class UniqueKeyLoader(yaml.SafeLoader):
 MAX_DEPTH = 32  # a recipe's sections and components nest 4 deep; a deeper value is a mistake
 
 
+MAX_VALUES = 100_000  # the largest paper recipe holds about 100 values; aliases can multiply them
+
+
 class TooDeep(yaml.YAMLError):
     def __str__(self) -> str:
         return f"nested more than {MAX_DEPTH} levels deep"
+
+
+class TooLarge(yaml.YAMLError):
+    def __str__(self) -> str:
+        return f"more than {MAX_VALUES:,} values once its aliases (*name) are expanded"
 
 
 def safe_load(text: str):
@@ -296,10 +304,14 @@ def safe_load(text: str):
 
 
 def _depth(data) -> int:
-    """How deep lists and mappings nest in `data` (iteratively: no recursion limit)."""
-    deepest, stack = 0, [(data, 0)]
+    """How deep lists and mappings nest in `data` (iteratively: no recursion limit); TooLarge
+    past MAX_VALUES values (an alias repeated in an alias repeated ...: a "billion laughs")."""
+    deepest, stack, seen = 0, [(data, 0)], 0
     while stack:
         node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise TooLarge()
         deepest = max(deepest, depth)
         if depth <= MAX_DEPTH and isinstance(node, dict | list):
             stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
@@ -330,6 +342,8 @@ def read_yaml(path: str | Path) -> dict:
         data = safe_load(text)
     except TooDeep as err:
         raise UserError(f"recipe {path} is {err}") from None
+    except TooLarge as err:
+        raise UserError(f"recipe {path} holds {err}") from None
     except yaml.YAMLError as err:
         raise UserError(f"recipe {path} is not valid YAML:\n{err}") from None
     if not isinstance(data, dict):

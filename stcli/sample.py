@@ -44,7 +44,7 @@ from stcli.images import save_grid
 from stcli.loading import load_model
 from stcli.registry import SAMPLERS
 from stcli.resources import check_disk
-from stcli.runlock import TMP_PREFIX, RunLock, atomic, remove_temporaries
+from stcli.runlock import LOCK, TMP_PREFIX, RunLock, atomic, remove_temporaries
 from stcli.samplers import Sampler
 from stcli.seeding import seed_for
 
@@ -182,6 +182,11 @@ def check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
     `manifest`.  Runs on the main process, with the folder locked."""
     old, files = read_manifest(out), sample_files(out)
     hint = "use another folder, or delete them and start afresh with `st sample --overwrite`"
+    ours = {p.name for p in files if p.parent == out} | {LOCK}
+    other = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(TMP_PREFIX))
+    if old is None and other and not overwrite:  # the user's folder (--overwrite keeps those files)
+        raise UserError(f"{out} holds files st sample did not write ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder")
     if overwrite and (old or files):
         for path in files:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

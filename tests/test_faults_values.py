@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import st
+from conftest import run_st, st
 from faults_util import damaged, mount_tmpfs, raw, refused, snapshot, unmount
 
 from stcli import outputs
@@ -24,9 +24,12 @@ def one_line(result) -> str:
 def test_outputs_never_replace_what_the_user_owns(tiny_ckpt, tmp_path, capsys):
     mine = tmp_path / "mine.safetensors"
     mine.write_bytes(b"the user's own file")
-    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    fifo, folder, users = tmp_path / "pipe", tmp_path / "folder", tmp_path / "users"
     os.mkfifo(fifo)
     folder.mkdir()
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    (users / "000000.png").write_bytes(b"my picture")
     before = snapshot(tmp_path) | snapshot(tiny_ckpt.parent)
     cases = {
         "export over a file": (("export", tiny_ckpt, "--out", mine),
@@ -41,6 +44,8 @@ def test_outputs_never_replace_what_the_user_owns(tiny_ckpt, tmp_path, capsys):
         "fid --json a folder": (("fid", tmp_path, "--ref", tmp_path, "--json", folder), "is a folder"),
         "sample --out empty": (("sample", tiny_ckpt, "-n", "2", "--out", ""), "--out is empty"),
         "sample --out a file": (("sample", tiny_ckpt, "-n", "2", "--out", mine), "is not a folder"),
+        "sample into the user's folder": (("sample", tiny_ckpt, "-n", "2", "--out", users),
+                                          "holds files st sample did not write (000000.png, notes.txt)"),
     }
     for case, (args, message) in cases.items():
         flat = one_line(st(capsys, *args))
@@ -127,6 +132,22 @@ def test_non_finite_or_mistyped_weights_are_refused_by_every_reader(tiny_ckpt, t
         assert not (tmp_path / "s").exists() and not (tmp_path / case / "e.safetensors").exists()
 
 
+def test_export_checks_the_weights_against_the_net_as_sampling_does(tiny_ckpt, tmp_path, capsys):
+    """A missing tensor, an edited shape, or a recipe naming another net: `st export` refuses
+    (as `st sample` does) instead of writing a file nothing can load."""
+    t, m = raw(tiny_ckpt)
+    ema = next(k for k in t if k.startswith("ema.") and t[k].dim() == 4)
+    recipe = json.loads(m["recipe"])
+    recipe["net"]["nf"] = 2 * recipe["net"]["nf"]
+    cases = {"missing": dict(drop=(ema,)), "shape": dict(tensors={ema: t[ema][:1].clone()}),
+             "recipe": dict(meta={"recipe": json.dumps(recipe)})}
+    for case, change in cases.items():
+        path = damaged(tiny_ckpt, tmp_path / case / "ckpt.safetensors", **change)
+        out = tmp_path / case / "e.safetensors"
+        flat = one_line(st(capsys, "export", path, "--out", out))
+        assert "does not match its recipe's net" in flat and not out.exists(), (case, flat)
+
+
 def test_resume_refuses_a_mistyped_checkpoint_and_keeps_it(tiny_ckpt, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -182,6 +203,12 @@ def test_run_names_are_printable_folder_names(tiny_recipe, capsys, name):
     assert "name:" in flat and "printable" in flat
 
 
+@pytest.mark.parametrize("value", ["''", "' '"])
+def test_an_empty_out_dir_is_refused_not_read_as_the_default(tiny_recipe, capsys, value):
+    flat = refused(st(capsys, "recipe", "validate", tiny_recipe(), f"train.out_dir={value}"))
+    assert "train.out_dir" in flat
+
+
 def test_train_never_writes_into_a_folder_of_other_files(tiny_recipe, tmp_path, capsys):
     samples = tmp_path / "samples_folder"
     samples.mkdir()
@@ -217,6 +244,15 @@ def test_recipes_and_overrides_nested_too_deep(tiny_recipe, tmp_path, capsys):
     assert "nested more than 32 levels deep" in flat and len(flat) < 300
 
 
+def test_a_recipe_of_aliases_of_aliases_is_refused_before_it_expands(tmp_path, capsys):
+    """Nine levels of nine aliases (a "billion laughs" of 9^9 values, a few hundred bytes)."""
+    lines = ["a0: &a0 [" + ", ".join(["x"] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nname: x\n")
+    assert "more than 100,000 values once its aliases" in one_line(st(capsys, "recipe", "validate", bomb))
+
+
 # --- the launcher's variables ----------------------------------------------------------------------
 @pytest.mark.parametrize("env, message", [
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer >= 1"),
@@ -237,3 +273,22 @@ def test_launcher_variables_are_checked_before_the_process_group(tiny_recipe, tm
     out = tmp_path / "run"
     flat = one_line(st(capsys, "train", tiny_recipe(), f"train.out_dir={out}"))
     assert message in flat and not out.exists()
+
+
+def test_a_rank_whose_peers_never_come_says_so_and_stops(tiny_recipe, tmp_path, monkeypatch):
+    """RANK=0 of 2 with no rank 1: a line saying what it waits for, then exit 2 at the timeout
+    (not a silent wait, not a traceback); nothing written."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "ST_DIST_TIMEOUT": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = run_st("train", tiny_recipe(), f"train.out_dir={out}", timeout=120)
+    assert f"waiting for 2 processes to join at 127.0.0.1:{port}" in result.stdout + result.stderr
+    assert result.returncode == 2 and "did not all join" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

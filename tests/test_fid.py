@@ -11,7 +11,7 @@ import yaml
 from conftest import TINY, with_eval
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from stcli import metrics
 from stcli.cli import main
@@ -151,6 +151,16 @@ def test_reference_statistics_round_trip_and_refusals(tmp_path, common, capsys):
     assert st("fid-ref", folder, "--out", stats, "--overwrite", *common) == 0
     with safe_open(str(stats), framework="pt") as f:
         assert json.loads(f.metadata()["source"])["kind"] == "folder"
+    capsys.readouterr()
+    # --overwrite replaces statistics, never another file (a checkpoint, any safetensors file)
+    for name, tensors, meta in (("model.safetensors", {"w": torch.ones(2)}, {"recipe": "{}"}),
+                                ("other.safetensors", {"w": torch.ones(2)}, {})):
+        save_file(tensors, str(tmp_path / name), metadata=meta)
+        before = (tmp_path / name).read_bytes()
+        assert st("fid-ref", folder, "--out", tmp_path / name, "--overwrite", *common) == 2
+        err = capsys.readouterr().err
+        assert "not reference statistics" in err and "Traceback" not in err
+        assert (tmp_path / name).read_bytes() == before
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import warnings
 import zlib
 
 import numpy as np
-import torch
 import pytest
+import torch
 import yaml
 from conftest import st
 from PIL import Image, ImageFile
@@ -183,7 +183,7 @@ def test_the_limit_is_inclusive(tmp_path):
         read_header(black_png(tmp_path / "over.png", 8193, 8192))
 
 
-@pytest.mark.parametrize("content", [b"not an image", b"\x89PNG\r\n\x1a\n broken", "truncated"])
+@pytest.mark.parametrize("content", [b"not an image", b"\x89PNG\r\n\x1a\n broken", "truncated", b"", b"\x00"])
 def test_unreadable_files_are_user_errors(tmp_path, content):
     path = tmp_path / "bad.png"
     if content == "truncated":
