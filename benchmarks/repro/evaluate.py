@@ -75,15 +75,19 @@ def _resumable(out_dir: Path, recipe) -> bool:
 
 
 def _train_and_measure(job, recipe, classifier: Path | None, resume: bool) -> dict:
+    from stcli.loading import open_checkpoint
     from stcli.train import train
 
     t0, c0 = time.perf_counter(), time.process_time()
-    trained = train(recipe, resume="auto" if resume else False)
+    ckpt = job.out_dir / "ckpt.safetensors"
+    if resume and open_checkpoint(ckpt).step >= recipe.train.steps:  # trained, not yet measured
+        loss = json.loads((job.out_dir / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    else:
+        loss = train(recipe, resume="auto" if resume else False).loss
     t1, c1 = time.perf_counter(), time.process_time()
-    ckpt = trained.out_dir / "ckpt.safetensors"
     result = {"data": job.data.key, "variant": job.variant.key, "label": job.variant.label,
               "seed": job.seed, "recipe": recipe.to_dict(), "command": job.command(),
-              "final_loss": trained.loss, "train_s": t1 - t0, "train_cpu_s": c1 - c0, "resumed": resume}
+              "final_loss": loss, "train_s": t1 - t0, "train_cpu_s": c1 - c0, "resumed": resume}
     result.update(measure(ckpt, job.data, job.budget, job.out_dir / "samples", classifier))
     for name, spec in list(job.budget.samplers.items())[1:]:
         t, c = time.perf_counter(), time.process_time()

@@ -223,6 +223,10 @@ def converge_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path)
         while waiting:
             fut = next(as_completed(waiting))
             job = waiting.pop(fut)
+            if fut.exception() is not None:  # said, and the others go on (rerun to retry it)
+                print(f"FAILED {job.data.key} {job.variant.key} seed {job.seed}: "
+                      f"{type(fut.exception()).__name__}: {fut.exception()}", flush=True)
+                continue
             if job.seed == 0:
                 state, r = fut.result()
                 verdict = "converged" if state["verdict"]["step"] is not None else "NOT converged"
