@@ -180,25 +180,28 @@ def table(rows: list[dict], nfes: list[int], cell) -> str:
 
 
 def plot(results: list[dict], path: str, titles: list[str] | None = None) -> None:
-    """RMSE vs NFE with s.e. bars, one panel per result, each sampler on its best grid (the
-    lowest mean RMSE summed over the NFE)."""
+    """RMSE vs NFE with s.e. bars, one panel per result: each sampler at its best grid for each
+    NFE (the lowest mean RMSE over its cases), the grid named at each point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.9), squeeze=False)
     for ax, result, title in zip(axes[0], results, titles or [r["ckpt"] for r in results]):
         rows = result["rows"]
         for name in dict.fromkeys(r["sampler"] for r in rows):
-            cases = {r["case"] for r in rows if r["sampler"] == name}
-            best = min(cases, key=lambda c: sum(r["mean"] for r in rows if r["case"] == c))
-            pts = sorted((r["nfe"], r["mean"], r["se"]) for r in rows if r["case"] == best)
-            nfe, mean, se = zip(*pts)
-            ax.errorbar(nfe, mean, yerr=se, fmt="o-", capsize=3, label=best)
+            mine = [r for r in rows if r["sampler"] == name]
+            best = [min((r for r in mine if r["nfe"] == n), key=lambda r: r["mean"])
+                    for n in sorted({r["nfe"] for r in mine})]
+            line = ax.errorbar([r["nfe"] for r in best], [r["mean"] for r in best],
+                               yerr=[r["se"] for r in best], fmt="o-", capsize=3, label=name)
+            for r in best:
+                ax.annotate(r["case"].split(":", 1)[1], (r["nfe"], r["mean"]), fontsize=6,
+                            color=line[0].get_color(), xytext=(3, 3), textcoords="offset points")
         ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to converged flow",
                title=f"{title} ({len(result['seeds'])} seeds x {result['batch']})")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="best grid per NFE", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
