@@ -84,7 +84,18 @@ def timed(fn, device: str):
     return val, nfe, time.perf_counter() - t0
 
 
-def bench_model(ckpt, args, label=None) -> list[dict]:
+def machine() -> dict:
+    import datetime
+    import platform
+
+    return {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def bench_model(ckpt, args, label=None, configs=None) -> list[dict]:
+    """Rows of every solver setting (`configs`: (variable, tol, norm) triples, else the
+    command line's grid) on one batch of `args.batch` test points of `ckpt`."""
     name, recipe, model = load(ckpt, args.device)
     name = label or name
     data = recipe.data.for_evaluation()
@@ -124,17 +135,23 @@ def bench_model(ckpt, args, label=None) -> list[dict]:
         return {"model": name, "dim": dim, "method": method, "variable": variable, "tol": tol,
                 "norm": norm, "logp_tol": logp_tol,
                 "nfe": nfe, "dnll_bpd": float((val - ref).abs().max() * to_bits),
-                "dmean_bpd": float((val - ref).mean().abs() * to_bits), "seconds": sec,
+                "dmean_bpd": float((val - ref).mean().abs() * to_bits),
+                "dmean_se_bpd": float((val - ref).std() / math.sqrt(len(val)) * to_bits), "n": len(val),
+                "seconds": sec,
                 "nfe_ratio": base_nfe / nfe, "time_ratio": base_s / sec,
                 "default": method == "st dopri5" and variable == DEFAULT["time_variable"]
                 and tol == DEFAULT["rtol"] == DEFAULT["atol"] and norm == DEFAULT["error_norm"]
                 and logp_tol is None}
 
     rows = [row("scipy RK45", "t", 1e-5, base, base_nfe, base_s)]
-    configs = [("t", 1e-5, "rms", None), (DEFAULT["time_variable"], DEFAULT["rtol"], DEFAULT["error_norm"],
-                                           None)] \
-        if args.quick else [(v, tol, n, lt) for n in args.norms for v in args.variables for tol in args.tols
-                            for lt in (args.logp_tols if n == "max" else [None])]
+    if configs:
+        configs = [(v, tol, n, None) for v, tol, n in configs]
+    elif args.quick:
+        configs = [("t", 1e-5, "rms", None),
+                   (DEFAULT["time_variable"], DEFAULT["rtol"], DEFAULT["error_norm"], None)]
+    else:
+        configs = [(v, tol, n, lt) for n in args.norms for v in args.variables for tol in args.tols
+                   for lt in (args.logp_tols if n == "max" else [None])]
     for variable, tol, norm, logp_tol in dict.fromkeys(configs):  # --quick: the default may be the paper's
         val, nfe, sec = timed(ours(variable, tol, norm, logp_tol), args.device)
         rows.append(row("st dopri5", variable, tol, val, nfe, sec, norm, logp_tol))

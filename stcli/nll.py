@@ -21,7 +21,7 @@ from stcli.console import StepProgress, console
 from stcli.errors import UserError
 from stcli.likelihood import (
     ERROR_NORMS,
-    PAPER,
+    PROTOCOLS,
     TIME_VARIABLES,
     NonFiniteError,
     bits_per_dim,
@@ -87,16 +87,20 @@ class NllResult:
 def solver_settings(protocol: str, time_variable: str | None, rtol: float | None,
                     atol: float | None, error_norm: str | None = None) -> dict:
     """time_variable, rtol, atol, error_norm given to `st nll`, checked: unset ones stay None (the
-    recipe's eval.nll fills them in); `--protocol paper` is `likelihood.PAPER`, with no override."""
-    if protocol not in ("default", "paper"):
-        raise UserError(f"--protocol must be one of default, paper, not {protocol!r}")
+    recipe's eval.nll fills them in); `--protocol paper|fast` is `likelihood.PROTOCOLS[...]`,
+    with no override."""
+    if protocol not in ("default", *PROTOCOLS):
+        raise UserError(f"--protocol must be one of default, {', '.join(PROTOCOLS)}, not {protocol!r}")
     given = {"time_variable": time_variable, "rtol": rtol, "atol": atol, "error_norm": error_norm}
     named = [k for k, v in given.items() if v is not None]
-    if protocol == "paper" and named:
-        raise UserError(f"--protocol paper fixes the solver (time variable t, rtol = atol = 1e-5, "
-                        f"error norm rms); drop --{'/--'.join(k.replace('_', '-') for k in named)}")
-    if protocol == "paper":
-        return dict(PAPER)
+    if protocol in PROTOCOLS:
+        fixed = PROTOCOLS[protocol]
+        if named:
+            flags = "/--".join(k.replace("_", "-") for k in named)
+            raise UserError(f"--protocol {protocol} fixes the solver (time variable "
+                            f"{fixed['time_variable']}, rtol = atol = {fixed['rtol']:g}, error norm "
+                            f"{fixed['error_norm']}); drop --{flags}")
+        return dict(fixed)
     if time_variable is not None and time_variable not in TIME_VARIABLES:
         raise UserError(f"--time-variable must be one of {', '.join(TIME_VARIABLES)}, not "
                         f"{time_variable!r}")

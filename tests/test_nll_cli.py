@@ -41,21 +41,22 @@ def test_two_processes_give_exactly_the_one_process_numbers(ckpt, tmp_path, caps
     assert a["nfe_per_batch"] == b["nfe_per_batch"]
 
 
-def test_protocol_paper_is_dopri5_in_t_at_1e_5(ckpt, tmp_path, capsys):
-    few = ["--limit", "2", "--batch-size", "2", "--correction", "before"]
-    code, _, err = st(capsys, "nll", ckpt, *few, "--protocol", "paper", "--json", tmp_path / "p.json")
+@pytest.mark.parametrize("protocol,tol", [("paper", 1e-5), ("fast", 1e-3)])
+def test_a_protocol_is_its_solver_settings(ckpt, tmp_path, capsys, protocol, tol):
+    few = ["--limit", "2", "--batch-size", "2", "--correction", "before", "--solver-check", "0"]
+    code, _, err = st(capsys, "nll", ckpt, *few, "--protocol", protocol, "--json", tmp_path / "p.json")
     assert code == 0, err
-    code, _, err = st(capsys, "nll", ckpt, *few, "--time-variable", "t", "--rtol", "1e-5",
-                      "--atol", "1e-5", "--error-norm", "rms", "--json", tmp_path / "t.json")
+    code, _, err = st(capsys, "nll", ckpt, *few, "--time-variable", "t", "--rtol", str(tol),
+                      "--atol", str(tol), "--error-norm", "rms", "--json", tmp_path / "t.json")
     assert code == 0, err
-    paper, t = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("p", "t"))
-    assert paper["per_sample_bpd"] == t["per_sample_bpd"] and paper["nfe_per_batch"] == t["nfe_per_batch"]
-    assert paper["settings"]["time_variable"] == "t" and paper["settings"]["rtol"] == 1e-5
+    named, t = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("p", "t"))
+    assert named["per_sample_bpd"] == t["per_sample_bpd"] and named["nfe_per_batch"] == t["nfe_per_batch"]
+    assert named["settings"]["time_variable"] == "t" and named["settings"]["rtol"] == tol
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--time-variable", "sigma"], "'sigma' is not one of 't', 'lambda', 'lambda_scaled'"),
-    (["--protocol", "score_sde"], "'score_sde' is not one of 'default', 'paper'"),
+    (["--protocol", "score_sde"], "'score_sde' is not one of 'default', 'paper', 'fast'"),
     (["--error-norm", "max"], "'max' is not one of 'rms', 'rms_per_part'"),
     (["--correction", "later"], "'later' is not one of 'after', 'before'"),
 ])
@@ -70,6 +71,7 @@ def test_bad_choices_are_usage_errors(ckpt, capsys, monkeypatch, argv, message):
     (["--rtol", "0"], "--rtol must be a positive number, got 0.0"),
     (["--atol", "-1e-3"], "--atol must be a positive number, got -0.001"),
     (["--protocol", "paper", "--rtol", "1e-3"], "--protocol paper fixes the solver"),
+    (["--protocol", "fast", "--time-variable", "lambda"], "--protocol fast fixes the solver"),
 ])
 def test_bad_solver_settings(ckpt, capsys, argv, message):
     code, _, err = st(capsys, "nll", ckpt, *argv)

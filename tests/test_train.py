@@ -104,7 +104,7 @@ def test_cli_train_end_to_end_writes_grid_log_and_checkpoint(tiny_recipe):
             "wall_s"} <= records[-1].keys()
     from PIL import Image
 
-    assert Image.open(out / "samples" / "grid-6.png").size == (102, 102)  # 2x2 grid of 8px enlarged 6x + padding
+    assert Image.open(out / "samples" / "grid-6.png").size == (102, 102)  # 2x2 of 8px, x6, padded
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_recipe):
