@@ -58,6 +58,24 @@ PNG_OVERHEAD = 128  # bytes of a PNG's signature, chunks and file-system slack, 
 MANIFEST_KIND = "st-samples/1"
 
 
+def grid_share(n: int, ctx: distributed.Context) -> range:
+    """The rows of an n-image sample grid that rank `ctx.rank` draws (contiguous, in rank order)."""
+    return range(n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size)
+
+
+def padded_score(score):
+    """`score` on batches padded to MIN_ROWS rows (copies of the first): CPU BLAS switches
+    kernels for a few rows, so unpadded a row's output would depend on its batch's size."""
+    def padded(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        k = x.shape[0]
+        if k < MIN_ROWS:
+            x = torch.cat([x, x[:1].expand(MIN_ROWS - k, *x.shape[1:])])
+            t = torch.cat([t, t[:1].expand(MIN_ROWS - k)])
+        return score(x, t)[:k]
+
+    return padded
+
+
 def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None = None,
              batch_size: int = 256, seed: int = 0, weights: str = "ema", fmt: str = "png",
              device: str = "auto", precision: str = "fp32", overwrite: bool = False) -> Path:

@@ -43,7 +43,7 @@ from stcli.rundir import RESUMABLE as RESUMABLE  # still importable from here
 from stcli.rundir import check_compatible, prune_snapshots, resolve_resume
 from stcli.rundir import load_run_folder as load_run_folder  # still importable from here
 from stcli.runlock import RunLock
-from stcli.sample import MIN_ROWS
+from stcli.sample import grid_share, padded_score
 from stcli.seeding import generator, seed_for
 from stcli.train_fid import TrainingFID
 
@@ -494,24 +494,6 @@ class Trainer:
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
-
-
-def grid_share(n: int, ctx: distributed.Context) -> range:
-    """The rows of an n-image sample grid that rank `ctx.rank` draws (contiguous, in rank order)."""
-    return range(n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size)
-
-
-def padded_score(score):
-    """`score` on batches padded to MIN_ROWS rows (copies of the first): CPU BLAS switches
-    kernels for a few rows, so unpadded a row's output would depend on its batch's size."""
-    def padded(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        k = x.shape[0]
-        if k < MIN_ROWS:
-            x = torch.cat([x, x[:1].expand(MIN_ROWS - k, *x.shape[1:])])
-            t = torch.cat([t, t[:1].expand(MIN_ROWS - k)])
-        return score(x, t)[:k]
-
-    return padded
 
 
 def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:

@@ -90,8 +90,8 @@ class TrainingFID:
         return self._measure(images)
 
     def _draw(self, model) -> torch.Tensor:
+        from stcli.sample import grid_share, padded_score
         from stcli.seeding import generator
-        from stcli.train import grid_share, padded_score
 
         n, batch = self.recipe.eval.fid.train_n, self.recipe.eval.fid.batch_size
         rows, data, sde, device = grid_share(n, self.ctx), self.recipe.data, self.recipe.sde, self.ctx.device
