@@ -17,8 +17,8 @@ import argparse
 import numpy as np
 import torch
 
-from stcli.console import info
-from stcli.metrics import clean_resize
+from stcli.components.metrics import clean_resize
+from stcli.infra.console import info
 
 
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     python benchmarks/cost_table.py [--write docs/cost.md] [--gpus H100 A100]
 
-Prints a Markdown table of `stcli.cost.count` for each recipe: parameters, GFLOP of one
+Prints a Markdown table of `stcli.jobs.cost.count` for each recipe: parameters, GFLOP of one
 network evaluation (batch 1) and of one training step at the recipe's batch, memory of that
 step, the sampler's NFE, and per GPU the time of a step, of the run (train.steps) and of a
 50,000-sample FID.  With --write, replaces the table between the page's two COST TABLE markers.
@@ -14,8 +14,8 @@ import argparse
 import re
 from pathlib import Path
 
-from stcli import cost
-from stcli.recipe import load_recipe
+from stcli.components.recipe import load_recipe
+from stcli.jobs import cost
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ("cifar10_", "celeba_", "celebahq_", "imagenet32_", "stl10_")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from stcli import importer
-from stcli.console import info
-from stcli.export import export
-from stcli.recipe import load_recipe
+from stcli.components.recipe import load_recipe
+from stcli.infra.console import info
+from stcli.jobs import importer
+from stcli.jobs.export import export
 
 
 def official_file(recipe, path: Path) -> int:

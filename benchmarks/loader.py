@@ -7,7 +7,7 @@ indices (StepBatches), the batch gathered, then flipped and dequantised by `tran
 device.  Two paths over the same data and indices: `dataloader` (a torch DataLoader over the
 in-memory set, 0 workers, the batch copied to the device — the path before the data were held
 on the device, still the path of file-backed data) and `device` (the set held on the device as
-one tensor, `stcli.train.DeviceBatches`, what `st train` uses for in-memory data).  Data: a
+one tensor, `stcli.jobs.train.DeviceBatches`, what `st train` uses for in-memory data).  Data: a
 CIFAR-10-shaped set (50,000 random uint8 3x32x32, flips and uniform dequantisation), the
 digits (16x16) and the 2-D mixture (float32).  Repetitions are interleaved and the best kept
 (robust to other load on a shared machine).  Then one training step of the quickstart recipe
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from stf_step import step_time
 
-from stcli.data import Cifar10, Digits, InMemory, Toy2D
-from stcli.distributed import Context
-from stcli.seeding import generator
-from stcli.train import StepBatches, held_on_device, make_loader
+from stcli.components.data import Cifar10, Digits, InMemory, Toy2D
+from stcli.infra.distributed import Context
+from stcli.infra.seeding import generator
+from stcli.jobs.train import StepBatches, held_on_device, make_loader
 
 
 class SyntheticCifar(Cifar10):

@@ -5,7 +5,7 @@ flattened batch with a device -> numpy round trip per evaluation), measured in t
     python benchmarks/nll.py --ckpt runs/q/ckpt.safetensors --ckpt runs/toy/ckpt.safetensors \
         [--batch 4] [--tols 1e-2 3e-3 1e-3 1e-4] [--ref-tol 3e-7] [--plot docs/img/nll_nfe.png]
 
---norms max is `stcli.solvers.max_norm` (the largest per-sample RMS of each part of the state)
+--norms max is `stcli.infra.solvers.max_norm` (the largest per-sample RMS of each part of the state)
 with the log-density held to --logp-tols bits/dim on its own (`likelihood.nll(logp_tol=...)`).
 With --cache the reference and the scipy solve are kept and reused (their NFE are exact; the
 wall time is that of the run that made them).  --rows re-tabulates and re-plots saved --json rows.
@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from stcli.console import info
-from stcli.likelihood import (
+from stcli.components.likelihood import (
     DEFAULT,
     ERROR_NORMS,
     TIME_VARIABLES,
@@ -39,9 +38,10 @@ from stcli.likelihood import (
     nll,
     value_and_divergence,
 )
-from stcli.loading import load_model
-from stcli.nets import build_score_model
-from stcli.recipe import load_recipe
+from stcli.components.loading import load_model
+from stcli.components.nets import build_score_model
+from stcli.components.recipe import load_recipe
+from stcli.infra.console import info
 
 
 def scipy_nll(score_fn, sde, x, vs, eps, rtol, atol):
@@ -214,7 +214,8 @@ def main():
     p.add_argument("--tols", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4])
     p.add_argument("--variables", nargs="+", default=list(TIME_VARIABLES), choices=TIME_VARIABLES)
     p.add_argument("--norms", nargs="+", default=list(ERROR_NORMS), choices=(*ERROR_NORMS, "max"),
-                   help="max: stcli.solvers.max_norm, with --logp-tols (a library option, measured here).")
+                   help="max: stcli.infra.solvers.max_norm, with --logp-tols (a library option, measured "
+                        "here).")
     p.add_argument("--logp-tols", type=float, nargs="+", default=[1e-3],
                    help="With --norms max: the log-density's absolute tolerances, bits/dim.")
     p.add_argument("--name", action="append", help="Display name per --ckpt (default: its folder).")

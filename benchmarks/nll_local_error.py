@@ -21,9 +21,9 @@ import math
 
 import torch
 
-import stcli.solvers as solvers
-from stcli.likelihood import Flow, draw_probes, value_and_divergence
-from stcli.loading import load_model
+import stcli.infra.solvers as solvers
+from stcli.components.likelihood import Flow, draw_probes, value_and_divergence
+from stcli.components.loading import load_model
 
 
 def local_errors(model, recipe, x, tol):

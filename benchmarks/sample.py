@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from stcli.console import info
-from stcli.recipe import load_recipe
-from stcli.registry import SAMPLERS
-from stcli.samplers.base import randn_like
+from stcli.components.recipe import load_recipe
+from stcli.components.samplers.base import randn_like
+from stcli.infra.console import info
+from stcli.infra.registry import SAMPLERS
 
 BASELINE = ("euler_maruyama", {})
 
@@ -128,7 +128,7 @@ def accuracy(args) -> None:
     """RMSE of x_eps to the converged flow per case and NFE, mean ± s.e. over the seeds."""
     import hashlib
 
-    from stcli.loading import load_model
+    from stcli.components.loading import load_model
 
     device = torch.device(args.device)
     loaded = load_model(args.ckpt, device=args.device)
@@ -218,7 +218,7 @@ def fid_per_nfe(args) -> None:
     sys.path.insert(0, str(Path(__file__).parent / "repro"))
     import digits_fid as dfid
 
-    from stcli.loading import load_model
+    from stcli.components.loading import load_model
 
     device = torch.device(args.device)
     loaded = load_model(args.ckpt, device=args.device)
@@ -302,7 +302,7 @@ def main() -> None:
     device = torch.device(args.device)
     recipe = load_recipe("recipes/quickstart_digits.yaml")
     torch.manual_seed(0)
-    from stcli.nets import build_score_model
+    from stcli.components.nets import build_score_model
 
     model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
                               recipe.data.zero_centered).to(device).eval()

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stcli.distributed import Context
-from stcli.recipe import load_recipe
-from stcli.stf import ReferenceBatches
-from stcli.train import StepBatches, Trainer, make_loader
+from stcli.components.recipe import load_recipe
+from stcli.components.stf import ReferenceBatches
+from stcli.infra.distributed import Context
+from stcli.jobs.train import StepBatches, Trainer, make_loader
 
 
 def step_time(recipe_path, overrides, warm, steps, out) -> float:

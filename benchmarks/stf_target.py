@@ -1,5 +1,5 @@
 """Time and peak memory of the Stable Target Field target (the softmax-weighted mean over a
-reference batch, stcli.stf.stf_target) for a batch of B noisy 32x32x3 images and n reference
+reference batch, stcli.components.stf.stf_target) for a batch of B noisy 32x32x3 images and n reference
 images, on a device.
 
     python benchmarks/stf_target.py [--batch 128] [--n 4096] [--reps 5] [--device cuda]
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from stcli.console import info
-from stcli.stf import stf_target
+from stcli.components.stf import stf_target
+from stcli.infra.console import info
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from stcli.recipe import load_recipe
-from stcli.stf import effective_sample_size, stf_mean, stf_weights
+from stcli.components.recipe import load_recipe
+from stcli.components.stf import effective_sample_size, stf_mean, stf_weights
 
 
 def population(recipe, limit: int | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from stcli.console import info  # noqa: E402
+from stcli.infra.console import info  # noqa: E402
 
 CARDS = ["loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "peak_mem_mb", "wall_s",
          "heldout_loss"]

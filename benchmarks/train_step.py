@@ -1,6 +1,6 @@
 """Images/s and peak memory of one training step of NCSN++ and DDPM++, for each speed option.
 
-One step is what ``stcli.train.Trainer`` does per batch: the Soft Truncation loss (likelihood
+One step is what ``stcli.jobs.train.Trainer`` does per batch: the Soft Truncation loss (likelihood
 weighting, importance-sampled t) forward and backward, gradient clipping, Adam, and the EMA
 update.  Every option runs in this one process and is compared with the plain fp32 eager run of
 the same net and width (``ratio`` = its images/s over the baseline's):
@@ -40,11 +40,11 @@ import torch
 from score_sde_reference import ScoreSdeStep
 from score_sde_reference import load as load_score_sde
 
-from stcli.losses import ScoreMatchingLoss
-from stcli.nets import ScoreModel
-from stcli.recipe import Train
-from stcli.registry import NETS, SDES
-from stcli.train import cuda_fast_path
+from stcli.components.losses import ScoreMatchingLoss
+from stcli.components.nets import ScoreModel
+from stcli.components.recipe import Train
+from stcli.infra.registry import NETS, SDES
+from stcli.jobs.train import cuda_fast_path
 
 OPTIONS = ("fp32 eager", "default", "tf32", "channels_last", "bf16 autocast", "torch.compile",
            "fused Adam")

@@ -1,6 +1,6 @@
 """st: score-based diffusion models with Soft Truncation, driven by YAML recipes.
 
-``from stcli import load, sample`` gives the notebook API (see stcli.api); it is imported on
+``from stcli import load, sample`` gives the notebook API (see stcli.jobs.api); it is imported on
 first use, so that ``import stcli`` (and the CLI) stays fast.
 """
 

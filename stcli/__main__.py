@@ -1,3 +1,3 @@
-from stcli.cli import main
+from stcli.jobs.cli import main
 
 main()

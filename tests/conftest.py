@@ -54,8 +54,8 @@ def tiny_recipe(tmp_path):
 
 def train_tiny(root: Path, steps: int = 2, **sections) -> Path:
     """Train the tiny recipe (sections merged into it) into `root`/run; return its checkpoint."""
-    from stcli.recipe import load_recipe
-    from stcli.train import train
+    from stcli.components.recipe import load_recipe
+    from stcli.jobs.train import train
 
     data = {**TINY, **sections, "train": {**TINY["train"], "out_dir": str(root / "run"), "steps": steps}}
     (root / "r.yaml").write_text(yaml.safe_dump(data))
@@ -127,7 +127,7 @@ class Gaussian:
 
     def __call__(self, x, t):
         if self.Q is None:
-            from stcli.sdes import bcast
+            from stcli.components.sdes import bcast
 
             return -(x - bcast(self.sde.mean_coef(t), x) * self.m) / bcast(self.a2(t), x)
         y, v = self._white(x, t)
@@ -177,7 +177,7 @@ def run_st(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
 
 def st(capsys, *argv) -> tuple[int, str, str]:
     """`st ARGV` in this process: (exit code, stdout, stderr)."""
-    from stcli.cli import main
+    from stcli.jobs.cli import main
 
     try:
         main([str(a) for a in argv])

@@ -11,10 +11,10 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from stcli.distributed import Context
-from stcli.registry import TRUNCATIONS
-from stcli.stf import STF
-from stcli.truncation import Power
+from stcli.components.stf import STF
+from stcli.components.truncation import Power
+from stcli.infra.distributed import Context
+from stcli.infra.registry import TRUNCATIONS
 
 
 @TRUNCATIONS.register
@@ -39,8 +39,8 @@ DRAWN: list[float] = []
 REFERENCES: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 if __name__ == "__main__":
-    from stcli import train as train_mod
-    from stcli.recipe import load_recipe
+    from stcli.components.recipe import load_recipe
+    from stcli.jobs import train as train_mod
 
     recipe_path, out = sys.argv[1], sys.argv[2]
     recipe = load_recipe(recipe_path, ["truncation.name=recorded_power", *sys.argv[3:]])

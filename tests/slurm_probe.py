@@ -1,5 +1,5 @@
 """Started by test_cluster.py the way srun starts a task (SLURM_* variables, no torchrun): joins
-the process group through stcli.distributed.setup, all-reduces rank + 1 and records it; then
+the process group through stcli.infra.distributed.setup, all-reduces rank + 1 and records it; then
 rank 0 sleeps argv[2] seconds (a stand-in for drawing the sample grid while the others wait)
 before a second all-reduce, which the others give up on once the process-group timeout passes."""
 
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from stcli import distributed
+from stcli.infra import distributed
 
 if __name__ == "__main__":
     out, delay = sys.argv[1], float(sys.argv[2])

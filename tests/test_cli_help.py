@@ -8,8 +8,8 @@ from typing import get_args
 import pytest
 from conftest import ROOT, run_st, st
 
-from stcli.cli import _command
-from stcli.helptext import DOCS, EXAMPLES
+from stcli.jobs.cli import _command
+from stcli.jobs.helptext import DOCS, EXAMPLES
 
 
 def test_version_matches_the_package_metadata():
@@ -59,9 +59,10 @@ def parse(words: list[str]) -> None:
 def test_option_choices_are_the_values_their_modules_accept(capsys, monkeypatch):
     """Each fixed-choice option lists exactly what the code behind it accepts, and --sampler
     whatever SAMPLERS holds when the command runs; another value is a usage error (exit 2)."""
-    from stcli import cli, export, likelihood, metrics
-    from stcli.registry import SAMPLERS
-    from stcli.samplers.pc import PC
+    from stcli.components import likelihood, metrics
+    from stcli.components.samplers.pc import PC
+    from stcli.infra.registry import SAMPLERS
+    from stcli.jobs import cli, export
 
     pc = PC.model_fields
     pairs = [(cli.Predictor, pc["predictor"].annotation), (cli.Corrector, pc["corrector"].annotation),

@@ -1,4 +1,4 @@
-"""Clusters: Slurm's environment read by stcli.distributed (node-list parser, derived torchrun
+"""Clusters: Slurm's environment read by stcli.infra.distributed (node-list parser, derived torchrun
 variables, refused inconsistencies), a real 2-process gloo group formed through a simulated
 srun, the process-group timeout, the docs' multi-node torchrun command and the sbatch script."""
 
@@ -15,9 +15,9 @@ from datetime import timedelta
 import pytest
 from conftest import ROOT
 
-from stcli import distributed
-from stcli.distributed import expand_nodelist, slurm_environment, slurm_port
-from stcli.errors import UserError
+from stcli.infra import distributed
+from stcli.infra.distributed import expand_nodelist, slurm_environment, slurm_port
+from stcli.infra.errors import UserError
 
 SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -156,7 +156,7 @@ def test_st_refuses_inconsistent_slurm_environment(tiny_recipe):
 
 
 def test_procs_refused_under_several_srun_tasks(monkeypatch):
-    from stcli.cli import _relaunch_if_asked
+    from stcli.jobs.cli import _relaunch_if_asked
 
     for key, value in task(0, ntasks=2).items():
         monkeypatch.setenv(key, value)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from stcli.nets import build_score_model
-from stcli.recipe import parse_recipe
+from stcli.components.nets import build_score_model
+from stcli.components.recipe import parse_recipe
 
 NETS = {
     "unet": TINY,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, st
 
-from stcli import cost
-from stcli.distributed import Context
-from stcli.nets import build_score_model
-from stcli.recipe import load_recipe
+from stcli.components.nets import build_score_model
+from stcli.components.recipe import load_recipe
+from stcli.infra.distributed import Context
+from stcli.jobs import cost
 
 UNET = {"name": "unet", "nf": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
         "dropout": 0.1}
@@ -126,7 +126,7 @@ def measured_peak(trainer, batch: torch.Tensor) -> int:
 def test_memory_is_the_measured_peak_of_a_cpu_step(tiny_recipe, batch):
     """weights + EMA + gradients + Adam + saved activations, from the meta device, is within
     20% of the peak of live tensor bytes of a real fp32 training step on the CPU."""
-    from stcli.train import Trainer
+    from stcli.jobs.train import Trainer
 
     recipe = small_recipe(tiny_recipe, UNET, batch)
     trainer = Trainer(recipe, Context(0, 1, torch.device("cpu")))
@@ -166,7 +166,7 @@ def test_meta_autocast_saves_what_autocast_saves():
     ({"name": "ode"}, None),  # adaptive
 ])
 def test_sampler_nfe_is_the_documented_count(tiny_recipe, sample, nfe):
-    from stcli.registry import SAMPLERS
+    from stcli.infra.registry import SAMPLERS
 
     recipe = load_recipe(tiny_recipe("nfe"))
     recipe = recipe.model_copy(update={"sample": SAMPLERS.validate(**sample)})
@@ -198,7 +198,7 @@ def test_timing_scales_the_flops_and_checks_the_memory(tiny_recipe):
 
 
 def test_cli_prints_the_cost_and_refuses_an_unknown_gpu(capsys):
-    from stcli.resources import parameter_count
+    from stcli.jobs.resources import parameter_count
 
     path = ROOT / "recipes" / "quickstart_digits.yaml"
     code, out, err = st(capsys, "recipe", "show", path, "--cost", "--gpu", "h100")

@@ -1,4 +1,4 @@
-"""Tests of stcli.data: every dataset, the transforms, and the registry entries (no network)."""
+"""Tests of stcli.components.data: every dataset, the transforms, and the registry entries (no network)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic_core import PydanticUndefined
 
-from stcli.data import STL10, CelebA, Cifar10, Digits, Folder, ImageNet32, Toy2D
-from stcli.errors import UserError
-from stcli.registry import DATASETS
+from stcli.components.data import STL10, CelebA, Cifar10, Digits, Folder, ImageNet32, Toy2D
+from stcli.infra.errors import UserError
+from stcli.infra.registry import DATASETS
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_toy2d_checkerboard_samples_lie_on_black_squares():
 
 # --- registry --------------------------------------------------------------------------------
 def test_registry_builds_and_rejects_unknown_fields():
-    from stcli.registry import DATASETS
+    from stcli.infra.registry import DATASETS
 
     names = {"digits", "folder", "cifar10", "stl10", "celeba", "imagenet32", "toy2d"}
     assert names <= set(DATASETS.names())

@@ -1,4 +1,4 @@
-"""stcli/diagnose.py against closed forms (Gaussian data with its exact score, the inverse CDF
+"""stcli/jobs/diagnose.py against closed forms (Gaussian data with its exact score, the inverse CDF
 of p_iw, quadrature of Eq. 10's importance density) and `st diagnose` on a tiny checkpoint."""
 
 import json
@@ -9,15 +9,15 @@ import torch
 from conftest import Gaussian, st
 from scipy.integrate import quad
 
-from stcli.diagnose import bound_integrand, iw_losses, iw_quantiles, lambda_P_density, log_grid
-from stcli.sdes import RVE, VP
-from stcli.truncation import Hard, Power
+from stcli.components.sdes import RVE, VP
+from stcli.components.truncation import Hard, Power
+from stcli.jobs.diagnose import bound_integrand, iw_losses, iw_quantiles, lambda_P_density, log_grid
 
 BMIN, BMAX, M, S, D = 0.1, 20.0, 0.3, 0.5, 16  # VP; data N(M, S^2 I) in D dimensions
 
 
 def vp_numpy(t):
-    """mu, sigma^2, g^2 of the VP SDE, written out independently of stcli.sdes."""
+    """mu, sigma^2, g^2 of the VP SDE, written out independently of stcli.components.sdes."""
     b = BMIN * t + 0.5 * (BMAX - BMIN) * t**2
     return np.exp(-b / 2), -np.expm1(-b), BMIN + (BMAX - BMIN) * t
 

@@ -10,9 +10,9 @@ import torch
 from conftest import Gaussian
 from scipy import stats
 
-from stcli.losses import ScoreMatchingLoss
-from stcli.nets import ScoreModel, c_in, c_out, c_skip, noise_out, noise_skip
-from stcli.registry import SAMPLERS, SDES
+from stcli.components.losses import ScoreMatchingLoss
+from stcli.components.nets import ScoreModel, c_in, c_out, c_skip, noise_out, noise_skip
+from stcli.infra.registry import SAMPLERS, SDES
 
 SD = 0.5
 

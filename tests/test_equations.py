@@ -6,9 +6,9 @@ import torch
 from conftest import Gaussian
 from scipy.integrate import quad
 
-from stcli.losses import ScoreMatchingLoss
-from stcli.registry import SDES
-from stcli.sdes import bcast, flow_drift, sum_squares
+from stcli.components.losses import ScoreMatchingLoss
+from stcli.components.sdes import bcast, flow_drift, sum_squares
+from stcli.infra.registry import SDES
 
 
 def test_sum_squares_per_row_and_bf16_safe():

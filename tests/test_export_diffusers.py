@@ -18,10 +18,10 @@ import yaml
 from conftest import ROOT, st
 from diffusers import ScoreSdeVeScheduler, UNet2DModel
 
-from stcli import checkpoint
-from stcli.model_card import BIBTEX, WRAPPER
-from stcli.nets import build_score_model
-from stcli.recipe import load_recipe
+from stcli.components.nets import build_score_model
+from stcli.components.recipe import load_recipe
+from stcli.infra import checkpoint
+from stcli.jobs.model_card import BIBTEX, WRAPPER
 
 TIMES = (1e-5, 1e-3, 0.3, 1.0)
 FAMILIES = {  # name -> (paper recipe, overrides): small widths, the recipe's block structure

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from stcli.distributed import Context
-from stcli.recipe import Train, load_recipe
-from stcli.train import Trainer, cuda_fast_path, train
+from stcli.components.recipe import Train, load_recipe
+from stcli.infra.distributed import Context
+from stcli.jobs.train import Trainer, cuda_fast_path, train
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from faults_util import (
 )
 from safetensors.torch import load_file
 
-from stcli import checkpoint
-from stcli.runlock import LOCK, TMP_PREFIX, RunLock, remove_temporaries
-from stcli.train import Trainer
+from stcli.infra import checkpoint
+from stcli.infra.runlock import LOCK, TMP_PREFIX, RunLock, remove_temporaries
+from stcli.jobs.train import Trainer
 
 
 def wait_for(condition, timeout=120.0, proc=None):
@@ -280,8 +280,8 @@ def test_disk_full_during_sampling_keeps_the_images_written(tiny_ckpt, tmp_path,
 
 
 def test_a_full_disk_while_logging_is_one_message(tmp_path, monkeypatch):
-    from stcli.errors import UserError
-    from stcli.tracking import LogWriter
+    from stcli.components.tracking import LogWriter
+    from stcli.infra.errors import UserError
 
     log = LogWriter(tmp_path / "log.jsonl")
 

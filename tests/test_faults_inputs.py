@@ -15,10 +15,10 @@ from conftest import st
 from faults_util import damaged, raw, refused, snapshot
 from PIL import Image
 
-from stcli import metrics
-from stcli.errors import UserError
-from stcli.train import StepBatches
-from stcli.truncation import Power
+from stcli.components import metrics
+from stcli.components.truncation import Power
+from stcli.infra.errors import UserError
+from stcli.jobs.train import StepBatches
 
 # --- damaged or foreign checkpoints: every reader, one validation path -------------------------
 
@@ -115,7 +115,7 @@ def test_a_corrupt_image_met_mid_epoch_is_named_after_a_checkpoint(tiny_recipe, 
     refused(st(capsys, "train", recipe), f"cannot read the image {victim}",
             "stopped after step 1, checkpoint saved to")
     ckpt = tmp_path / "run" / "ckpt.safetensors"
-    from stcli import checkpoint
+    from stcli.infra import checkpoint
 
     assert checkpoint.load(ckpt)[1]["step"] == 1
     victim.unlink()  # with the file gone (23 images) the run resumes from its checkpoint
@@ -256,7 +256,7 @@ def test_nll_tolerances_must_be_positive(tiny_ckpt, capsys, option, value, messa
 
 
 def test_diagnose_out_is_checked_before_computing(tiny_ckpt, tmp_path, capsys, monkeypatch):
-    from stcli import diagnose
+    from stcli.jobs import diagnose
 
     def never(*args, **kwargs):
         raise AssertionError("computed before checking --out")

@@ -11,7 +11,7 @@ import torch
 from conftest import run_st, st
 from faults_util import damaged, mount_tmpfs, raw, refused, snapshot, unmount
 
-from stcli import outputs
+from stcli.infra import outputs
 
 
 def one_line(result) -> str:
@@ -183,7 +183,7 @@ def test_a_boolean_is_not_a_number(tiny_recipe, capsys, override, field):
 
 # --- overrides: a section merges, a key is given once ----------------------------------------------
 def test_a_section_override_merges_and_a_key_is_given_once(tiny_recipe, capsys):
-    from stcli.recipe import load_recipe
+    from stcli.components.recipe import load_recipe
 
     path = tiny_recipe()
     r = load_recipe(path, ["train.batch_size=4", "train={steps: 3}"])

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stcli import metrics
-from stcli.cli import main
+from stcli.components import metrics
+from stcli.jobs.cli import main
 
 N = 96  # images per synthetic set: more than the 64 test features, so covariances are full rank
 

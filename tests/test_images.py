@@ -1,4 +1,4 @@
-"""stcli.images.read_pixels / read_header: every image kind against an expectation computed
+"""stcli.infra.images.read_pixels / read_header: every image kind against an expectation computed
 without PIL's conversions, and the readers of `st fid` and the folder dataset end to end."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import yaml
 from conftest import st
 from PIL import Image, ImageFile
 
-from stcli import metrics
-from stcli.errors import UserError
-from stcli.images import MAX_PIXELS, read_header, read_pixels
+from stcli.components import metrics
+from stcli.infra.errors import UserError
+from stcli.infra.images import MAX_PIXELS, read_header, read_pixels
 
 RNG = np.random.default_rng(0)
 PICTURE = RNG.integers(0, 256, (12, 20, 3), dtype=np.uint8)
@@ -235,7 +235,7 @@ def test_a_huge_image_in_a_folder_dataset_is_refused_in_one_line(tiny_recipe, tm
 
 
 def test_grids_enlarge_small_images_by_whole_pixels_and_keep_large_ones(tmp_path):
-    from stcli.images import GRID_MIN_SIDE, save_grid
+    from stcli.infra.images import GRID_MIN_SIDE, save_grid
 
     small = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     save_grid(small, tmp_path / "small.png", nrow=3)

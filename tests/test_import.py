@@ -16,9 +16,10 @@ from conftest import ROOT, run_st, st
 from PIL import Image
 from safetensors.torch import load_file
 
-from stcli import checkpoint, importer
-from stcli.loading import load_model
-from stcli.recipe import load_recipe
+from stcli.components.loading import load_model
+from stcli.components.recipe import load_recipe
+from stcli.infra import checkpoint
+from stcli.jobs import importer
 
 FIX = ROOT / "tests" / "fixtures" / "score_sde"
 CASES = {  # fixture -> (recipe, overrides)
@@ -113,7 +114,7 @@ def test_fir_upsampling_conv_is_score_sdes_fused_op():
     """An up-sampling conv weight w (out, in, 3, 3), imported, computes score_sde's
     ``upsample_conv_2d``: a stride-2 transposed conv with w flipped and transposed, then the
     FIR filter 4k with padding ((p + 1)//2 + 1, p//2 + 1), p = L - 4."""
-    from stcli.nets.fir import FIRUpConv, fir_kernel
+    from stcli.components.nets.fir import FIRUpConv, fir_kernel
 
     torch.manual_seed(0)
     for taps in ([1, 3, 3, 1], [1, 1], [1, 2, 3, 3, 2, 1]):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import DEVICE, Gaussian, device_generator
 
-from stcli.likelihood import FAST, PAPER, TIME_VARIABLES, bits_per_dim, nelbo, nll
-from stcli.registry import SDES
+from stcli.components.likelihood import FAST, PAPER, TIME_VARIABLES, bits_per_dim, nelbo, nll
+from stcli.infra.registry import SDES
 
 EPS = 1e-3
 SDE_PARAMS = {"vp": {}, "ve": {"sigma_min": 0.01, "sigma_max": 50.0},
@@ -153,7 +153,7 @@ def test_uniform_model_on_the_unit_cube_is_8_bits_per_dim():
 
 
 def test_non_finite_values_name_the_samples_and_the_time():
-    from stcli.likelihood import NonFiniteError
+    from stcli.components.likelihood import NonFiniteError
 
     sde = SDES.build("vp", eps=EPS)
     data = Gaussian(sde, 2)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from stcli.losses import ScoreMatchingLoss
-from stcli.registry import SDES, TRUNCATIONS
+from stcli.components.losses import ScoreMatchingLoss
+from stcli.infra.registry import SDES, TRUNCATIONS
 
 
 class FixedNet(torch.nn.Module):

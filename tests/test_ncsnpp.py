@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stcli.errors import UserError
-from stcli.nets import ScoreModel
-from stcli.nets.fir import FIRDownConv, FIRUpConv, downsample_2d, fir_kernel, upsample_2d
-from stcli.registry import NETS, SDES
-from stcli.sdes import TIME_INPUTS
+from stcli.components.nets import ScoreModel
+from stcli.components.nets.fir import FIRDownConv, FIRUpConv, downsample_2d, fir_kernel, upsample_2d
+from stcli.components.sdes import TIME_INPUTS
+from stcli.infra.errors import UserError
+from stcli.infra.registry import NETS, SDES
 
 
 def _perturb_(net: torch.nn.Module, std: float = 0.05) -> None:

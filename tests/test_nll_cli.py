@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_st, st
 
-from stcli import checkpoint
+from stcli.infra import checkpoint
 
 FAST = ["--limit", "6", "--batch-size", "4", "--rtol", "1e-3", "--atol", "1e-3"]
 
@@ -95,10 +95,10 @@ def test_the_solver_error_estimate_tracks_the_error_to_a_tight_solve(tiny_ckpt, 
     """--solver-check: items solved again at 100x tighter tolerances estimate the solver's error
     of the mean; against a 1e-6 solve of the same items (same noise), the estimate holds most of
     the true error, and it falls with the tolerance; every report prints it."""
-    from stcli import nll as nll_mod
-    from stcli.likelihood import bits_per_dim, nll
-    from stcli.loading import load_model
-    from stcli.seeding import generator
+    from stcli.components.likelihood import bits_per_dim, nll
+    from stcli.components.loading import load_model
+    from stcli.infra.seeding import generator
+    from stcli.jobs import nll as nll_mod
 
     loaded = load_model(tiny_ckpt)
     data = loaded.recipe.data.for_evaluation()

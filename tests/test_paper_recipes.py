@@ -18,8 +18,8 @@ import torch
 from conftest import ROOT, st, with_eval
 from PIL import Image
 
-from stcli.errors import UserError
-from stcli.recipe import load_recipe
+from stcli.components.recipe import load_recipe
+from stcli.infra.errors import UserError
 
 RECIPES = {p.stem: p for p in sorted((ROOT / "recipes").glob("*.yaml"))}
 
@@ -269,9 +269,9 @@ class FixedNet(torch.nn.Module):
                                                  ("likelihood", "uniform")])
 def test_reduce_mean_is_the_sum_divided_by_the_dimension(weighting, sampling):
     """Mean over dimensions of the same per-sample weighted squared error: sum / mean = D."""
-    from stcli.losses import ScoreMatchingLoss
-    from stcli.sdes import VP
-    from stcli.truncation import Power
+    from stcli.components.losses import ScoreMatchingLoss
+    from stcli.components.sdes import VP
+    from stcli.components.truncation import Power
 
     sde = VP(eps=1e-5)
     extra = {"weighting_P": Power(k=1.0, eps=1e-5)} if weighting == "g2_P" else {}
@@ -287,8 +287,8 @@ def test_reduce_mean_is_the_sum_divided_by_the_dimension(weighting, sampling):
 
 def test_reduce_mean_value_by_hand():
     """Likelihood weighting, importance sampling: l = Z/2 mean_d (eps_theta - z)^2 (Eq. 9)."""
-    from stcli.losses import ScoreMatchingLoss
-    from stcli.sdes import VP
+    from stcli.components.losses import ScoreMatchingLoss
+    from stcli.components.sdes import VP
 
     sde, tau = VP(eps=1e-5), 1e-3
     x0 = torch.rand(5, 2, 3, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
@@ -325,7 +325,7 @@ def test_stl10_split_field_and_fid_reference_follow_the_training_split(tmp_path,
     lays them out; only its md5 check is bypassed); the recipe's FID reference is that split."""
     import torchvision
 
-    from stcli.data import STL10
+    from stcli.components.data import STL10
 
     folder = tmp_path / "stl10_binary"
     folder.mkdir()
@@ -358,7 +358,7 @@ def _png_release(root, counts=(("train_32x32", 3), ("valid_32x32", 2))):
 
 
 def test_imagenet32_png_release_is_the_default_and_decoded_lazily(tmp_path):
-    from stcli.data import ImageFiles, ImageNet32
+    from stcli.components.data import ImageFiles, ImageNet32
 
     arrays = _png_release(tmp_path)
     spec = ImageNet32(root=str(tmp_path))
@@ -377,7 +377,7 @@ def test_imagenet32_png_release_is_the_default_and_decoded_lazily(tmp_path):
 def test_imagenet32_npz_release_is_read_into_one_preallocated_tensor(tmp_path, monkeypatch):
     """Rows land in one tensor batch by batch: np.concatenate (a second full copy) is never
     called, and the pixels are the npz rows in order."""
-    from stcli.data import ImageNet32
+    from stcli.components.data import ImageNet32
 
     (tmp_path / "Imagenet32_train_npz").mkdir()
     rows = [np.full((2, 3072), i, dtype=np.uint8) for i in range(1, 11)]
@@ -438,7 +438,7 @@ def test_st_nll_help_shows_eps(capsys):
 # ---- FID protocol: clean-fid resize and published statistics -----------------------------------
 @pytest.fixture
 def fid_common(tmp_path, monkeypatch):
-    from stcli import metrics
+    from stcli.components import metrics
 
     def refuse(url, target):
         raise OSError("network disabled in tests")
@@ -456,7 +456,7 @@ def _images(seed: int, n: int = 80, size: int = 16) -> np.ndarray:
 
 def _features(images: np.ndarray, resize: str) -> np.ndarray:
     """Test-extractor features computed here, with the resize done by PIL directly."""
-    from stcli import metrics
+    from stcli.components import metrics
 
     if resize == "clean":
         images = np.stack([_pil_float_bicubic(x) for x in images])
@@ -486,7 +486,7 @@ def _stats(f: np.ndarray):
 
 
 def test_clean_resize_is_pil_bicubic_with_antialiasing():
-    from stcli.metrics import clean_resize
+    from stcli.components.metrics import clean_resize
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (3, 20, 24), dtype=np.uint8)
@@ -562,8 +562,8 @@ def test_paper_recipes_choose_the_papers_fid_resize():
 def test_official_mean_loss_is_twice_st_mean_loss():
     """score_sde's reduce_mean form, mean_d (s + z/sigma)^2 g^2 with t uniform on [eps, T], is
     twice st's (which keeps the 1/2): why the VP recipes clip at 0.5 where the paper says 1."""
-    from stcli.losses import ScoreMatchingLoss
-    from stcli.sdes import VP
+    from stcli.components.losses import ScoreMatchingLoss
+    from stcli.components.sdes import VP
 
     sde, eps = VP(eps=1e-5), 1e-5
     x0 = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
@@ -583,7 +583,7 @@ def test_official_mean_loss_is_twice_st_mean_loss():
 def test_imagenet32_png_in_memory_is_decoded_into_one_tensor(tmp_path, monkeypatch):
     """in_memory: the PNGs decoded once into a preallocated tensor (torch.cat, which would
     hold the decoded batches and their concatenation at once, is never called)."""
-    from stcli.data import ImageNet32, InMemory
+    from stcli.components.data import ImageNet32, InMemory
 
     arrays = _png_release(tmp_path)
 

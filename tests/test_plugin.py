@@ -1,4 +1,4 @@
-"""Components registered from outside the package, after `stcli.recipe` is imported, are
+"""Components registered from outside the package, after `stcli.components.recipe` is imported, are
 accepted by recipes and train (the registry's promise): a dataset and a truncation defined here."""
 
 import json
@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import st
 
-from stcli.data import DataSpec, InMemory
-from stcli.errors import UserError
-from stcli.recipe import parse_recipe
-from stcli.registry import DATASETS, SAMPLERS, TRUNCATIONS
-from stcli.samplers.base import Sampler
-from stcli.seeding import generator
-from stcli.train import train
-from stcli.truncation import Truncation
+from stcli.components.data import DataSpec, InMemory
+from stcli.components.recipe import parse_recipe
+from stcli.components.samplers.base import Sampler
+from stcli.components.truncation import Truncation
+from stcli.infra.errors import UserError
+from stcli.infra.registry import DATASETS, SAMPLERS, TRUNCATIONS
+from stcli.infra.seeding import generator
+from stcli.jobs.train import train
 
 
 class Line(DataSpec):

@@ -13,8 +13,8 @@ import torch
 from conftest import run_st, st
 from PIL import Image
 
-from stcli.data import STL10, CelebA, Cifar10, Folder, ImageNet32, read_image
-from stcli.errors import UserError
+from stcli.components.data import STL10, CelebA, Cifar10, Folder, ImageNet32, read_image
+from stcli.infra.errors import UserError
 
 
 def image_bytes(rng, w, h, fmt="PNG", mode="RGB") -> bytes:

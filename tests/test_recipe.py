@@ -5,8 +5,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_st, st
 
-from stcli.errors import UserError
-from stcli.recipe import apply_overrides, load_recipe
+from stcli.components.recipe import apply_overrides, load_recipe
+from stcli.infra.errors import UserError
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 

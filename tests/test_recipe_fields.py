@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from stcli.recipe import Recipe
+from stcli.components.recipe import Recipe
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stcli"
 DECLARATION = re.compile(r"^\s+\w+\s*:\s*[^=\s]")  # `    field: type = default` in a class body

@@ -10,9 +10,10 @@ import torch
 from conftest import ROOT, st
 from safetensors.torch import load_file
 
-from stcli import checkpoint, importer
-from stcli.loading import load_model
-from stcli.recipe import load_recipe
+from stcli.components.loading import load_model
+from stcli.components.recipe import load_recipe
+from stcli.infra import checkpoint
+from stcli.jobs import importer
 
 FIX = ROOT / "tests" / "fixtures" / "st_official"
 RELEASES = {  # fixture -> (recipe, the fixture's depth, settings the import must set)

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from scipy.stats import multivariate_normal
 
-from stcli.recipe import load_recipe
+from stcli.components.recipe import load_recipe
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))
 import convergence  # noqa: E402

@@ -12,12 +12,13 @@ from conftest import st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import stcli.train as train_mod
-from stcli import checkpoint, resources
-from stcli.errors import UserError
-from stcli.recipe import load_recipe
-from stcli.resources import default_workers, resolve_workers
-from stcli.train import train
+import stcli.jobs.train as train_mod
+from stcli.components.recipe import load_recipe
+from stcli.infra import checkpoint
+from stcli.infra.errors import UserError
+from stcli.jobs import resources
+from stcli.jobs.resources import default_workers, resolve_workers
+from stcli.jobs.train import train
 
 
 def same_checkpoints(a, b, prefixes=("model.", "ema.", "optim.")) -> None:

@@ -11,11 +11,11 @@ import torch
 from conftest import run_st, st
 from faults_util import damaged, raw
 
-import stcli.sample as sample_mod
-from stcli.cli import main
-from stcli.distributed import Context
-from stcli.loading import load_model
-from stcli.sample import Job, generate, image_path, resolve_sampler
+import stcli.jobs.sample as sample_mod
+from stcli.components.loading import load_model
+from stcli.infra.distributed import Context
+from stcli.jobs.cli import main
+from stcli.jobs.sample import Job, generate, image_path, resolve_sampler
 
 PC = {"name": "pc", "steps": 4}
 
@@ -174,7 +174,7 @@ def test_a_folder_of_other_samples_is_refused_naming_the_field(ckpt, tmp_path, c
 def test_progress_is_never_silent_inside_a_batch(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """Without a terminal, a long batch still prints lines: the evaluation count and the time t
     reached (here every line is due: the interval is set to 0)."""
-    from stcli import console
+    from stcli.infra import console
 
     monkeypatch.setattr(console, "PLAIN_EVERY_S", 0)
     code, out, err = st(capsys, "sample", tiny_ckpt, "-n", "3", "--out", tmp_path / "s",

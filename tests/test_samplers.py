@@ -14,12 +14,12 @@ import scipy.integrate
 import torch
 from conftest import DEVICE
 
-from stcli import solvers
-from stcli.errors import UserError
-from stcli.registry import SAMPLERS, SDES
-from stcli.samplers import time_grid
-from stcli.samplers.base import Schedule
-from stcli.samplers.pc import langevin
+from stcli.components.samplers import time_grid
+from stcli.components.samplers.base import Schedule
+from stcli.components.samplers.pc import langevin
+from stcli.infra import solvers
+from stcli.infra.errors import UserError
+from stcli.infra.registry import SAMPLERS, SDES
 
 M, S = 0.5, 0.4  # the data: N(M, S^2 I)
 MAT = torch.tensor([[-1.0, 2.0], [-3.0, -0.5]], dtype=torch.float64)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from stcli.registry import SDES
-from stcli.sdes import SIGMA0, TIME_INPUTS
+from stcli.components.sdes import SIGMA0, TIME_INPUTS
+from stcli.infra.registry import SDES
 
 EPS = 1e-5
 SPECS = {  # parameters of the paper's SDEs; a newly registered SDE is tested with its defaults
@@ -159,7 +159,7 @@ def test_drift_and_diffusion():
 
 
 def test_bad_parameters_are_user_errors():
-    from stcli.errors import UserError
+    from stcli.infra.errors import UserError
 
     with pytest.raises(UserError, match="sigma_max"):
         SDES.build("ve", sigma_min=10.0, sigma_max=1.0)

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from stcli.errors import UserError
-from stcli.nets import small  # noqa: F401  (registers unet, mlp)
-from stcli.nets.layers import (
+from stcli.components.nets import small  # noqa: F401  (registers unet, mlp)
+from stcli.components.nets.layers import (
     AttnBlock,
     GaussianFourierEmbedding,
     ResBlock,
@@ -17,7 +16,8 @@ from stcli.nets.layers import (
     groups_for,
     sinusoidal_embedding,
 )
-from stcli.registry import NETS
+from stcli.infra.errors import UserError
+from stcli.infra.registry import NETS
 
 
 def _perturb_(net: torch.nn.Module, std: float = 0.05) -> None:
@@ -192,7 +192,7 @@ def test_mlp_shapes_gradients_and_bad_shapes():
 def test_attention_gradients_keep_the_weights_layout():
     """DDP checks that each gradient has its parameter's strides ("grad strides do not match
     bucket view strides" otherwise): the attention output reaches proj in x's layout."""
-    from stcli.nets.layers import AttnBlock
+    from stcli.components.nets.layers import AttnBlock
 
     block = AttnBlock(16)
     torch.nn.init.normal_(block.proj.weight)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stcli.losses import ScoreMatchingLoss
-from stcli.registry import SDES
-from stcli.stf import STF, EssBins, Reference, effective_sample_size, stf_target, stf_weights
+from stcli.components.losses import ScoreMatchingLoss
+from stcli.components.stf import STF, EssBins, Reference, effective_sample_size, stf_target, stf_weights
+from stcli.infra.registry import SDES
 
 # A ring of K equally weighted Gaussians N(m_k, s^2 I) in 2-D.
 K, RADIUS, S = 8, 2.0, 0.1

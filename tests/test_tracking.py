@@ -19,15 +19,15 @@ from conftest import st
 from faults_util import refused
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stcli import checkpoint
-from stcli.distributed import Context
-from stcli.errors import UserError
-from stcli.loading import load_weights, open_checkpoint
-from stcli.nets import build_score_model
-from stcli.recipe import load_recipe
-from stcli.seeding import generator
-from stcli.tracking import Clock, HeldOut, TensorBoard, Window, flatten, t_bin_edges
-from stcli.train import train
+from stcli.components.loading import load_weights, open_checkpoint
+from stcli.components.nets import build_score_model
+from stcli.components.recipe import load_recipe
+from stcli.components.tracking import Clock, HeldOut, TensorBoard, Window, flatten, t_bin_edges
+from stcli.infra import checkpoint
+from stcli.infra.distributed import Context
+from stcli.infra.errors import UserError
+from stcli.infra.seeding import generator
+from stcli.jobs.train import train
 
 
 def records(run):

@@ -13,12 +13,12 @@ import torch
 from conftest import ROOT, run_st
 from safetensors.torch import load_file, save_file
 
-from stcli import checkpoint
-from stcli.distributed import Context
-from stcli.errors import UserError
-from stcli.recipe import load_recipe
-from stcli.stf import ReferenceBatches
-from stcli.train import StepBatches, Trainer, train
+from stcli.components.recipe import load_recipe
+from stcli.components.stf import ReferenceBatches
+from stcli.infra import checkpoint
+from stcli.infra.distributed import Context
+from stcli.infra.errors import UserError
+from stcli.jobs.train import StepBatches, Trainer, train
 
 
 def tensors(path):
@@ -156,7 +156,7 @@ def test_toy2d_recipe_trains_and_draws_its_samples(tmp_path):
 
 
 def test_load_model_rebuilds_from_the_checkpoint_alone(tiny_ckpt):
-    from stcli.loading import load_model
+    from stcli.components.loading import load_model
 
     path = tiny_ckpt
     saved = tensors(path)
@@ -251,9 +251,9 @@ def test_device_batches_are_the_dataloader_batches_bit_for_bit(name):
     ranks, from a resumed step, and for a target's extra reference images."""
     from itertools import islice
 
-    from stcli.data import Digits, Toy2D
-    from stcli.seeding import generator
-    from stcli.train import DeviceBatches, held_on_device, make_loader
+    from stcli.components.data import Digits, Toy2D
+    from stcli.infra.seeding import generator
+    from stcli.jobs.train import DeviceBatches, held_on_device, make_loader
 
     cpu = torch.device("cpu")
     spec = (Digits(image_size=8, random_flip=True, dequantization="uniform") if name == "digits"
@@ -276,7 +276,7 @@ def test_device_batches_are_the_dataloader_batches_bit_for_bit(name):
 def test_training_on_device_batches_matches_the_dataloader(tiny_recipe, monkeypatch):
     """Three training steps over batches held on the device give the weights of three steps
     over the DataLoader (the path before the data were held on the device)."""
-    import stcli.train as st_train
+    import stcli.jobs.train as st_train
 
     steps = {"steps": 3, "ckpt_every": 3}
     a = train(load_recipe(tiny_recipe("held", train=steps))).out_dir

@@ -24,9 +24,9 @@ def test_two_processes_measure_what_one_process_measures_and_every_logger_has_it
 
     import torch
 
-    from stcli import distributed
-    from stcli.loading import load_model
-    from stcli.train_fid import TrainingFID
+    from stcli.components.loading import load_model
+    from stcli.infra import distributed
+    from stcli.jobs.train_fid import TrainingFID
 
     monkeypatch.setenv("ST_FID_CACHE", str(tmp_path / "cache"))
     path = tiny_recipe("p2", train={"steps": 4, "eval_every": 2, "log_every": 4,

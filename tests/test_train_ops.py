@@ -13,13 +13,13 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import stcli.train as train_mod
-from stcli.cli import _resume_auto as main_resume_auto
-from stcli.cli import main
-from stcli.errors import UserError
-from stcli.recipe import load_recipe
-from stcli.sample import generate
-from stcli.train import train
+import stcli.jobs.train as train_mod
+from stcli.components.recipe import load_recipe
+from stcli.infra.errors import UserError
+from stcli.jobs.cli import _resume_auto as main_resume_auto
+from stcli.jobs.cli import main
+from stcli.jobs.sample import generate
+from stcli.jobs.train import train
 
 
 def st(*args) -> int:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from stcli.registry import TRUNCATIONS
+from stcli.infra.registry import TRUNCATIONS
 
 EPS = 1e-5
 
@@ -60,7 +60,7 @@ def test_half_hard_half_power_mixture_table15():
 
 
 def test_mixture_components_share_eps():
-    from stcli.errors import UserError
+    from stcli.infra.errors import UserError
 
     m = TRUNCATIONS.build("mixture", eps=1e-3, weights=[1], components=[{"name": "power"}])
     assert m.components[0].eps == 1e-3

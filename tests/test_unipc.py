@@ -12,10 +12,10 @@ import pytest
 import scipy.integrate
 import torch
 
-from stcli.errors import UserError
-from stcli.registry import SAMPLERS, SDES
-from stcli.samplers import time_grid
-from stcli.samplers.unipc import phi_minus, weights
+from stcli.components.samplers import time_grid
+from stcli.components.samplers.unipc import phi_minus, weights
+from stcli.infra.errors import UserError
+from stcli.infra.registry import SAMPLERS, SDES
 
 M, S = 0.5, 0.4
 Gaussian = partial(conftest.Gaussian, m=M, s=S)  # the exact score of N(M, S^2 I) data

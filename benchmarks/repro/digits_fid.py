@@ -4,7 +4,7 @@ Inception features of upscaled 16x16 grayscale digits say little, and the Incept
 need a download; so this module trains a small CNN classifier on the digits train split
 (seeded, CPU, a few seconds), saves it with safetensors, and registers it with
 torch-fidelity's feature-extractor registry as ``st-digits-cnn`` — the mechanism
-`stcli.metrics` uses for its test extractor ``st-random-64``.  FID is then torch-fidelity's
+`stcli.components.metrics` uses for its test extractor ``st-random-64``.  FID is then torch-fidelity's
 own: Gaussian statistics of the 64-d penultimate features (``fid_features_to_statistics``)
 and the Fréchet distance (``fid_statistics_to_metric``).
 """
@@ -23,7 +23,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
-from stcli.metrics import SmallFeatures
+from stcli.components.metrics import SmallFeatures
 
 NAME = "st-digits-cnn"
 SIZE = 16
@@ -75,7 +75,7 @@ def digit_split(split: str, image_size: int = SIZE) -> tuple[torch.Tensor, torch
     """uint8 images (N, 1, H, W) of stcli's digits data set and their labels."""
     from sklearn.datasets import load_digits
 
-    from stcli.data import Digits
+    from stcli.components.data import Digits
 
     spec = Digits(image_size=image_size)
     dataset = spec.create(split)

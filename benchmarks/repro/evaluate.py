@@ -62,8 +62,8 @@ def _cached(path: Path, recipe: dict) -> dict | None:
 
 def _resumable(out_dir: Path, recipe) -> bool:
     """A checkpoint of this very recipe (an interrupted run): continue it instead of restarting."""
-    from stcli.errors import UserError
-    from stcli.loading import open_checkpoint
+    from stcli.components.loading import open_checkpoint
+    from stcli.infra.errors import UserError
 
     ckpt = out_dir / "ckpt.safetensors"
     if not ckpt.is_file() or (out_dir / "result.json").is_file():
@@ -75,8 +75,8 @@ def _resumable(out_dir: Path, recipe) -> bool:
 
 
 def _train_and_measure(job, recipe, classifier: Path | None, resume: bool) -> dict:
-    from stcli.loading import open_checkpoint
-    from stcli.train import train
+    from stcli.components.loading import open_checkpoint
+    from stcli.jobs.train import train
 
     t0, c0 = time.perf_counter(), time.process_time()
     ckpt = job.out_dir / "ckpt.safetensors"
@@ -118,7 +118,7 @@ def measure(ckpt: Path, data, budget, sample_dir: Path, classifier: Path | None)
 
 def likelihood(ckpt: Path, data, budget) -> dict:
     """NLL after correction and NELBO with residual (bits/dim), mean and s.e. over test items."""
-    from stcli.nll import NllOptions, evaluate
+    from stcli.jobs.nll import NllOptions, evaluate
 
     b = budget
     opts = NllOptions(split="test", limit=b.nll_limit, batch_size=128, correction="after",
@@ -135,7 +135,7 @@ def draw(ckpt: Path, n: int, sampler: dict, out: Path) -> torch.Tensor:
     """`st sample CKPT -n N [--sampler ...] --format npz`: the samples as a tensor."""
     import numpy as np
 
-    from stcli.sample import generate
+    from stcli.jobs.sample import generate
 
     out = generate(ckpt, n, out, fmt="npz", device="cpu", sampler=sampler, batch_size=500,
                    overwrite=True)

@@ -2,7 +2,7 @@
 
 From the SDE alone: Fig. 7 (quantiles of the importance-weighted time at tau = eps and 0.1)
 and Fig. 6c (the importance distribution of lambda = g^2_{P_k}).  From trained checkpoints
-(`stcli.diagnose`): Fig. 1a for several losses, and Figs. 6a/6b.  From the tables: NLL
+(`stcli.jobs.diagnose`): Fig. 1a for several losses, and Figs. 6a/6b.  From the tables: NLL
 against sample quality per loss, and sample grids.
 """
 
@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stcli.diagnose import iw_quantiles, lambda_P_density, log_grid  # noqa: E402
-from stcli.sdes import VP  # noqa: E402
-from stcli.truncation import Hard, Power  # noqa: E402
+from stcli.components.sdes import VP  # noqa: E402
+from stcli.components.truncation import Hard, Power  # noqa: E402
+from stcli.jobs.diagnose import iw_quantiles, lambda_P_density, log_grid  # noqa: E402
 
 EPS = 1e-5
 KS = (0.0, 0.5, 0.9, 1.0, 2.0, 3.0)

@@ -118,8 +118,8 @@ def dry_run(plan: Plan) -> dict:
     sampler, the digit classifier and the mixture; print the equivalent `st train` commands."""
     import digits_fid
 
-    from stcli.nets import build_score_model
-    from stcli.sample import resolve_sampler
+    from stcli.components.nets import build_score_model
+    from stcli.jobs.sample import resolve_sampler
 
     built = []
     for job in plan.jobs:
@@ -274,7 +274,7 @@ def report_only(args) -> dict:
 
 
 def _diagnose_one(ckpt: Path, out: Path, quick: bool) -> dict:
-    from stcli.diagnose import DiagnoseOptions, diagnose, write
+    from stcli.jobs.diagnose import DiagnoseOptions, diagnose, write
 
     torch.set_num_threads(1)
     opts = DiagnoseOptions(limit=16 if quick else 256, points=8 if quick else 40,

@@ -111,7 +111,7 @@ def run_pilot(job, classifier: Path | None, results: Path) -> dict:
 def _train_chunk(job, state: dict, path: Path) -> None:
     from evaluate import log_path
 
-    from stcli.train import train
+    from stcli.jobs.train import train
 
     t, c = time.perf_counter(), time.process_time()
     with open(log_path(job), "a") as log, contextlib.redirect_stdout(log):

@@ -109,7 +109,7 @@ class DataSet:
 
     def recipe_obj(self):
         """The base recipe with the shared overrides (data, SDE: what the evaluation needs)."""
-        from stcli.recipe import load_recipe
+        from stcli.components.recipe import load_recipe
 
         return load_recipe(ROOT / self.recipe, list(self.shorten))
 
@@ -180,7 +180,7 @@ class Job:
         return tuple(s for s in self.budget.curve if s < self.budget.steps) if self.seed == 0 else ()
 
     def recipe(self):
-        from stcli.recipe import load_recipe
+        from stcli.components.recipe import load_recipe
 
         return load_recipe(ROOT / self.data.recipe, self.overrides)
 

@@ -1,0 +1,99 @@
+"""What every sampler shares: the call signature, noise draws, time grids and the final Tweedie
+denoising step.
+
+Every sampler is called as ``sampler(score_fn, sde, x_T, generator=None) -> (x, nfe)``:
+``score_fn(x, t)`` is the score with ``t`` a float64 tensor of shape (B,), ``x_T`` the prior
+draw, and ``nfe`` the number of evaluations of ``score_fn`` on the batch.  ``generator`` is a
+``torch.Generator`` or one generator per sample: then row i of every noise draw comes from
+generator i alone, so a sample does not depend on the batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import PositiveFloat, PositiveInt
+
+from stcli.components.sdes import LinearSDE, ScoreFn, bcast
+from stcli.infra.registry import Component
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+Schedule = Literal["uniform", "log_snr", "edm"]
+
+
+def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """N(0, I) noise shaped like x, drawn row by row when given one generator per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                        for g in generator])
+
+
+class Sampler(Component):
+    """Integrates from T down to the SDE's eps; `denoise` adds a Tweedie step at eps."""
+
+    denoise: bool = True
+
+    @torch.no_grad()
+    def __call__(self, score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
+                 generator: Generators = None) -> tuple[torch.Tensor, int]:
+        x, nfe = self.integrate(score_fn, sde, x, generator)
+        if self.denoise:
+            return tweedie(score_fn, sde, x, sde.eps), nfe + 1
+        return x, nfe
+
+    def integrate(self, score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
+                  generator: Generators) -> tuple[torch.Tensor, int]:
+        """x at time eps from x at time T, and the number of score evaluations."""
+        raise NotImplementedError
+
+
+class GridSampler(Sampler):
+    """A sampler on a fixed grid of `steps` + 1 times from T to eps (`schedule`, `rho`)."""
+
+    steps: PositiveInt = 1000
+    schedule: Schedule = "uniform"
+    rho: PositiveFloat = 7.0
+
+    def time_grid(self, sde: LinearSDE) -> list[float]:
+        return time_grid(sde, self.steps, self.schedule, self.rho)
+
+
+def time_grid(sde: LinearSDE, steps: int, schedule: Schedule = "uniform",
+              rho: float = 7.0) -> list[float]:
+    """steps + 1 decreasing times from T to eps.
+
+    uniform: equal steps in t (Song et al. 2021).  log_snr: equal steps in
+    A(t) = log(sigma^2/mu^2), i.e. the quantiles of the importance density p_iw ∝ g^2/sigma^2
+    (Sec. 4.1); equal steps in t for VE, in 1/t for RVE.  edm: Karras et al. 2022 Eq. (5) in
+    the scaled noise level s = sigma/mu = exp(A/2): s_i = (s_T^(1/rho) + i/N (s_eps^(1/rho) -
+    s_T^(1/rho)))^rho, dense where the probability-flow trajectories curve (small s).
+    """
+    i = torch.arange(steps + 1, dtype=torch.float64) / steps
+    if schedule == "uniform":
+        ts = sde.T + i * (sde.eps - sde.T)
+    else:
+        a_hi, a_lo = (sde.antiderivative(torch.tensor(t, dtype=torch.float64)) for t in (sde.T, sde.eps))
+        if schedule == "log_snr":
+            a = a_hi + i * (a_lo - a_hi)
+        else:
+            s_hi, s_lo = torch.exp(a_hi / 2) ** (1 / rho), torch.exp(a_lo / 2) ** (1 / rho)
+            a = 2 * rho * torch.log(s_hi + i * (s_lo - s_hi))
+        ts = sde.antiderivative_inv(a).clamp(sde.eps, sde.T)
+    ts[0], ts[-1] = sde.T, sde.eps  # exact end points
+    return ts.tolist()
+
+
+def times(t: float, x: torch.Tensor) -> torch.Tensor:
+    """The time t for every sample of x, as a float64 (B,) tensor."""
+    return torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+
+
+def tweedie(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: float) -> torch.Tensor:
+    """E[x0 | x_t] = (x_t + sigma^2 s(x_t, t)) / mu (Tweedie's formula; Efron 2011)."""
+    tt = times(t, x)
+    return (x + bcast(sde.var(tt), x) * score_fn(x, tt)) / bcast(sde.mean_coef(tt), x)

@@ -1,5 +1,0 @@
-"""Samplers: registry entries with one call signature,
-``sampler(score_fn, sde, x_T, generator=None) -> (x, nfe)`` (see `stcli.samplers.base`)."""
-
-from stcli.samplers import dpm, ode, pc, unipc  # noqa: F401  (register pc, euler_maruyama, ode, euler, heun, dpm2m, unipc)
-from stcli.samplers.base import Sampler, randn_like, time_grid, tweedie  # noqa: F401
