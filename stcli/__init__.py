@@ -4,13 +4,14 @@
 first use, so that ``import stcli`` (and the CLI) stays fast.
 """
 
-__version__ = "0.1.0"
+from stcli.infra.version import __version__ as __version__  # re-exported: stcli.__version__
+
 __all__ = ["load", "sample"]
 
 
 def __getattr__(name: str):
     if name in __all__:
-        from stcli import api
+        from stcli.jobs import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'stcli' has no attribute {name!r}")

@@ -18,6 +18,7 @@ import torch
 from stcli.components.loading import Loaded, load_model
 from stcli.infra.distributed import Context
 from stcli.infra.errors import UserError
+from stcli.jobs.sample import Job, resolve_sampler
 
 
 def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Loaded:
@@ -36,8 +37,6 @@ def sample(model: Loaded, n: int, sampler: str | None = None, steps: int | None 
     override the recipe's ``sample`` section; another sampler than the recipe's starts from its
     own defaults.
     """
-    from stcli.jobs.sample import Job, resolve_sampler
-
     if n <= 0 or batch_size <= 0:
         raise UserError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
     overrides = {k: v for k, v in {"name": sampler, "steps": steps, **options}.items()

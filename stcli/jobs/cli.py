@@ -60,7 +60,7 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
 
 def _print_version(value: bool) -> None:
     if value:
-        from stcli import __version__
+        from stcli.infra.version import __version__
 
         info(f"st {__version__}")
         raise typer.Exit()

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import stcli
 from stcli.components.loading import load_model
 from stcli.components.samplers import Sampler
 from stcli.infra import checkpoint, distributed
@@ -46,6 +43,7 @@ from stcli.infra.images import save_grid
 from stcli.infra.registry import SAMPLERS
 from stcli.infra.runlock import LOCK, TMP_PREFIX, RunLock, atomic, remove_temporaries
 from stcli.infra.seeding import seed_for
+from stcli.infra.version import __version__
 from stcli.jobs.resources import check_disk
 
 PER_FOLDER = 1000
@@ -155,7 +153,7 @@ def make_manifest(ckpt: str | Path, step: int, weights: str, spec: Sampler, seed
     processes do not: image i is a function of the seed and i)."""
     return {"kind": MANIFEST_KIND, "checkpoint_sha256": checkpoint.file_sha256(ckpt), "checkpoint_step": step,
             "weights": weights, "sampler": spec.model_dump(mode="json"), "seed": seed, "count": n,
-            "format": fmt, "precision": precision, "st_version": stcli.__version__}
+            "format": fmt, "precision": precision, "st_version": __version__}
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -424,17 +422,3 @@ class Job:
             with np.load(self.out / NPZ) as f:
                 arrays = list(f["arr_0"][:k])
         save_grid(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), self.out / "grid.png")
-
-
-class _CallableModule(type(os)):
-    """``stcli.jobs.sample`` is this module and the notebook API's ``sample`` function at once:
-    importing the module rebinds the package attribute ``stcli.jobs.sample``, which would otherwise
-    shadow ``from stcli import sample`` (see stcli.jobs.api)."""
-
-    def __call__(self, *args, **kwargs):
-        from stcli.jobs.api import sample
-
-        return sample(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
