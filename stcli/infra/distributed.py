@@ -195,7 +195,7 @@ def setup(device: str = "auto") -> Context:
 def _join(backend: str, world: int) -> None:
     """init_process_group, said first (it waits for every rank) and a UserError if they do not
     all come within the timeout."""
-    from stcli.console import info
+    from stcli.infra.console import info
 
     wait = timeout()
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
