@@ -14,9 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_releases import RELEASES, per_image_rel_err, pth, public_io, recipe_of  # noqa: E402
 
-from stcli.jobs import importer  # noqa: E402
-from stcli.infra.errors import UserError  # noqa: E402
 from stcli.components.loading import load_model  # noqa: E402
+from stcli.infra.errors import UserError  # noqa: E402
+from stcli.jobs import importer  # noqa: E402
 
 
 def errors(path: Path, io: dict, weights: str, key: str) -> torch.Tensor:

@@ -184,7 +184,7 @@ def test_a_fresh_run_moves_an_old_log_aside(tiny_recipe, capsys):
 def test_checkpoint_temporaries_carry_one_prefix_even_when_killed(tmp_path):
     """A write killed at any moment leaves nothing but `.st-tmp-*` entries (safetensors'
     own `.tmpXXXX` file included), and remove_temporaries clears them."""
-    code = ("import sys, torch; from stcli import checkpoint\n"
+    code = ("import sys, torch; from stcli.infra import checkpoint\n"
             "checkpoint.save(sys.argv[1], {'w': torch.zeros(60_000_000)}, {'step': 1})\n")
     import subprocess
     import sys
