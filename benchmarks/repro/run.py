@@ -270,7 +270,35 @@ def report_only(args) -> dict:
             results += json.loads(path.read_text())["runs"]
     summary = tables(results, args)
     summary["learning_curves"] = curve_figures(results, args)
+    status = pilot_status(args)
+    if status:
+        print("\n" + status)
+        with open(args.out / "tables.md", "a") as f:
+            f.write("\n" + status + "\n")
     return summary
+
+
+def pilot_status(args) -> str:
+    """Where each --converge pilot stands: steps trained, the verdict, its last measured point."""
+    lines = []
+    for data in args.data:
+        labels = {v.key: v.label for v in DATASETS[data].variants + DATASETS[data].extras}
+        key = QUALITY[data][0]
+        for path in sorted((args.results / "pilots" / data).glob("*.json")):
+            state = json.loads(path.read_text())
+            if not state["points"]:
+                continue
+            last, trained = state["points"][-1], state["chunks"][-1]["step"] if state["chunks"] else 0
+            verdict = state.get("verdict") or {}
+            where = (f"converged at {verdict['step']:,}" if verdict.get("step") else
+                     f"not converged at the cap ({trained:,})" if verdict else "training")
+            lines.append(f"| {data} | {labels.get(path.stem, path.stem)} | {trained:,} | {where} | "
+                         f"{last['step']:,} | {last['nll']['mean']:.3f} ± {last['nll']['stderr']:.3f} | "
+                         f"{last['nelbo']['mean']:.3f} ± {last['nelbo']['stderr']:.3f} | "
+                         f"{last[key]:.2f} ± {last[key + '_se']:.2f} |")
+    head = ("| data | loss | steps trained | seed-0 pilot | last measured | NLL | NELBO | "
+            f"{'FID' if 'digits' in args.data else 'quality'} |\n|---|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(lines) if lines else ""
 
 
 def _diagnose_one(ckpt: Path, out: Path, quick: bool) -> dict:
