@@ -7,6 +7,7 @@ import json
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,11 @@ def test_a_huge_image_in_a_folder_dataset_is_refused_in_one_line(tiny_recipe, tm
     assert "Traceback" not in out + err
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and f"{huge} is 14000x14000 = 196000000 pixels" in line, err
+    assert not Path(spec["train"]["out_dir"]).exists()  # refused before the run folder is made
+    huge.unlink()
+    (images / "zz_notes.png").write_text("not an image")  # last in order: found before training too
+    code, out, err = st(capsys, "train", recipe)
+    assert code == 2 and "zz_notes.png" in err and not Path(spec["train"]["out_dir"]).exists(), err
 
 
 def test_grids_enlarge_small_images_by_whole_pixels_and_keep_large_ones(tmp_path):

@@ -402,6 +402,8 @@ class Folder(ImageData):
         if not paths:
             raise UserError(f"dataset 'folder': no images ({', '.join(IMAGE_EXTENSIONS)}) "
                             f"under {root}")
+        for path in paths:  # every header read now: an unreadable file stops a run before it starts
+            read_header(path)
         mode = "L" if self.n_channels() == 1 else "RGB"
         return ImageFiles(paths, partial(read_image, size=self.image_size, mode=mode))
 
