@@ -29,6 +29,7 @@ def test_help_ends_with_examples(command, capsys, monkeypatch):
     assert tail[1:-1:2] == [f"# {note}" for _, note in EXAMPLES[command]]
     assert tail[2:-1:2] == [cmd for cmd, _ in EXAMPLES[command]]  # one line each at 80 columns
     assert (ROOT / DOCS[command]).is_file()
+    assert "<bool>" not in out and "--help" in out  # flags, --help too, show no type
 
 
 @pytest.mark.parametrize("example", [cmd for cmds in EXAMPLES.values() for cmd, _ in cmds])

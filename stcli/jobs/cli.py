@@ -578,6 +578,15 @@ def _command(argv: list[str]):
                 param._runtime_param = None
             if getattr(param, "is_flag", False):  # typer would print "<bool>" beside a flag
                 param.display_type_rich = lambda ctx: None
+        made = command.get_help_option  # --help is made per context, not among command.params
+
+        def help_option(ctx, made=made):
+            option = made(ctx)
+            if option is not None:
+                option.display_type_rich = lambda ctx: None
+            return option
+
+        command.get_help_option = help_option
         for sub in getattr(command, "commands", {}).values():
             typed(sub)
 
