@@ -81,6 +81,8 @@ def main() -> None:
     p.add_argument("--ref-tol", type=float, default=1e-6)
     p.add_argument("--only", nargs="+", help="model names to measure (default: all three)")
     p.add_argument("--rows", action="store_true", help="print the table of the saved rows")
+    p.add_argument("--candidates", type=int, default=len(CANDIDATES),
+                   help="measure the first K candidates only (the first is --protocol fast)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     import nll as bench
@@ -96,7 +98,7 @@ def main() -> None:
         ns = argparse.Namespace(batch=args.n, ref_tol=args.ref_tol, device="cpu", quick=False,
                                 cache=str(args.out), variables=None, norms=None, tols=None,
                                 logp_tols=None)
-        rows = bench.bench_model(str(ckpt), ns, name, configs=CANDIDATES)
+        rows = bench.bench_model(str(ckpt), ns, name, configs=CANDIDATES[:args.candidates])
         saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {"rows": []}  # others' rows
         saved["rows"] = [r for r in saved["rows"] if r["model"] != name] + rows
         saved.setdefault("commands", {})[name] = "st train " + " ".join(models(args.out)[name])
