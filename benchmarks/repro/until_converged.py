@@ -94,6 +94,11 @@ def run_pilot(job, classifier: Path | None, results: Path) -> dict:
     key = QUALITY[job.data.key][0]
     job.out_dir.mkdir(parents=True, exist_ok=True)
     restore(job)
+    measured = {p["step"] for p in state["points"]}
+    lost = [c for c in state["chunks"] if c["step"] not in measured
+            and not (job.out_dir / f"ckpt-{c['step']}.safetensors").is_file()]
+    if lost:  # trained on a machine since lost, never measured: trained again
+        state["chunks"] = [c for c in state["chunks"] if c not in lost]
     while True:
         _measure_new(job, classifier, state, path)
         verdict = converged_at(state["points"], key, **CRITERION)
