@@ -55,8 +55,11 @@ def keep(jobs, results: Path) -> list[Path]:
     for job in jobs:
         kept, finished = _kept(job), (job.out_dir / "result.json").is_file()
         state = pilot_file(results, job.data.key, job.variant.key)
-        budget = json.loads(state.read_text()).get("budget") if job.seed == 0 and state.is_file() else None
+        pilot = json.loads(state.read_text()) if job.seed == 0 and state.is_file() else {}
+        budget, chunks = pilot.get("budget"), pilot.get("chunks", [])
         wanted = [f"ckpt-{budget}.safetensors"] if budget else [] if finished else ["ckpt.safetensors"]
+        if chunks and not budget:  # a pilot's last snapshot, perhaps not yet measured
+            wanted.append(f"ckpt-{chunks[-1]['step']}.safetensors")
         wanted = [n for n in wanted if (job.out_dir / n).is_file()]
         if not wanted and not finished:
             continue  # nothing new here (a run folder of another machine): keep what is kept
