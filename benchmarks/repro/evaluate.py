@@ -87,7 +87,10 @@ def _train_and_measure(job, recipe, classifier: Path | None, resume: bool) -> di
     t1, c1 = time.perf_counter(), time.process_time()
     result = {"data": job.data.key, "variant": job.variant.key, "label": job.variant.label,
               "seed": job.seed, "recipe": recipe.to_dict(), "command": job.command(),
-              "final_loss": loss, "train_s": t1 - t0, "train_cpu_s": c1 - c0, "resumed": resume}
+              "final_loss": loss, "train_s": t1 - t0, "train_cpu_s": c1 - c0, "resumed": resume,
+              # the training's wall time over every session (the checkpoint's clock): the cost
+              # of a job resumed on another machine, whose train_s counts the last part only
+              "train_wall_total_s": open_checkpoint(ckpt).meta.get("wall_s")}
     result.update(measure(ckpt, job.data, job.budget, job.out_dir / "samples", classifier))
     for name, spec in list(job.budget.samplers.items())[1:]:
         t, c = time.perf_counter(), time.process_time()
