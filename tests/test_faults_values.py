@@ -225,7 +225,11 @@ def test_train_never_writes_into_a_folder_of_other_files(tiny_recipe, tmp_path, 
 def test_a_net_too_large_for_memory_is_refused_before_allocating(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "big"
     flat = one_line(st(capsys, "train", tiny_recipe(), "net.nf=100000", f"train.out_dir={out}"))
-    assert "parameters: training needs at least" in flat and "GiB free" in flat
+    assert "training needs at least" in flat and "GiB free" in flat
+    assert not out.exists()
+    # images too large: refused before the data set is resized in memory
+    flat = one_line(st(capsys, "train", tiny_recipe(), "data.image_size=100000", f"train.out_dir={out}"))
+    assert "images are 1x100000x100000" in flat and "GiB free" in flat
     assert not out.exists()
 
 

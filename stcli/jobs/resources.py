@@ -3,6 +3,7 @@ the batch per device, and out-of-memory errors turned into advice."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -95,16 +96,20 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_training_fits(recipe, device: torch.device) -> None:
-    """Refuse a net whose weights, EMA, gradients and Adam state alone exceed `device`'s free
-    memory (activations come on top), before anything is allocated."""
+def check_training_fits(recipe, device: torch.device, per_device_batch: int = 1) -> None:
+    """Refuse a net whose weights, EMA, gradients and Adam state, with one micro-batch of
+    float32 inputs and noise (`per_device_batch` images of the data's shape), exceed `device`'s
+    free memory (activations come on top), before anything is allocated."""
     n = parameter_count(recipe)
-    need, free = n * TRAIN_BYTES_PER_PARAM, free_memory(device)
+    image = math.prod(recipe.data.shape) * 4
+    need, free = n * TRAIN_BYTES_PER_PARAM + 2 * per_device_batch * image, free_memory(device)
     if free is not None and need > free:
+        shape = "x".join(map(str, recipe.data.shape))
         raise UserError(f"the net ({recipe.net.name}, nf={getattr(recipe.net, 'nf', '?')}) has "
-                        f"{n:,} parameters: training needs at least {need / 2**30:,.1f} GiB for its "
-                        f"weights, EMA, gradients and Adam state, before activations; {device} has "
-                        f"{free / 2**30:,.1f} GiB free")
+                        f"{n:,} parameters and the data's images are {shape}: "
+                        f"training needs at least {need / 2**30:,.1f} GiB for its weights, EMA, "
+                        f"gradients, Adam state and one micro-batch of {per_device_batch} inputs, before "
+                        f"activations; {device} has {free / 2**30:,.1f} GiB free")
 
 
 def check_disk(n: int, bytes_each: int, folder, what: str) -> None:

@@ -138,12 +138,13 @@ class Trainer:
         self.out_dir = recipe.out_dir
         self.ckpt_path = self.out_dir / rundir.CHECKPOINT
         self.data = recipe.data
+        check_training_fits(recipe, self.device,
+                            self.cfg.batch_size // (ctx.world_size * self.cfg.micro_batches))
         self.dataset = self.data.create(self.data.training_split)
         self.sde = recipe.sde
         self.feed = recipe.loss.target.feed(self.sde, recipe.truncation.eps,
                                             self.cfg.batch_size // ctx.world_size, ctx.world_size,
                                             len(self.dataset), self.device)
-        check_training_fits(recipe, self.device)
         torch.manual_seed(seed_for(recipe.seed, "init"))
         self.model = build_score_model(recipe.net, self.sde, self.data.shape,
                                        self.data.zero_centered).to(self.device)
