@@ -84,15 +84,6 @@ def timed(fn, device: str):
     return val, nfe, time.perf_counter() - t0
 
 
-def machine() -> dict:
-    import datetime
-    import platform
-
-    return {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
 def bench_model(ckpt, args, label=None, configs=None) -> list[dict]:
     """Rows of every solver setting (`configs`: (variable, tol, norm) triples, else the
     command line's grid) on one batch of `args.batch` test points of `ckpt`."""

@@ -86,6 +86,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     import nll as bench
+    from machine import machine
 
     saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {"rows": []}
     if args.rows:
@@ -102,7 +103,7 @@ def main() -> None:
         saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {"rows": []}  # others' rows
         saved["rows"] = [r for r in saved["rows"] if r["model"] != name] + rows
         saved.setdefault("commands", {})[name] = "st train " + " ".join(models(args.out)[name])
-        saved["machine"] = bench.machine()
+        saved["machine"] = machine()
         RESULT.parent.mkdir(parents=True, exist_ok=True)
         RESULT.write_text(json.dumps(saved, indent=1) + "\n")
     print(bench.table(saved["rows"]))

@@ -27,6 +27,7 @@ import argparse
 import time
 
 import torch
+from machine import machine
 
 from stcli.components.recipe import load_recipe
 from stcli.components.samplers.base import randn_like
@@ -79,16 +80,6 @@ def parse_case(text: str) -> tuple[str, dict]:
 def steps_for(name: str, nfe: int) -> int:
     """Grid steps that spend `nfe` evaluations: heun takes 2 per step, the others 1."""
     return max(2, nfe // (2 if name == "heun" else 1))
-
-
-def machine() -> dict:
-    import datetime
-    import platform
-
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

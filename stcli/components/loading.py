@@ -104,10 +104,17 @@ def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
     if not state:
         raise UserError(f"checkpoint {path} holds no {weights} weights"
                         + ("; use --weights raw" if weights == "ema" else ""))
+    model = model_from_state(recipe, state, path, weights)
+    return Loaded(recipe, model.to(device).eval().requires_grad_(False), opened.step)
+
+
+def model_from_state(recipe: Recipe, state: dict[str, torch.Tensor], path, weights: str) -> ScoreModel:
+    """The recipe's net built on the meta device and given `state` (its tensors themselves), or a
+    UserError naming the first tensor that does not fit or is missing."""
     with torch.device("meta"):
         model = build_score_model(recipe.net, recipe.sde, recipe.data.shape,
                                   recipe.data.zero_centered)
     load_weights(model, state, path, f"{weights} weights of {recipe.net.name}:")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise UserError(f"checkpoint {path} lacks some tensors of its net ({recipe.net.name})")
-    return Loaded(recipe, model.to(device).eval().requires_grad_(False), opened.step)
+    return model

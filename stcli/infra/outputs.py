@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stcli.infra.console import console
 from stcli.infra.errors import UserError
-from stcli.infra.runlock import atomic
+from stcli.infra.runlock import LOCK, TMP_PREFIX, atomic
 
 
 def _named(path: str | Path, what: str) -> Path:
@@ -88,3 +88,12 @@ def write_result(path: Path, text: str, what: str) -> None:
     except UserError as err:
         console.out(text, highlight=False)
         raise UserError(f"{err}; the {what} is printed above") from None
+
+
+def refuse_foreign(folder: Path, ours: Iterable[str], message: str) -> None:
+    """UserError `message` (with "{files}": the first few names) if `folder` holds entries other
+    than `ours`, st's lock and its temporaries: a folder of the user's, never written into."""
+    other = sorted(p.name for p in folder.iterdir()
+                   if p.name not in {*ours, LOCK} and not p.name.startswith(TMP_PREFIX))
+    if other:
+        raise UserError(message.format(files=", ".join(other[:3]) + (", ..." if len(other) > 3 else "")))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from stcli.components.loading import open_checkpoint
+from stcli.components.loading import model_from_state, open_checkpoint
 from stcli.infra import checkpoint
 from stcli.infra.errors import UserError
 from stcli.infra.outputs import output_file
@@ -39,25 +39,12 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", dtype: str =
     state = checkpoint.section(section, tensors)
     if not state:
         raise UserError(f"checkpoint {ckpt} holds no {weights} weights")
-    params = _parameter_names(meta["recipe"], ckpt, state, weights)
+    # checked as st sample checks it (every name and shape), then the trainable ones cast
+    model = model_from_state(opened.recipe, dict(state), ckpt, weights)
+    params = {name for name, _ in model.named_parameters()}
     cast = {k: v.to(DTYPES[dtype]) if k in params else v for k, v in state.items()}
     checkpoint.save(out, checkpoint.prefixed(section, cast),
                     {"recipe": meta["recipe"], "step": meta.get("step", 0),
                      "export": {"weights": weights, "dtype": dtype, "source": str(ckpt)}})
     return {"tensors": len(cast), "bytes": out.stat().st_size,
             "source_bytes": Path(ckpt).stat().st_size}
-
-
-def _parameter_names(recipe: dict, ckpt: str | Path, state: dict, weights: str) -> set[str]:
-    """Names of the trainable tensors of the checkpoint's model (built on the meta device), once
-    `state` is checked to be that model's, every name and shape (as `st sample` checks it)."""
-    from stcli.components.loading import load_weights
-    from stcli.components.nets import build_score_model
-    from stcli.components.recipe import parse_recipe
-
-    spec = parse_recipe(recipe, f"the recipe inside {ckpt}")
-    with torch.device("meta"):
-        model = build_score_model(spec.net, spec.sde, spec.data.shape, spec.data.zero_centered)
-    names = {name for name, _ in model.named_parameters()}
-    load_weights(model, dict(state), ckpt, f"{weights} weights of {spec.net.name}:", assign=True)
-    return names

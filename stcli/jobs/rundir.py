@@ -15,7 +15,8 @@ from stcli.components.recipe import Recipe, Train, apply_overrides, parse_recipe
 from stcli.infra import distributed
 from stcli.infra.console import info
 from stcli.infra.errors import UserError
-from stcli.infra.runlock import LOCK, TMP_PREFIX, remove_temporaries, temporary_name
+from stcli.infra.outputs import refuse_foreign
+from stcli.infra.runlock import remove_temporaries, temporary_name
 
 CHECKPOINT = "ckpt.safetensors"  # the latest checkpoint of a run folder, the one a resume reads
 
@@ -43,12 +44,8 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         raise UserError(f"{out_dir} already holds a run; continue it with --resume or "
                         "choose another train.out_dir")
     if not resume and out_dir.is_dir() and not any((out_dir / f).exists() for f in RUN_FILES):
-        other = sorted(p.name for p in out_dir.iterdir()
-                       if p.name != LOCK and not p.name.startswith(TMP_PREFIX))
-        if other:
-            raise UserError(f"train.out_dir {out_dir} holds other files ({', '.join(other[:3])}"
-                            f"{', ...' if len(other) > 3 else ''}) and is not a run folder of st "
-                            "train; choose a new or empty folder")
+        refuse_foreign(out_dir, (), f"train.out_dir {out_dir} holds other files ({{files}}) and is "
+                       "not a run folder of st train; choose a new or empty folder")
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, ckpt_id: tuple[int, int, int] | None, recipe: Recipe,

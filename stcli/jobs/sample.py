@@ -40,8 +40,9 @@ from stcli.infra import checkpoint, distributed
 from stcli.infra.console import StepProgress, fmt_eta, info
 from stcli.infra.errors import UserError
 from stcli.infra.images import save_grid
+from stcli.infra.outputs import refuse_foreign
 from stcli.infra.registry import SAMPLERS
-from stcli.infra.runlock import LOCK, TMP_PREFIX, RunLock, atomic, remove_temporaries
+from stcli.infra.runlock import TMP_PREFIX, RunLock, atomic, remove_temporaries
 from stcli.infra.seeding import seed_for
 from stcli.infra.version import __version__
 from stcli.jobs.resources import check_disk
@@ -198,11 +199,9 @@ def check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
     `manifest`.  Runs on the main process, with the folder locked."""
     old, files = read_manifest(out), sample_files(out)
     hint = "use another folder, or delete them and start afresh with `st sample --overwrite`"
-    ours = {p.name for p in files if p.parent == out} | {LOCK}
-    other = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(TMP_PREFIX))
-    if old is None and other and not overwrite:  # the user's folder (--overwrite keeps those files)
-        raise UserError(f"{out} holds files st sample did not write ({', '.join(other[:3])}"
-                        f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder")
+    if old is None and not overwrite:  # the user's folder (--overwrite keeps those files)
+        refuse_foreign(out, {p.name for p in files if p.parent == out},
+                       f"{out} holds files st sample did not write ({{files}}); choose a new or empty folder")
     if overwrite and (old or files):
         for path in files:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
