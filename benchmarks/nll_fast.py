@@ -61,12 +61,15 @@ def models(out: Path) -> dict[str, list[str]]:
             "train.device=cpu", f"train.out_dir={out}/cifar_shaped"]}
 
 
-def make(out: Path) -> dict[str, Path]:
+def make(out: Path, only: list[str] | None = None) -> dict[str, Path]:
+    """Train the models that are missing (those named in `only`, if given)."""
     if not (out / "smooth32" / "test").is_dir():
         smooth_images(out / "smooth32" / "train", 512, 0)
         smooth_images(out / "smooth32" / "test", 256, 1)
     made = {}
     for name, args in models(out).items():
+        if only and name not in only:
+            continue
         run = Path(next(a for a in args if a.startswith("train.out_dir=")).split("=", 1)[1])
         if not (run / "ckpt.safetensors").is_file():
             subprocess.run([sys.executable, "-m", "stcli", "train", *args], check=True, cwd=ROOT)
@@ -93,9 +96,7 @@ def main() -> None:
         print(bench.table(saved["rows"]))
         return
     torch.set_num_threads(1)
-    for name, ckpt in make(args.out).items():
-        if args.only and name not in args.only:
-            continue
+    for name, ckpt in make(args.out, args.only).items():
         ns = argparse.Namespace(batch=args.n, ref_tol=args.ref_tol, device="cpu", quick=False,
                                 cache=str(args.out), variables=None, norms=None, tols=None,
                                 logp_tols=None)

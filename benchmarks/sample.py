@@ -129,6 +129,8 @@ def accuracy(args) -> None:
     rmse = {(text, nfe): [] for text, _, _ in todo for nfe in args.nfe}
     used = {}
     ref_nfe = []
+    tuned = {(text, nfe): tune(args, name, params, nfe) for text, name, params in todo
+             for nfe in args.nfe if params.get("schedule") == "tuned"}
     for seed in args.seeds:
         x = prior_draw(sde, args.batch, shape, seed, device)
         ref, nfe_ref = reference(model, sde, x, args.ref_tol, args.ref_cache,
@@ -136,12 +138,17 @@ def accuracy(args) -> None:
         ref_nfe.append(nfe_ref)
         for text, name, params in todo:
             for nfe in args.nfe:
-                sampler = SAMPLERS.validate(name, steps=steps_for(name, nfe), denoise=False, **params)
+                grid = tuned.get((text, nfe), {}).get("sampler", params)
+                sampler = SAMPLERS.validate(name, **{"steps": steps_for(name, nfe), **grid,
+                                                     "denoise": False})
                 y, used[text, nfe] = sampler(model.score, sde, x)
                 rmse[text, nfe].append(float((y - ref).pow(2).mean().sqrt()))
         info(f"seed {seed}: reference {nfe_ref} NFE; " + ", ".join(
             f"{text}@{nfe} {rmse[text, nfe][-1]:.4f}" for text, _, _ in todo for nfe in args.nfe))
-    rows = [{"case": text, "sampler": name, "settings": params, "nfe": used[text, nfe],
+    rows = [{"case": text, "sampler": name, "nfe": used[text, nfe],
+             "settings": tuned[text, nfe]["sampler"] if (text, nfe) in tuned else params,
+             "tuning": {k: v for k, v in tuned[text, nfe].items() if k != "sampler"}
+             if (text, nfe) in tuned else None,
              "rmse": rmse[text, nfe], "mean": mean_se(rmse[text, nfe])[0],
              "se": mean_se(rmse[text, nfe])[1]} for text, name, params in todo for nfe in args.nfe]
     info(f"{args.ckpt}: {args.batch} samples per seed, seeds {args.seeds}, reference dopri5 at "
@@ -156,6 +163,21 @@ def accuracy(args) -> None:
         open(args.json, "w").write(json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot([result], args.plot)
+
+
+def tune(args, name: str, params: dict, nfe: int) -> dict:
+    """`st tune-steps` on --tune-calib prior draws of its own (not the seeds measured), at the
+    reference tolerance of the measurement."""
+    from stcli.jobs.tune import TuneOptions, tune_steps
+
+    settings = {"name": name} | {k: v for k, v in params.items() if k != "schedule"}
+    result = tune_steps(args.ckpt, TuneOptions(sampler=settings, steps=steps_for(name, nfe),
+                                               calib=args.tune_calib, check=0,
+                                               ref_tol=args.tune_ref_tol, device=args.device))
+    info(f"tuned {name} at {nfe} NFE: {result['base']} warped by "
+         f"{[round(c, 3) for c in result['warp']]} ({result['search_runs']} runs): calibration RMSE "
+         + ", ".join(f"{r['grid']} {r['calib_rmse']:.4f}" for r in result["rows"]))
+    return result
 
 
 def table(rows: list[dict], nfes: list[int], cell) -> str:
@@ -270,8 +292,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
                         help="One prior draw x_T per seed.")
     parser.add_argument("--accuracy-cases", nargs="+", default=ACCURACY,
-                        help="name:schedule[:key=value,...] per case, e.g. unipc:edm:order=2,bh=h")
+                        help="name:schedule[:key=value,...] per case, e.g. unipc:edm:order=2,bh=h; "
+                        "schedule `tuned`: the grid of st tune-steps, tuned per NFE")
     parser.add_argument("--ref-tol", type=float, default=1e-7)
+    parser.add_argument("--tune-calib", type=int, default=64,
+                        help="Prior draws a `tuned` case's grid is tuned on (st tune-steps).")
+    parser.add_argument("--tune-ref-tol", type=float, default=1e-5,
+                        help="Reference tolerance of the tuning (st tune-steps' default).")
     parser.add_argument("--ref-cache", help="A folder that keeps the reference solutions.")
     parser.add_argument("--fid", type=int, help="With --ckpt (digits): FID of N samples per NFE instead.")
     parser.add_argument("--classifier", default="runs/repro/classifier/digits_cnn.safetensors",

@@ -63,12 +63,13 @@ def test_option_choices_are_the_values_their_modules_accept(capsys, monkeypatch)
     from stcli.components import likelihood, metrics
     from stcli.components.samplers.pc import PC
     from stcli.infra.registry import SAMPLERS
-    from stcli.jobs import cli, export
+    from stcli.jobs import cli, export, tune
 
     pc = PC.model_fields
     pairs = [(cli.Predictor, pc["predictor"].annotation), (cli.Corrector, pc["corrector"].annotation),
              (cli.TimeVariable, likelihood.TIME_VARIABLES), (cli.ErrorNorm, likelihood.ERROR_NORMS),
-             (cli.Resize, metrics.RESIZE_MODES), (cli.Dtype, tuple(export.DTYPES))]
+             (cli.Resize, metrics.RESIZE_MODES), (cli.Dtype, tuple(export.DTYPES)),
+             (cli.TuneSampler, tune.TUNABLE)]
     for literal, accepted in pairs:
         assert get_args(literal) == (get_args(accepted) or accepted)
     params = {p.opts[0]: p for p in _command(["sample"]).commands["sample"].params}

@@ -198,7 +198,7 @@ def test_a_sampler_other_than_the_recipes_keeps_its_own_defaults(tiny_ckpt, tmp_
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["sampler"]["steps"] == 20 and manifest["sampler"]["schedule"] == "edm"
     assert manifest["sampler_from"] == {"steps": "default", "schedule": "default", "rho": "default",
-                                        "denoise": "default"}
+                                        "times": "default", "denoise": "default"}
     assert 'sampler dpm2m: denoise true (default), steps 20 (default), schedule "edm" (default)' in out
     code, out, err = st(capsys, "sample", tiny_ckpt, "-n", "2", "--out", tmp_path / "b",
                         "--sampler", "heun", "--steps", "3", "--schedule", "log_snr", "--device", "cpu")

@@ -192,6 +192,10 @@ class Recipe(Section):
             raise ValueError(f"sde.eps ({self.sde.eps}) differs from truncation.eps ({eps}); "
                              "set only truncation.eps")
         object.__setattr__(self, "sde", self.sde.model_copy(update={"eps": eps}))
+        try:
+            self.sample.check(self.sde)
+        except UserError as err:
+            raise ValueError(f"sample: {err}") from None
         return self
 
     @property

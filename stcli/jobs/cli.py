@@ -41,6 +41,7 @@ Protocol = Literal["default", "paper", "fast"]
 Resize = Literal["tf", "clean"]
 Dtype = Literal["fp32", "fp16", "bf16"]
 ExportFormat = Literal["st", "diffusers"]
+TuneSampler = Literal["unipc", "dpm2m", "euler", "heun"]
 SAMPLER_PLACEHOLDER = Literal["(the registered samplers)"]  # set by `_command` from SAMPLERS
 
 Weights = Annotated[WeightsName, typer.Option("--weights", help="Checkpoint weights: ema or raw.")]
@@ -327,20 +328,74 @@ def sample(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete samples made otherwise (another checkpoint, sampler, seed, "
         "...) in --out and start afresh; without it such a folder is refused.")] = False,
+    sampler_file: Annotated[Optional[str], typer.Option(
+        "--sampler-file", show_default=False, help="A sampler section (YAML, e.g. written by st "
+        "tune-steps); the options above override its settings.")] = None,
     procs: Procs = 1,
 ):
     """Draw N samples from CKPT into --out (resumable; image i depends only on --seed and i)."""
     from stcli.infra.outputs import output_folder
-    from stcli.jobs.sample import generate
+    from stcli.jobs.sample import generate, read_sampler_file
 
     out = output_folder(out, "--out")
+    from_file = read_sampler_file(sampler_file) if sampler_file is not None else {}
     options = {"name": sampler, "steps": steps, "schedule": schedule, "predictor": predictor,
                "corrector": corrector,
                "snr": snr, "rtol": rtol, "atol": atol, "denoise": denoise}
-    overrides = {k: v for k, v in options.items() if v is not None}
+    overrides = from_file | {k: v for k, v in options.items() if v is not None}
     _relaunch_if_asked(procs)
     generate(ckpt, n, out, sampler=overrides, batch_size=batch_size, seed=seed, weights=weights,
              fmt=fmt, device=device, precision=precision, overwrite=overwrite)
+
+
+@app.command("tune-steps", epilog=epilog("tune-steps"))
+def tune_steps(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint written by st train.", metavar="CKPT")],
+    steps: Annotated[int, typer.Option("--steps", help="Grid steps of the sampler.")] = 10,
+    sampler: Annotated[TuneSampler, typer.Option(
+        "--sampler", help="The few-step sampler whose grid is tuned.")] = "unipc",
+    setting: Annotated[Optional[list[str]], typer.Option(
+        "--setting", show_default=False, help="A sampler setting KEY=VALUE (e.g. order=2), "
+        "repeatable.")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", show_default=False,
+        help="The sampler section written (default: CKPT's folder/<sampler>-<steps>steps.yaml).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    calib: Annotated[int, typer.Option("--calib", help="Prior draws the grid is tuned on.")] = 64,
+    check: Annotated[int, typer.Option(
+        "--check", help="Other prior draws the tuned grid is checked on.")] = 64,
+    ref_tol: Annotated[float, typer.Option(
+        "--ref-tol", callback=finite, help="Tolerance of the converged reference (dopri5).")] = 1e-5,
+    budget: Annotated[int, typer.Option("--budget", help="Sampler runs of the search.")] = 150,
+    weights: Weights = "ema",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+):
+    """The time grid on which a few-step sampler comes closest to CKPT's probability flow."""
+    from pathlib import Path
+
+    import yaml
+
+    from stcli.infra.outputs import output_file
+    from stcli.jobs.tune import TuneOptions, report, write
+    from stcli.jobs.tune import tune_steps as run_tune
+
+    settings: dict = {"name": sampler}
+    for item in setting or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--setting {item!r} is not of the form KEY=VALUE")
+        try:
+            settings[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--setting {item!r}: the value is not valid YAML") from None
+    path = Path(out) if out is not None else Path(ckpt).parent / f"{sampler}-{steps}steps.yaml"
+    path = output_file(path, "--out", overwrite=overwrite, inputs=[ckpt], make_parents=True)
+    opts = TuneOptions(sampler=settings, steps=steps, calib=calib, check=check, ref_tol=ref_tol,
+                       budget=budget, weights=weights, seed=seed, device=device)
+    result = run_tune(ckpt, opts)
+    write(result, path)
+    report(result, path)
 
 
 @app.command(epilog=epilog("nll"))

@@ -21,6 +21,12 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("st sample runs/c10/ckpt.safetensors -n 50000 --format npz --procs 8",
          "8 processes; resumable, image i depends only on i and --seed"),
     ],
+    "tune-steps": [
+        ("st tune-steps runs/digits/ckpt.safetensors --steps 10 --out unipc10.yaml",
+         "a 10-step unipc grid for this model"),
+        ("st sample runs/digits/ckpt.safetensors -n 1000 --sampler-file unipc10.yaml",
+         "sample on it"),
+    ],
     "nll": [
         ("st nll runs/digits/ckpt.safetensors --limit 256", "a quick estimate"),
         ("st nll runs/c10/ckpt.safetensors --nelbo --json nll.json --procs 8",
@@ -42,7 +48,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
-DOCS = {"train": "docs/training.md", "sample": "docs/sampling.md", "nll": "docs/likelihood.md",
+DOCS = {"train": "docs/training.md", "sample": "docs/sampling.md",
+        "tune-steps": "docs/sampling.md", "nll": "docs/likelihood.md",
         "fid": "docs/evaluation.md", "import": "docs/checkpoints.md", "export": "docs/checkpoints.md"}
 
 

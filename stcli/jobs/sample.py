@@ -93,6 +93,7 @@ def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None 
         check_disk(n, math.prod(loaded.recipe.data.resolved().shape) + PNG_OVERHEAD, out,
                    f"{n:,} samples")
         spec = resolve_sampler(loaded.recipe.sample, sampler or {})
+        spec.check(loaded.recipe.sde)
         sources = sampler_sources(loaded.recipe.sample, sampler or {}, spec)
         if ctx.is_main:
             info(f"sampler {describe_sampler(spec, sources)}")
@@ -119,6 +120,24 @@ def _check(n: int, batch_size: int, weights: str, fmt: str, precision: str, out:
         raise UserError(f"the output path {out} exists and is not a folder")
 
 
+def read_sampler_file(path: str | Path) -> dict[str, Any]:
+    """The sampler section in YAML file `path` (a mapping that names the sampler)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"--sampler-file {path}: cannot read it ({err.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"--sampler-file {path} is not YAML ({err})") from None
+    if isinstance(data, dict) and isinstance(data.get("sample"), dict):
+        data = data["sample"]  # a whole recipe: its sampler
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise UserError(f"--sampler-file {path} must hold a sampler section: a mapping with its "
+                        "`name` (e.g. name: unipc) and settings")
+    return data
+
+
 def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sampler:
     """The sampler `overrides` ask for.  The recipe's own sampler keeps the recipe's settings
     under the overrides; another sampler starts from its own defaults (its steps and grid), so
@@ -130,6 +149,8 @@ def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sample
         raise UserError(f"sampler {name!r} has no option {', '.join(unknown)}; its options: "
                         f"{', '.join(k for k in fields if k != 'name')}")
     base = recipe_sample.model_dump() if name == recipe_sample.name else {}
+    if base.get("times") is not None and {"steps", "schedule", "rho"} & overrides.keys():
+        base["times"] = None  # another grid asked for: the recipe's explicit times give way
     params = {k: v for k, v in {**base, **overrides}.items() if k in fields and k != "name"}
     return SAMPLERS.validate(name, **params)
 
@@ -145,7 +166,8 @@ def sampler_sources(recipe_sample: Sampler, overrides: dict[str, Any], spec: Sam
 def describe_sampler(spec: Sampler, sources: dict[str, str]) -> str:
     """One line: the sampler and each setting with its source, e.g. "dpm2m: steps 20 (default)"."""
     values = spec.model_dump(mode="json")
-    return f"{spec.name}: " + ", ".join(f"{k} {json.dumps(values[k])} ({sources[k]})" for k in sources)
+    return f"{spec.name}: " + ", ".join(f"{k} {json.dumps(values[k])} ({sources[k]})" for k in sources
+                                        if values[k] is not None)  # unset (times): not shown
 
 
 def make_manifest(ckpt: str | Path, step: int, weights: str, spec: Sampler, seed: int, n: int,

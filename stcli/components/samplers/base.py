@@ -10,13 +10,15 @@ generator i alone, so a sample does not depend on the batch it is drawn in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import PositiveFloat, PositiveInt, field_validator, model_validator
 
 from stcli.components.sdes import LinearSDE, ScoreFn, bcast
+from stcli.infra.errors import UserError
 from stcli.infra.registry import Component
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -46,6 +48,9 @@ class Sampler(Component):
             return tweedie(score_fn, sde, x, sde.eps), nfe + 1
         return x, nfe
 
+    def check(self, sde: LinearSDE) -> None:
+        """Refuse (UserError) settings this SDE cannot run; called before sampling starts."""
+
     def integrate(self, score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
                   generator: Generators) -> tuple[torch.Tensor, int]:
         """x at time eps from x at time T, and the number of score evaluations."""
@@ -53,37 +58,81 @@ class Sampler(Component):
 
 
 class GridSampler(Sampler):
-    """A sampler on a fixed grid of `steps` + 1 times from T to eps (`schedule`, `rho`)."""
+    """A sampler on a fixed grid of `steps` + 1 times from T to eps: the `schedule` (with
+    `rho`), or the explicit decreasing `times` (T first, eps last; e.g. a grid tuned for one
+    model by `st tune-steps`), which then also set `steps`."""
 
     steps: PositiveInt = 1000
     schedule: Schedule = "uniform"
     rho: PositiveFloat = 7.0
+    times: list[float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_of_times(cls, data: Any) -> Any:
+        """Explicit times give the step count: `steps`, if also given, must agree."""
+        if not isinstance(data, dict) or data.get("times") is None:
+            return data
+        times = data["times"]
+        if not isinstance(times, list) or len(times) < 2:
+            raise ValueError("times must be a list of at least two times (T first, eps last)")
+        steps = data.get("steps", len(times) - 1)
+        if steps != len(times) - 1:
+            raise ValueError(f"times holds {len(times)} times, i.e. {len(times) - 1} steps, but "
+                             f"steps is {steps}; give one of them")
+        return {**data, "steps": len(times) - 1}
+
+    @field_validator("times")
+    @classmethod
+    def _decreasing(cls, times: list[float] | None) -> list[float] | None:
+        if times is not None and not all(math.isfinite(t) and t > 0 for t in times):
+            raise ValueError("times must be finite and positive")
+        if times is not None and any(b >= a for a, b in zip(times, times[1:])):
+            raise ValueError("times must decrease strictly, from T to eps")
+        return times
+
+    def check(self, sde: LinearSDE) -> None:
+        if self.times is None:
+            return
+        for what, want, got in (("first", sde.T, self.times[0]), ("last", sde.eps, self.times[-1])):
+            if not math.isclose(got, want, rel_tol=1e-9, abs_tol=0.0):
+                raise UserError(f"the sampler's times must run from the SDE's T = {sde.T} to its "
+                                f"eps = {sde.eps}: the {what} time is {got}")
 
     def time_grid(self, sde: LinearSDE) -> list[float]:
+        if self.times is not None:
+            self.check(sde)
+            return [sde.T, *self.times[1:-1], sde.eps]
         return time_grid(sde, self.steps, self.schedule, self.rho)
+
+
+def grid_times(sde: LinearSDE, u: torch.Tensor, schedule: Schedule = "uniform",
+               rho: float = 7.0) -> torch.Tensor:
+    """The times at fractions u in [0, 1] (float64) of a schedule's way from T (u = 0) to eps
+    (u = 1).
+
+    uniform: linear in t (Song et al. 2021).  log_snr: linear in A(t) = log(sigma^2/mu^2),
+    i.e. the quantiles of the importance density p_iw ∝ g^2/sigma^2 (Sec. 4.1); linear in t
+    for VE, in 1/t for RVE.  edm: Karras et al. 2022 Eq. (5) in the scaled noise level
+    s = sigma/mu = exp(A/2): s = (s_T^(1/rho) + u (s_eps^(1/rho) - s_T^(1/rho)))^rho, dense
+    where the probability-flow trajectories curve (small s).
+    """
+    if schedule == "uniform":
+        return (sde.T + u * (sde.eps - sde.T)).clamp(sde.eps, sde.T)
+    a_hi, a_lo = (sde.antiderivative(torch.tensor(t, dtype=torch.float64)) for t in (sde.T, sde.eps))
+    if schedule == "log_snr":
+        a = a_hi + u * (a_lo - a_hi)
+    else:
+        s_hi, s_lo = torch.exp(a_hi / 2) ** (1 / rho), torch.exp(a_lo / 2) ** (1 / rho)
+        a = 2 * rho * torch.log(s_hi + u * (s_lo - s_hi))
+    return sde.antiderivative_inv(a).clamp(sde.eps, sde.T)
 
 
 def time_grid(sde: LinearSDE, steps: int, schedule: Schedule = "uniform",
               rho: float = 7.0) -> list[float]:
-    """steps + 1 decreasing times from T to eps.
-
-    uniform: equal steps in t (Song et al. 2021).  log_snr: equal steps in
-    A(t) = log(sigma^2/mu^2), i.e. the quantiles of the importance density p_iw ∝ g^2/sigma^2
-    (Sec. 4.1); equal steps in t for VE, in 1/t for RVE.  edm: Karras et al. 2022 Eq. (5) in
-    the scaled noise level s = sigma/mu = exp(A/2): s_i = (s_T^(1/rho) + i/N (s_eps^(1/rho) -
-    s_T^(1/rho)))^rho, dense where the probability-flow trajectories curve (small s).
-    """
-    i = torch.arange(steps + 1, dtype=torch.float64) / steps
-    if schedule == "uniform":
-        ts = sde.T + i * (sde.eps - sde.T)
-    else:
-        a_hi, a_lo = (sde.antiderivative(torch.tensor(t, dtype=torch.float64)) for t in (sde.T, sde.eps))
-        if schedule == "log_snr":
-            a = a_hi + i * (a_lo - a_hi)
-        else:
-            s_hi, s_lo = torch.exp(a_hi / 2) ** (1 / rho), torch.exp(a_lo / 2) ** (1 / rho)
-            a = 2 * rho * torch.log(s_hi + i * (s_lo - s_hi))
-        ts = sde.antiderivative_inv(a).clamp(sde.eps, sde.T)
+    """steps + 1 decreasing times from T to eps, equally spaced in the schedule's variable
+    (`grid_times` at u = i/steps)."""
+    ts = grid_times(sde, torch.arange(steps + 1, dtype=torch.float64) / steps, schedule, rho)
     ts[0], ts[-1] = sde.T, sde.eps  # exact end points
     return ts.tolist()
 
