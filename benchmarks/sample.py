@@ -64,8 +64,10 @@ def measure(model, sde, name: str, params: dict, steps: int, batch: int, shape, 
 
 
 GRIDS = ("uniform", "log_snr", "edm")
-# the probability-flow samplers on every grid; unipc in its chosen setting (docs/sampling.md)
-ACCURACY = [f"{name}:{grid}" for name in ("euler", "heun", "dpm2m", "unipc") for grid in GRIDS]
+# the probability-flow samplers on every grid, and the two multistep ones on their grid tuned
+# per model and NFE by st tune-steps (on draws of its own)
+ACCURACY = [f"{name}:{grid}" for name in ("euler", "heun", "dpm2m", "unipc") for grid in GRIDS] + [
+    "dpm2m:tuned", "unipc:tuned"]
 
 
 def parse_case(text: str) -> tuple[str, dict]:

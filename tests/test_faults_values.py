@@ -181,6 +181,28 @@ def test_a_boolean_is_not_a_number(tiny_recipe, capsys, override, field):
         f"{field}: false is a boolean, not a number" in flat
 
 
+@pytest.mark.parametrize("override, message", [
+    ('net.nf="32"', "net.nf: '32' is text, not a number (write it without quotes)"),
+    ("net.ch_mult=[1, '2']", "net.ch_mult: '2' is text, not a number"),
+    ('optim.lr="1e-3"', "optim.lr: '1e-3' is text"),
+    ("train.steps=1e30", "train.steps: 1e+30 is too large (whole-number settings stop at 2^53)"),
+    ("train.batch_size=9007199254740992", "train.batch_size: 9007199254740992 is too large"),
+])
+def test_quoted_and_huge_numbers_are_refused(tiny_recipe, capsys, override, message):
+    assert message in refused(st(capsys, "recipe", "validate", tiny_recipe(), override))
+
+
+def test_exponents_without_a_point_are_numbers(tiny_recipe):
+    """YAML 1.2 floats: `1e-5` (text to PyYAML's YAML 1.1) is a number in recipes and
+    overrides; a quoted one stays text, an integer stays an integer."""
+    from stcli.components.recipe import load_recipe, safe_load
+
+    assert safe_load("[1e-5, 2E+3, -3e2, .5e1, 10, '1e3', 1e5x]") == [1e-5, 2000.0, -300.0, 5.0, 10,
+                                                                       "1e3", "1e5x"]
+    recipe = load_recipe(tiny_recipe(), ["optim.lr=2e-4", "truncation.eps=1e-3", "train.steps=1e2"])
+    assert (recipe.optim.lr, recipe.truncation.eps, recipe.train.steps) == (2e-4, 1e-3, 100)
+
+
 # --- overrides: a section merges, a key is given once ----------------------------------------------
 def test_a_section_override_merges_and_a_key_is_given_once(tiny_recipe, capsys):
     from stcli.components.recipe import load_recipe

@@ -7,6 +7,7 @@ parsed as YAML) are applied before validation.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -278,6 +279,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2's floats: `1e-5` and `2e30` are numbers (PyYAML, a YAML 1.1 reader, reads them as text)
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
 
 
 MAX_DEPTH = 32  # a recipe's sections and components nest 4 deep; a deeper value is a mistake

@@ -25,17 +25,53 @@ from pydantic_core import PydanticCustomError
 from stcli.infra.errors import UserError
 
 
-def _numbers(annotation) -> tuple[bool, bool]:
-    """(a number field, a list of numbers) for a field annotation, bool excluded."""
+def _scalars(annotation) -> set:
+    """The kinds of value a field annotation accepts: its types, the types of its Literal
+    values, and `list` for a list or tuple."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
-        return _numbers(args[0])
+        return _scalars(args[0])
     if origin in (Union, types.UnionType):
-        kinds = [_numbers(a) for a in args]
-        return any(k[0] for k in kinds) and bool not in args, any(k[1] for k in kinds)
-    if origin in (list, tuple):
-        return False, any(_numbers(a)[0] for a in args)
-    return annotation in (int, float), False
+        return set().union(*(_scalars(a) for a in args))
+    if origin is Literal:
+        return {type(a) for a in args}
+    return {list} if origin in (list, tuple) else {annotation}
+
+
+def _items(annotation) -> set:
+    """The kinds of value the items of a list field accept (empty for other fields)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _items(args[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_items(a) for a in args))
+    if origin not in (list, tuple):
+        return set()
+    return set().union(*(_scalars(a) for a in args if a is not Ellipsis))
+
+
+BIGGEST_COUNT = 2**53  # an integer setting at least this large is no count a run could reach
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _not_a_number(value: Any, kinds: set) -> str | None:
+    """Why `value` is refused by a number field accepting `kinds` (None: it is not refused)."""
+    if not kinds & {int, float} or bool in kinds:
+        return None
+    if isinstance(value, bool):
+        return "is a boolean, not a number"
+    if isinstance(value, str) and str not in kinds and _numeric(value):
+        return "is text, not a number (write it without quotes)"  # other text: pydantic says it
+    if float not in kinds and isinstance(value, int | float) and abs(value) >= BIGGEST_COUNT:
+        return "is too large (whole-number settings stop at 2^53)"
+    return None
 
 
 class Strict(BaseModel):
@@ -46,18 +82,22 @@ class Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_boolean_numbers(cls, data: Any) -> Any:
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        """A number field refuses a boolean, quoted text and (whole numbers) values past 2^53:
+        pydantic would read `steps: true` as 1 and `hidden: "32"` as 32."""
         if not isinstance(data, dict):
             return data
         for name, info in cls.model_fields.items():
-            number, numbers = _numbers(info.annotation)
             value = data.get(name)
-            items = value if numbers and isinstance(value, list | tuple) else [value] if number else []
-            bad = [v for v in items if isinstance(v, bool)]
-            if bad:
-                where = "" if value is bad[0] else f" (in {str(value).lower()})"
-                raise PydanticCustomError("boolean_number", "{value} is a boolean, not a number" + where,
-                                          {"field": name, "value": str(bad[0]).lower()})
+            listed = isinstance(value, list | tuple) and list in _scalars(info.annotation)
+            kinds = _items(info.annotation) if listed else _scalars(info.annotation)
+            for item in value if listed else [value]:
+                why = _not_a_number(item, kinds)
+                if why is not None:
+                    shown = str(item).lower() if isinstance(item, bool) else repr(item)
+                    where = f" (in {str(value).lower()})" if listed else ""
+                    raise PydanticCustomError("not_a_number", "{value} " + why + where,
+                                              {"field": name, "value": shown})
         return data
 
 
@@ -191,7 +231,7 @@ def format_validation_error(err: ValidationError, prefix: str = "", data: Any = 
     for e in err.errors():
         path = _dotted(e["loc"], data)
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "boolean_number":  # raised for the model: name the field
+        if e["type"] == "not_a_number":  # raised for the model: name the field
             path = ".".join(p for p in (path, e["ctx"]["field"]) if p)
         if e["type"] == "extra_forbidden":
             msg = "unknown field"

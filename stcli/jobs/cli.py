@@ -376,6 +376,7 @@ def tune_steps(
 
     import yaml
 
+    from stcli.components.recipe import safe_load
     from stcli.infra.outputs import output_file
     from stcli.jobs.tune import TuneOptions, report, write
     from stcli.jobs.tune import tune_steps as run_tune
@@ -386,7 +387,7 @@ def tune_steps(
         if not sep or not key:
             raise UserError(f"--setting {item!r} is not of the form KEY=VALUE")
         try:
-            settings[key] = yaml.safe_load(raw)
+            settings[key] = safe_load(raw)
         except yaml.YAMLError:
             raise UserError(f"--setting {item!r}: the value is not valid YAML") from None
     path = Path(out) if out is not None else Path(ckpt).parent / f"{sampler}-{steps}steps.yaml"

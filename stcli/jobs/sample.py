@@ -124,8 +124,10 @@ def read_sampler_file(path: str | Path) -> dict[str, Any]:
     """The sampler section in YAML file `path` (a mapping that names the sampler)."""
     import yaml
 
+    from stcli.components.recipe import safe_load
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = safe_load(Path(path).read_text())
     except OSError as err:
         raise UserError(f"--sampler-file {path}: cannot read it ({err.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
