@@ -72,11 +72,11 @@ ACCURACY = [f"{name}:{grid}" for name in ("euler", "heun", "dpm2m", "unipc") for
 
 def parse_case(text: str) -> tuple[str, dict]:
     """'name:schedule[:key=value,...]' (values read as YAML) -> (name, settings)."""
-    import yaml
+    from stcli.components.recipe import safe_load
 
     name, schedule, *rest = text.split(":")
     params = dict(item.split("=", 1) for item in rest[0].split(",")) if rest else {}
-    return name, {"schedule": schedule} | {k: yaml.safe_load(v) for k, v in params.items()}
+    return name, {"schedule": schedule} | {k: safe_load(v) for k, v in params.items()}
 
 
 def steps_for(name: str, nfe: int) -> int:
@@ -140,9 +140,7 @@ def accuracy(args) -> None:
         ref_nfe.append(nfe_ref)
         for text, name, params in todo:
             for nfe in args.nfe:
-                grid = tuned.get((text, nfe), {}).get("sampler", params)
-                sampler = SAMPLERS.validate(name, **{"steps": steps_for(name, nfe), **grid,
-                                                     "denoise": False})
+                sampler = case_sampler(name, params, nfe, tuned.get((text, nfe)), denoise=False)
                 y, used[text, nfe] = sampler(model.score, sde, x)
                 rmse[text, nfe].append(float((y - ref).pow(2).mean().sqrt()))
         info(f"seed {seed}: reference {nfe_ref} NFE; " + ", ".join(
@@ -167,15 +165,33 @@ def accuracy(args) -> None:
         plot([result], args.plot)
 
 
+def case_sampler(name: str, params: dict, nfe: int, tuned: dict | None, denoise: bool):
+    """The sampler of a case at `nfe` evaluations: on its schedule, or on the grid tuned for
+    this NFE (`tune`)."""
+    grid = {k: v for k, v in (tuned["sampler"] if tuned else params).items() if k != "name"}
+    return SAMPLERS.validate(name, **{"steps": steps_for(name, nfe), **grid, "denoise": denoise})
+
+
 def tune(args, name: str, params: dict, nfe: int) -> dict:
-    """`st tune-steps` on --tune-calib prior draws of its own (not the seeds measured), at the
-    reference tolerance of the measurement."""
+    """`st tune-steps` on --tune-calib prior draws of its own (not the seeds measured), at
+    --tune-ref-tol; kept in --ref-cache (tune-*.json) when given."""
+    import hashlib
+    import json
+    from pathlib import Path
+
     from stcli.jobs.tune import TuneOptions, tune_steps
 
     settings = {"name": name} | {k: v for k, v in params.items() if k != "schedule"}
-    result = tune_steps(args.ckpt, TuneOptions(sampler=settings, steps=steps_for(name, nfe),
-                                               calib=args.tune_calib, check=0,
-                                               ref_tol=args.tune_ref_tol, device=args.device))
+    opts = TuneOptions(sampler=settings, steps=steps_for(name, nfe), calib=args.tune_calib,
+                       check=0, ref_tol=args.tune_ref_tol, device=args.device)
+    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()).hexdigest()[:16]
+    path = Path(args.ref_cache) / f"tune-{key}.json" if args.ref_cache else None
+    if path and path.is_file():
+        return json.loads(path.read_text())
+    result = tune_steps(args.ckpt, opts)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
     info(f"tuned {name} at {nfe} NFE: {result['base']} warped by "
          f"{[round(c, 3) for c in result['warp']]} ({result['search_runs']} runs): calibration RMSE "
          + ", ".join(f"{r['grid']} {r['calib_rmse']:.4f}" for r in result["rows"]))
@@ -255,11 +271,13 @@ def fid_per_nfe(args) -> None:
     todo = [(text, *parse_case(text)) for text in args.accuracy_cases]
     per = {(text, nfe): [] for text, _, _ in todo for nfe in args.nfe}
     used = {}
+    tuned = {(text, nfe): tune(args, name, params, nfe) for text, name, params in todo
+             for nfe in args.nfe if params.get("schedule") == "tuned"}
     for seed in args.seeds:
         x = prior_draw(sde, args.fid, shape, seed, device)
         for text, name, params in todo:
             for nfe in args.nfe:
-                sampler = SAMPLERS.validate(name, steps=steps_for(name, nfe), **params)
+                sampler = case_sampler(name, params, nfe, tuned.get((text, nfe)), denoise=True)
                 y, used[text, nfe] = sampler(model.score, sde, x)
                 feats = dfid.features(recipe.data.picture(y).cpu(), ext)
                 per[text, nfe].append((dfid.fid(feats, ref), dfid.fid_bootstrap_se(feats, ref)))

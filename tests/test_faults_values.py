@@ -185,8 +185,9 @@ def test_a_boolean_is_not_a_number(tiny_recipe, capsys, override, field):
     ('net.nf="32"', "net.nf: '32' is text, not a number (write it without quotes)"),
     ("net.ch_mult=[1, '2']", "net.ch_mult: '2' is text, not a number"),
     ('optim.lr="1e-3"', "optim.lr: '1e-3' is text"),
-    ("train.steps=1e30", "train.steps: 1e+30 is too large (whole-number settings stop at 2^53)"),
-    ("train.batch_size=9007199254740992", "train.batch_size: 9007199254740992 is too large"),
+    ("train.steps=1e30", "train.steps: 1e+30 is too large (whole-number settings stop at 2^63)"),
+    ("train.batch_size=9223372036854775808", "train.batch_size: 9223372036854775808 is too large"),
+    ("seed=9223372036854775808", "seed: 9223372036854775808 is too large"),
 ])
 def test_quoted_and_huge_numbers_are_refused(tiny_recipe, capsys, override, message):
     assert message in refused(st(capsys, "recipe", "validate", tiny_recipe(), override))

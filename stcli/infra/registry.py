@@ -50,7 +50,7 @@ def _items(annotation) -> set:
     return set().union(*(_scalars(a) for a in args if a is not Ellipsis))
 
 
-BIGGEST_COUNT = 2**53  # an integer setting at least this large is no count a run could reach
+BIGGEST_WHOLE = 2**63  # a whole-number setting stops below (a seed, a count: int64)
 
 
 def _numeric(text: str) -> bool:
@@ -69,8 +69,8 @@ def _not_a_number(value: Any, kinds: set) -> str | None:
         return "is a boolean, not a number"
     if isinstance(value, str) and str not in kinds and _numeric(value):
         return "is text, not a number (write it without quotes)"  # other text: pydantic says it
-    if float not in kinds and isinstance(value, int | float) and abs(value) >= BIGGEST_COUNT:
-        return "is too large (whole-number settings stop at 2^53)"
+    if float not in kinds and isinstance(value, int | float) and abs(value) >= BIGGEST_WHOLE:
+        return "is too large (whole-number settings stop at 2^63)"
     return None
 
 

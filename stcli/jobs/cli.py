@@ -330,7 +330,8 @@ def sample(
         "...) in --out and start afresh; without it such a folder is refused.")] = False,
     sampler_file: Annotated[Optional[str], typer.Option(
         "--sampler-file", show_default=False, help="A sampler section (YAML, e.g. written by st "
-        "tune-steps); the options above override its settings.")] = None,
+        "tune-steps); the options above override its settings, but a file's explicit times "
+        "take no --steps, --schedule or other --sampler.")] = None,
     procs: Procs = 1,
 ):
     """Draw N samples from CKPT into --out (resumable; image i depends only on --seed and i)."""
@@ -339,6 +340,14 @@ def sample(
 
     out = output_folder(out, "--out")
     from_file = read_sampler_file(sampler_file) if sampler_file is not None else {}
+    if from_file.get("times") is not None:
+        clash = [opt for opt, value in (("--steps", steps), ("--schedule", schedule)) if value is not None]
+        if sampler is not None and sampler != from_file["name"]:
+            clash.append(f"--sampler {sampler}")
+        if clash:
+            raise UserError(f"--sampler-file {sampler_file} gives the {from_file['name']} sampler its "
+                            f"time grid: {' and '.join(clash)} would change it; leave "
+                            f"{'it' if len(clash) == 1 else 'them'} out")
     options = {"name": sampler, "steps": steps, "schedule": schedule, "predictor": predictor,
                "corrector": corrector,
                "snr": snr, "rtol": rtol, "atol": atol, "denoise": denoise}

@@ -151,7 +151,9 @@ def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sample
         raise UserError(f"sampler {name!r} has no option {', '.join(unknown)}; its options: "
                         f"{', '.join(k for k in fields if k != 'name')}")
     base = recipe_sample.model_dump() if name == recipe_sample.name else {}
-    if base.get("times") is not None and {"steps", "schedule", "rho"} & overrides.keys():
+    if overrides.get("times") is not None:  # explicit times: the recipe's grid gives way
+        base = {k: v for k, v in base.items() if k not in ("steps", "schedule", "rho")}
+    elif base.get("times") is not None and {"steps", "schedule", "rho"} & overrides.keys():
         base["times"] = None  # another grid asked for: the recipe's explicit times give way
     params = {k: v for k, v in {**base, **overrides}.items() if k in fields and k != "name"}
     return SAMPLERS.validate(name, **params)
@@ -168,8 +170,9 @@ def sampler_sources(recipe_sample: Sampler, overrides: dict[str, Any], spec: Sam
 def describe_sampler(spec: Sampler, sources: dict[str, str]) -> str:
     """One line: the sampler and each setting with its source, e.g. "dpm2m: steps 20 (default)"."""
     values = spec.model_dump(mode="json")
+    hidden = ("schedule", "rho") if values.get("times") is not None else ()  # times set the grid
     return f"{spec.name}: " + ", ".join(f"{k} {json.dumps(values[k])} ({sources[k]})" for k in sources
-                                        if values[k] is not None)  # unset (times): not shown
+                                        if values[k] is not None and k not in hidden)
 
 
 def make_manifest(ckpt: str | Path, step: int, weights: str, spec: Sampler, seed: int, n: int,

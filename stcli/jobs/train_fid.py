@@ -51,6 +51,7 @@ class TrainingFID:
                 raise UserError("train.eval_every needs eval.fid.ref, the reference images (e.g. "
                                 "cifar10-train, a folder, or a statistics file of st fid-ref)")
             self.spec = resolve_sampler(recipe.sample, dict(fid.train_sampler))
+            self.spec.check(recipe.sde)
             if ctx.is_main:
                 self._prepare_features()
         except UserError as err:

@@ -11,6 +11,7 @@ a `sample:` section (the sampler's settings and its `times`) for a recipe or for
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from stcli.infra.seeding import generator
 
 TUNABLE = ("unipc", "dpm2m", "euler", "heun")  # deterministic, on a grid: an error to the flow
 GRIDS = ("uniform", "log_snr", "edm")
+RESERVED = ("steps", "schedule", "rho", "times", "denoise")  # set by the search, not by the user
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,11 @@ def sampler_spec(settings: dict[str, Any], steps: int, **grid: Any):
     unknown = sorted(k for k in settings if k not in fields)
     if unknown:
         raise UserError(f"sampler {name!r} has no option {', '.join(unknown)}")
-    params = {k: v for k, v in settings.items() if k not in ("name", "times", "schedule", "steps")}
+    fixed = sorted(k for k in settings if k in RESERVED)
+    if fixed:
+        raise UserError(f"{', '.join(fixed)} cannot be a --setting: the search sets the grid "
+                        "(--steps) and measures without denoising (st sample adds it)")
+    params = {k: v for k, v in settings.items() if k != "name"}
     return SAMPLERS.validate(name, **params, steps=steps, denoise=False, **grid)
 
 
@@ -67,9 +73,9 @@ def prior_draws(sde, shape, n: int, seed: int, device) -> torch.Tensor:
 
 def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
     """The tuned sampler section and the errors of every grid on both sets of draws."""
-    if opts.steps < 2 or opts.calib < 1 or opts.check < 0 or opts.budget < 1:
-        raise UserError("--steps must be at least 2, --calib and --budget positive, --check not "
-                        "negative")
+    if opts.steps < 2 or opts.calib < 1 or opts.check < 0 or opts.budget < 1 or not opts.ref_tol > 0:
+        raise UserError("--steps must be at least 2, --calib, --budget and --ref-tol positive, "
+                        "--check not negative")
     sampler_spec(opts.sampler, opts.steps, schedule="edm")  # refuse bad settings before loading
     device = pick_device(opts.device)
     loaded = load_model(ckpt, opts.weights, device)
@@ -81,14 +87,19 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
     sets = {"calib": slice(0, opts.calib), "check": slice(opts.calib, None)}
 
     def error(spec, part: str) -> float:
+        """RMSE on one set of draws (inf where the sampler diverges; nan for an empty set)."""
         s = sets[part]
         if s.start == len(x):
             return float("nan")
-        return rmse(spec.integrate(score, sde, x[s], None)[0], ref[s])
+        e = rmse(spec.integrate(score, sde, x[s], None)[0], ref[s])
+        return e if math.isfinite(e) else float("inf")
 
     specs = {g: sampler_spec(opts.sampler, opts.steps, schedule=g) for g in GRIDS}
     calib = {g: error(spec, "calib") for g, spec in specs.items()}
-    base = min(calib, key=calib.get)
+    base = min(calib, key=lambda g: (not math.isfinite(calib[g]), calib[g]))
+    if not math.isfinite(calib[base]):
+        raise UserError(f"{opts.sampler.get('name', 'unipc')} with {opts.steps} steps diverges on "
+                        f"every schedule ({', '.join(GRIDS)}) for this model: nothing to tune")
     base_spec = specs[base]
 
     def tuned(c: list[float]):

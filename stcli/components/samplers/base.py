@@ -77,6 +77,8 @@ class GridSampler(Sampler):
         if not isinstance(times, list) or len(times) < 2:
             raise ValueError("times must be a list of at least two times (T first, eps last)")
         steps = data.get("steps", len(times) - 1)
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            return data  # not a whole number: the field's own check says so
         if steps != len(times) - 1:
             raise ValueError(f"times holds {len(times)} times, i.e. {len(times) - 1} steps, but "
                              f"steps is {steps}; give one of them")

@@ -60,6 +60,8 @@ def compass_search(f: Callable[[list[float]], float], x0: Sequence[float], step:
     while step >= min_step and evals < budget:
         for i in range(len(x)):
             for sign in (1.0, -1.0):
+                if evals >= budget:
+                    return x, fx, evals
                 trial = x[:i] + [x[i] + sign * step] + x[i + 1:]
                 ft, evals = f(trial), evals + 1
                 if ft < fx:
