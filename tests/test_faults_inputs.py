@@ -106,6 +106,15 @@ def _folder_recipe(tiny_recipe, tmp_path, **data):
     return images, recipe
 
 
+def test_a_corrupt_image_in_the_first_batch_leaves_no_run_folder(tiny_recipe, tmp_path, capsys):
+    """The first batch is read before the run folder is made: refused, nothing written."""
+    images, recipe = _folder_recipe(tiny_recipe, tmp_path)
+    victim = sorted(images.iterdir())[next(StepBatches(24, 4, None, 3, 0).global_batches())[0].item()]
+    victim.write_bytes(victim.read_bytes()[:60])
+    refused(st(capsys, "train", recipe), f"cannot read the image {victim}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_corrupt_image_met_mid_epoch_is_named_after_a_checkpoint(tiny_recipe, tmp_path, capsys):
     images, recipe = _folder_recipe(tiny_recipe, tmp_path)
     order = StepBatches(24, 4, None, 3, 0).global_batches()

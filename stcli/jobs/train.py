@@ -309,6 +309,8 @@ class Trainer:
         loader = make_loader(self.dataset, steps, cfg.workers, self.device, held)
         extras = make_loader(self.dataset, self.feed.batches(steps), cfg.workers, self.device, held) \
             if self.feed is not None and self.feed.extra else None
+        batches, references = iter(loader), iter(extras) if extras is not None else None
+        first = self._first_batch(batches, references) if self.step < cfg.steps else None
         self._claim_out_dir()
         handlers = self._install_signal_handlers()
         t0, loss_avg = time.perf_counter(), float("nan")
@@ -316,9 +318,9 @@ class Trainer:
         self.model.train()
         try:
             with StepProgress("train", cfg.steps, self.step, enabled=ctx.is_main) as progress:
-                batches, references = iter(loader), iter(extras) if extras is not None else None
                 while self.step < cfg.steps:
-                    batch, extra = self._next_batch(batches, references)
+                    batch, extra = first or self._next_batch(batches, references)
+                    first = None
                     loss, tau, gnorm, stop = self._good_step(batch, extra)
                     self.update_ema()
                     self.step += 1
@@ -425,6 +427,17 @@ class Trainer:
             if not is_out_of_memory(err):
                 raise
             raise UserError(oom_message(self.cfg, self.ctx, self.step, self._last_good())) from None
+
+    def _first_batch(self, batches, references):
+        """The first batch, read before the run folder is made: an image that cannot be decoded
+        is refused on every rank with nothing written."""
+        failure, batch = None, None
+        try:
+            batch = next(batches), next(references) if references is not None else None
+        except UserError as err:
+            failure = UserError(plain_message(err))
+        distributed.agree(failure, self.ctx, "read the first batch")
+        return batch
 
     def _next_batch(self, batches, references):
         """The next batch (and the target's extra reference images); an unreadable item saves a checkpoint of
