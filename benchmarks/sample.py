@@ -184,7 +184,9 @@ def tune(args, name: str, params: dict, nfe: int) -> dict:
     settings = {"name": name} | {k: v for k, v in params.items() if k != "schedule"}
     opts = TuneOptions(sampler=settings, steps=steps_for(name, nfe), calib=args.tune_calib,
                        check=0, ref_tol=args.tune_ref_tol, device=args.device)
-    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()).hexdigest()[:16]
+    # (unipc without an order: orders 2 and 3 tried, since this change; older entries had 3 only)
+    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()
+                         + b"orders 2, 3").hexdigest()[:16]
     path = Path(args.ref_cache) / f"tune-{key}.json" if args.ref_cache else None
     if path and path.is_file():
         return json.loads(path.read_text())

@@ -192,3 +192,17 @@ def test_tune_steps_refuses_settings_it_sets(tiny_ckpt, capsys, tmp_path):
 def test_steps_beside_times_must_be_a_number():
     with pytest.raises(UserError, match="steps: '2' is text, not a number"):
         SAMPLERS.validate("dpm2m", times=[1.0, 0.5, 1e-5], steps="2")
+
+
+def test_unipc_without_an_order_keeps_the_better_of_orders_2_and_3(tiny_ckpt, tmp_path):
+    """Both orders are searched where the steps reach them; the file holds the one with the lower
+    calibration error, and the rows say so."""
+    from stcli.jobs.tune import TuneOptions, tune_steps
+
+    opts = dict(calib=4, check=2, budget=4, ref_tol=1e-3, device="cpu")
+    result = tune_steps(tiny_ckpt, TuneOptions(steps=5, **opts))
+    tuned = {r["grid"].split(",")[0]: r["calib_rmse"] for r in result["rows"] if "tuned" in r["grid"]}
+    assert set(tuned) == {"order 2", "order 3"}
+    assert tuned[f"order {result['sampler']['order']}"] == min(tuned.values())
+    only = tune_steps(tiny_ckpt, TuneOptions(steps=4, **opts))  # order 3 needs 5 steps
+    assert only["sampler"]["order"] == 2 and not any("order" in r["grid"] for r in only["rows"])

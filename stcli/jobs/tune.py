@@ -94,32 +94,64 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
         e = rmse(spec.integrate(score, sde, x[s], None)[0], ref[s])
         return e if math.isfinite(e) else float("inf")
 
-    specs = {g: sampler_spec(opts.sampler, opts.steps, schedule=g) for g in GRIDS}
-    calib = {g: error(spec, "calib") for g, spec in specs.items()}
-    base = min(calib, key=lambda g: (not math.isfinite(calib[g]), calib[g]))
-    if not math.isfinite(calib[base]):
-        raise UserError(f"{opts.sampler.get('name', 'unipc')} with {opts.steps} steps diverges on "
-                        f"every schedule ({', '.join(GRIDS)}) for this model: nothing to tune")
-    base_spec = specs[base]
-
-    def tuned(c: list[float]):
-        return sampler_spec(opts.sampler, opts.steps,
-                            times=warped_times(sde, opts.steps, base, base_spec.rho, c))
-
-    info(f"tuning the {base} grid (best of {', '.join(GRIDS)}) on {opts.calib} draws")
-    c, best, runs = compass_search(lambda c: error(tuned(c), "calib"), [0.0] * (KNOTS - 1),
-                                   budget=opts.budget)
-    spec = tuned(c)
-    rows = [{"grid": g, "calib_rmse": calib[g], "check_rmse": error(specs[g], "check")} for g in GRIDS]
-    rows.append({"grid": f"tuned ({base}, warped)", "calib_rmse": best,
-                 "check_rmse": error(spec, "check")})
+    tried = [search(settings, opts, sde, error) for settings in candidates(opts.sampler, opts.steps)]
+    best = min(tried, key=lambda t: t["calib_rmse"])
+    spec = best["spec"]
+    if len(tried) > 1:
+        info(f"order {spec.order}: the lower error on the calibration draws")
+    rows = []
+    for t in tried:
+        label = f"order {t['spec'].order}, " if len(tried) > 1 else ""
+        rows += [{"grid": label + g, "calib_rmse": e, "check_rmse": error(t["specs"][g], "check")}
+                 for g, e in t["fixed"].items()]
+        rows.append({"grid": f"{label}tuned ({t['base']}, warped)", "calib_rmse": t["calib_rmse"],
+                     "check_rmse": error(t["spec"], "check")})
     _, nfe = spec.integrate(score, sde, x[:1], None)
     section = spec.model_dump(mode="json", exclude={"denoise"})
-    section.update(name=spec.name, schedule=base)
+    section.update(name=spec.name, schedule=best["base"])
     return {"ckpt": str(ckpt), "ckpt_sha256": _sha256(ckpt), "step": loaded.step,
-            "sampler": section, "nfe": nfe, "rows": rows, "base": base, "warp": c,
-            "search_runs": runs, "ref_nfe": ref_nfe, "ref_tol": opts.ref_tol,
-            "calib": opts.calib, "check": opts.check, "seed": opts.seed}
+            "sampler": section, "nfe": nfe, "rows": rows, "base": best["base"], "warp": best["warp"],
+            "search_runs": sum(t["runs"] for t in tried), "ref_nfe": ref_nfe,
+            "ref_tol": opts.ref_tol, "calib": opts.calib, "check": opts.check, "seed": opts.seed}
+
+
+def candidates(settings: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """The settings searched: unipc without an order tries orders 2 and 3 (the better one
+    depends on the model and the step count), where the steps reach them."""
+    if settings.get("name", "unipc") != "unipc" or "order" in settings:
+        return [settings]
+    reachable = [k for k in (2, 3) if _reaches(settings, steps, k)]
+    return [settings | {"order": k} for k in reachable] or [settings]
+
+
+def _reaches(settings: dict[str, Any], steps: int, order: int) -> bool:
+    try:
+        sampler_spec(settings | {"order": order}, steps, schedule="edm")
+    except UserError:
+        return False
+    return True
+
+
+def search(settings: dict[str, Any], opts: TuneOptions, sde, error) -> dict[str, Any]:
+    """The best schedule for `settings` on the calibration draws, then its warp by compass
+    search: the schedules' errors, the base, the warp, its error and the tuned spec."""
+    specs = {g: sampler_spec(settings, opts.steps, schedule=g) for g in GRIDS}
+    fixed = {g: error(spec, "calib") for g, spec in specs.items()}
+    base = min(fixed, key=lambda g: (not math.isfinite(fixed[g]), fixed[g]))
+    if not math.isfinite(fixed[base]):
+        raise UserError(f"{settings.get('name', 'unipc')} with {opts.steps} steps diverges on "
+                        f"every schedule ({', '.join(GRIDS)}) for this model: nothing to tune")
+
+    def tuned(c: list[float]):
+        return sampler_spec(settings, opts.steps,
+                            times=warped_times(sde, opts.steps, base, specs[base].rho, c))
+
+    order = f" (order {settings['order']})" if "order" in settings else ""
+    info(f"tuning the {base} grid{order}, the best of {', '.join(GRIDS)}, on {opts.calib} draws")
+    c, best, runs = compass_search(lambda c: error(tuned(c), "calib"), [0.0] * (KNOTS - 1),
+                                   budget=opts.budget)
+    return {"specs": specs, "fixed": fixed, "base": base, "warp": c, "calib_rmse": best,
+            "runs": runs, "spec": tuned(c)}
 
 
 def _sha256(path: str | Path) -> str:
