@@ -220,11 +220,14 @@ def plot(results: list[dict], path: str, titles: list[str] | None = None) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def line_of(row: dict) -> str:  # a sampler on fixed schedules, or on its tuned grids
+        return row["sampler"] + (" (tuned grid)" if ":tuned" in row["case"] else "")
+
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.9), squeeze=False)
     for ax, result, title in zip(axes[0], results, titles or [r["ckpt"] for r in results]):
         rows = result["rows"]
-        for name in dict.fromkeys(r["sampler"] for r in rows):
-            mine = [r for r in rows if r["sampler"] == name]
+        for name in dict.fromkeys(map(line_of, rows)):
+            mine = [r for r in rows if line_of(r) == name]
             best = [min((r for r in mine if r["nfe"] == n), key=lambda r: r["mean"])
                     for n in sorted({r["nfe"] for r in mine})]
             line = ax.errorbar([r["nfe"] for r in best], [r["mean"] for r in best],
