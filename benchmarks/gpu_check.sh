@@ -19,6 +19,8 @@
 #   d sample      images/s at batch 1000 for Heun-35 and Euler-Maruyama-1000
 #   e stf         Stable Target Field target time and memory, B = 128, n = 4096
 #   f fid         Inception-feature throughput of `st fid` with the test extractor
+#   g nll_fast    `st nll --protocol fast` on the CIFAR-shaped DDPM++ of benchmarks/nll_fast.py
+#                 (300 training steps, then 256 test points against dopri5 1e-6 and scipy RK45)
 # Prints one table (step, status, seconds, last line) and writes gpu_check.json to $OUT
 # (default ./gpu_check); every step's full log is in $OUT/<step>.log.
 set -u
@@ -73,6 +75,8 @@ else
   step sample 40 python benchmarks/sample.py --cases heun:35 euler_maruyama:1000 --batch 1000 \
     --repeat 1 --device $DEV
   step stf 20 python benchmarks/stf_target.py --batch 128 --n 4096 --device $DEV
+  step nll_fast 90 python benchmarks/nll_fast.py --out "$OUT/nll_fast" --only "CIFAR-shaped DDPM++" \
+    --candidates 1 --device $DEV --results "$OUT/nll_fast.json"
   FIDN=10000
 fi
 python - "$OUT" $FIDN <<'PY'

@@ -45,7 +45,7 @@ def smooth_images(folder: Path, n: int, seed: int) -> None:
         Image.fromarray(np.ascontiguousarray(p)).save(folder / f"{i:04d}.png")
 
 
-def models(out: Path) -> dict[str, list[str]]:
+def models(out: Path, device: str = "cpu") -> dict[str, list[str]]:
     """name -> the st train command that makes it."""
     data = out / "smooth32"
     return {
@@ -58,16 +58,16 @@ def models(out: Path) -> dict[str, list[str]]:
             "dequantization: none}", "net.nf=16", "net.ch_mult=[1, 2, 2]", "net.num_res_blocks=1",
             "train.batch_size=32", "train.steps=300", "optim.warmup=50", "train.ema=0.99",
             "train.sample_every=0", "train.snapshot_every=0", "train.ckpt_every=300",
-            "train.device=cpu", f"train.out_dir={out}/cifar_shaped"]}
+            f"train.device={device}", f"train.out_dir={out}/cifar_shaped"]}
 
 
-def make(out: Path, only: list[str] | None = None) -> dict[str, Path]:
+def make(out: Path, only: list[str] | None = None, device: str = "cpu") -> dict[str, Path]:
     """Train the models that are missing (those named in `only`, if given)."""
     if not (out / "smooth32" / "test").is_dir():
         smooth_images(out / "smooth32" / "train", 512, 0)
         smooth_images(out / "smooth32" / "test", 256, 1)
     made = {}
-    for name, args in models(out).items():
+    for name, args in models(out, device).items():
         if only and name not in only:
             continue
         run = Path(next(a for a in args if a.startswith("train.out_dir=")).split("=", 1)[1])
@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--ref-tol", type=float, default=1e-6)
     p.add_argument("--only", nargs="+", help="model names to measure (default: all three)")
     p.add_argument("--rows", action="store_true", help="print the table of the saved rows")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (training and measuring)")
+    p.add_argument("--results", type=Path, default=RESULT, help="the rows' JSON file")
     p.add_argument("--candidates", type=int, default=len(CANDIDATES),
                    help="measure the first K candidates only (the first is --protocol fast)")
     args = p.parse_args()
@@ -91,22 +93,23 @@ def main() -> None:
     import nll as bench
     from machine import machine
 
-    saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {"rows": []}
+    saved = json.loads(args.results.read_text()) if args.results.is_file() else {"rows": []}
     if args.rows:
         print(bench.table(saved["rows"]))
         return
     torch.set_num_threads(1)
-    for name, ckpt in make(args.out, args.only).items():
-        ns = argparse.Namespace(batch=args.n, ref_tol=args.ref_tol, device="cpu", quick=False,
+    for name, ckpt in make(args.out, args.only, args.device).items():
+        ns = argparse.Namespace(batch=args.n, ref_tol=args.ref_tol, device=args.device, quick=False,
                                 cache=str(args.out), variables=None, norms=None, tols=None,
                                 logp_tols=None)
         rows = bench.bench_model(str(ckpt), ns, name, configs=CANDIDATES[:args.candidates])
-        saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {"rows": []}  # others' rows
+        # the other models' rows are kept
+        saved = json.loads(args.results.read_text()) if args.results.is_file() else {"rows": []}
         saved["rows"] = [r for r in saved["rows"] if r["model"] != name] + rows
         saved.setdefault("commands", {})[name] = "st train " + " ".join(models(args.out)[name])
         saved["machine"] = machine()
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(saved, indent=1) + "\n")
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(saved, indent=1) + "\n")
     print(bench.table(saved["rows"]))
 
 
