@@ -174,19 +174,32 @@ def case_sampler(name: str, params: dict, nfe: int, tuned: dict | None, denoise:
 
 def tune(args, name: str, params: dict, nfe: int) -> dict:
     """`st tune-steps` on --tune-calib prior draws of its own (not the seeds measured), at
-    --tune-ref-tol; kept in --ref-cache (tune-*.json) when given."""
+    --tune-ref-tol: unipc without an order is tuned at orders 2 and 3 and keeps the one with the
+    lower calibration error, as st tune-steps does."""
+    settings = {"name": name} | {k: v for k, v in params.items() if k != "schedule"}
+    if name == "unipc" and "order" not in settings:
+        tried = [tune_one(args, settings | {"order": k}, steps_for(name, nfe)) for k in (2, 3)]
+        result = min(tried, key=lambda r: next(x["calib_rmse"] for x in r["rows"]
+                                               if x["grid"].startswith("tuned")))
+    else:
+        result = tune_one(args, settings, steps_for(name, nfe))
+    info(f"tuned {name} at {nfe} NFE: order {result['sampler'].get('order', '-')}, {result['base']} "
+         f"warped by {[round(c, 3) for c in result['warp']]} ({result['search_runs']} runs): "
+         "calibration RMSE " + ", ".join(f"{r['grid']} {r['calib_rmse']:.4f}" for r in result["rows"]))
+    return result
+
+
+def tune_one(args, settings: dict, steps: int) -> dict:
+    """One st tune-steps search, kept in --ref-cache (tune-*.json) when given."""
     import hashlib
     import json
     from pathlib import Path
 
     from stcli.jobs.tune import TuneOptions, tune_steps
 
-    settings = {"name": name} | {k: v for k, v in params.items() if k != "schedule"}
-    opts = TuneOptions(sampler=settings, steps=steps_for(name, nfe), calib=args.tune_calib,
-                       check=0, ref_tol=args.tune_ref_tol, device=args.device)
-    # (unipc without an order: orders 2 and 3 tried, since this change; older entries had 3 only)
-    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()
-                         + b"orders 2, 3").hexdigest()[:16]
+    opts = TuneOptions(sampler=settings, steps=steps, calib=args.tune_calib, check=0,
+                       ref_tol=args.tune_ref_tol, device=args.device)
+    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()).hexdigest()[:16]
     path = Path(args.ref_cache) / f"tune-{key}.json" if args.ref_cache else None
     if path and path.is_file():
         return json.loads(path.read_text())
@@ -194,9 +207,6 @@ def tune(args, name: str, params: dict, nfe: int) -> dict:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
-    info(f"tuned {name} at {nfe} NFE: {result['base']} warped by "
-         f"{[round(c, 3) for c in result['warp']]} ({result['search_runs']} runs): calibration RMSE "
-         + ", ".join(f"{r['grid']} {r['calib_rmse']:.4f}" for r in result["rows"]))
     return result
 
 
@@ -225,7 +235,8 @@ def plot(results: list[dict], path: str, titles: list[str] | None = None) -> Non
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.9), squeeze=False)
     for ax, result, title in zip(axes[0], results, titles or [r["ckpt"] for r in results]):
-        rows = result["rows"]
+        # a tuned grid at a fixed order is a diagnostic: the line is st tune-steps' own choice
+        rows = [r for r in result["rows"] if ":tuned:" not in r["case"]]
         for name in dict.fromkeys(map(line_of, rows)):
             mine = [r for r in rows if line_of(r) == name]
             best = [min((r for r in mine if r["nfe"] == n), key=lambda r: r["mean"])
