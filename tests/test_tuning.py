@@ -206,3 +206,10 @@ def test_unipc_without_an_order_keeps_the_better_of_orders_2_and_3(tiny_ckpt, tm
     assert tuned[f"order {result['sampler']['order']}"] == min(tuned.values())
     only = tune_steps(tiny_ckpt, TuneOptions(steps=4, **opts))  # order 3 needs 5 steps
     assert only["sampler"]["order"] == 2 and not any("order" in r["grid"] for r in only["rows"])
+
+
+def test_unset_times_leave_dumps_as_they_were():
+    """Recipes, checkpoints and sample manifests without explicit times have no `times` key, so
+    files written before the field existed compare equal to today's."""
+    assert "times" not in SAMPLERS.validate("dpm2m").model_dump()
+    assert SAMPLERS.validate("dpm2m", times=[1.0, 1e-5]).model_dump()["times"] == [1.0, 1e-5]

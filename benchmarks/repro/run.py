@@ -201,12 +201,20 @@ def converge_jobs(jobs: list[Job], classifier: Path | None, n: int, saved: Path)
     """Every loss's pilot (its seed-0 job) first, each trained until it converges; as a pilot
     ends, its row is saved and the loss's other seeds start, trained to the pilot's budget.  Of
     pilots settled in an earlier session, the seeds of converged ones go first, those of pilots
-    stopped at the cap after every pilot."""
+    stopped at the cap after every pilot.  A seed whose row is in <saved>/<data>.json at its
+    pilot's budget (measured on another machine, whose run folders are gone) is not rerun."""
     results = []
+
+    def measured(job: Job, budget: int) -> bool:
+        table = saved / f"{job.data.key}.json"
+        rows = json.loads(table.read_text())["runs"] if table.is_file() else []
+        return any((r["variant"], r["seed"], r["recipe"]["train"]["steps"]) ==
+                   (job.variant.key, job.seed, budget) for r in rows)
 
     def seeds(job: Job, budget: int) -> dict:
         return {pool.submit(seed_job, at_steps(other, budget), classifier): other
-                for other in jobs if other.variant == job.variant and other.seed != 0}
+                for other in jobs if other.variant == job.variant and other.seed != 0
+                and not measured(other, budget)}
 
     with _pool(n) as pool:
         waiting = {}

@@ -172,7 +172,7 @@ def describe_sampler(spec: Sampler, sources: dict[str, str]) -> str:
     values = spec.model_dump(mode="json")
     hidden = ("schedule", "rho") if values.get("times") is not None else ()  # times set the grid
     return f"{spec.name}: " + ", ".join(f"{k} {json.dumps(values[k])} ({sources[k]})" for k in sources
-                                        if values[k] is not None and k not in hidden)
+                                        if values.get(k) is not None and k not in hidden)
 
 
 def make_manifest(ckpt: str | Path, step: int, weights: str, spec: Sampler, seed: int, n: int,

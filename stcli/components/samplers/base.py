@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import PositiveFloat, PositiveInt, field_validator, model_serializer, model_validator
 
 from stcli.components.sdes import LinearSDE, ScoreFn, bcast
 from stcli.infra.errors import UserError
@@ -92,6 +92,15 @@ class GridSampler(Sampler):
         if times is not None and any(b >= a for a, b in zip(times, times[1:])):
             raise ValueError("times must decrease strictly, from T to eps")
         return times
+
+    @model_serializer(mode="wrap")
+    def _no_unset_times(self, handler):
+        """Without explicit times the dump has no `times` key: recipes, checkpoints and sample
+        manifests written before the field existed stay equal to today's."""
+        data = handler(self)
+        if data.get("times") is None:
+            data.pop("times", None)
+        return data
 
     def check(self, sde: LinearSDE) -> None:
         if self.times is None:
