@@ -212,4 +212,4 @@ def test_unset_times_leave_dumps_as_they_were():
     """Recipes, checkpoints and sample manifests without explicit times have no `times` key, so
     files written before the field existed compare equal to today's."""
     assert "times" not in SAMPLERS.validate("dpm2m").model_dump()
-    assert SAMPLERS.validate("dpm2m", times=[1.0, 1e-5]).model_dump()["times"] == [1.0, 1e-5]
+    assert SAMPLERS.validate("dpm2m", times=[1.0, 0.1, 1e-5]).model_dump()["times"] == [1.0, 0.1, 1e-5]
