@@ -174,15 +174,9 @@ def case_sampler(name: str, params: dict, nfe: int, tuned: dict | None, denoise:
 
 def tune(args, name: str, params: dict, nfe: int) -> dict:
     """`st tune-steps` on --tune-calib prior draws of its own (not the seeds measured), at
-    --tune-ref-tol: unipc without an order is tuned at orders 2 and 3 and keeps the one with the
-    lower calibration error, as st tune-steps does."""
+    --tune-ref-tol (unipc without an order: st tune-steps' choice of order)."""
     settings = {"name": name} | {k: v for k, v in params.items() if k != "schedule"}
-    if name == "unipc" and "order" not in settings:
-        tried = [tune_one(args, settings | {"order": k}, steps_for(name, nfe)) for k in (2, 3)]
-        result = min(tried, key=lambda r: next(x["calib_rmse"] for x in r["rows"]
-                                               if x["grid"].startswith("tuned")))
-    else:
-        result = tune_one(args, settings, steps_for(name, nfe))
+    result = tune_one(args, settings, steps_for(name, nfe))
     info(f"tuned {name} at {nfe} NFE: order {result['sampler'].get('order', '-')}, {result['base']} "
          f"warped by {[round(c, 3) for c in result['warp']]} ({result['search_runs']} runs): "
          "calibration RMSE " + ", ".join(f"{r['grid']} {r['calib_rmse']:.4f}" for r in result["rows"]))
@@ -199,7 +193,9 @@ def tune_one(args, settings: dict, steps: int) -> dict:
 
     opts = TuneOptions(sampler=settings, steps=steps, calib=args.tune_calib, check=0,
                        ref_tol=args.tune_ref_tol, device=args.device)
-    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()).hexdigest()[:16]
+    # (the tag: entries made before unipc chose its order meant order 3 for no order)
+    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()
+                         + b"orders chosen").hexdigest()[:16]
     path = Path(args.ref_cache) / f"tune-{key}.json" if args.ref_cache else None
     if path and path.is_file():
         return json.loads(path.read_text())

@@ -10,7 +10,6 @@ a `sample:` section (the sampler's settings and its `times`) for a recipe or for
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from stcli.components.loading import load_model
 from stcli.components.samplers.tuning import KNOTS, compass_search, rmse, warped_times
+from stcli.infra import checkpoint
 from stcli.infra.console import console, info
 from stcli.infra.distributed import pick_device
 from stcli.infra.errors import UserError
@@ -86,12 +86,15 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
                                      denoise=False)(score, sde, x)
     sets = {"calib": slice(0, opts.calib), "check": slice(opts.calib, None)}
 
+    nfes = {}
+
     def error(spec, part: str) -> float:
         """RMSE on one set of draws (inf where the sampler diverges; nan for an empty set)."""
         s = sets[part]
         if s.start == len(x):
             return float("nan")
-        e = rmse(spec.integrate(score, sde, x[s], None)[0], ref[s])
+        y, nfes[id(spec)] = spec.integrate(score, sde, x[s], None)
+        e = rmse(y, ref[s])
         return e if math.isfinite(e) else float("inf")
 
     tried = [search(settings, opts, sde, error) for settings in candidates(opts.sampler, opts.steps)]
@@ -106,10 +109,9 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
                  for g, e in t["fixed"].items()]
         rows.append({"grid": f"{label}tuned ({t['base']}, warped)", "calib_rmse": t["calib_rmse"],
                      "check_rmse": error(t["spec"], "check")})
-    _, nfe = spec.integrate(score, sde, x[:1], None)
-    section = spec.model_dump(mode="json", exclude={"denoise"})
-    section.update(name=spec.name, schedule=best["base"])
-    return {"ckpt": str(ckpt), "ckpt_sha256": _sha256(ckpt), "step": loaded.step,
+    nfe = nfes[id(spec)]  # counted by its runs above
+    section = spec.model_dump(mode="json", exclude={"denoise"}) | {"schedule": best["base"]}
+    return {"ckpt": str(ckpt), "ckpt_sha256": checkpoint.file_sha256(ckpt), "step": loaded.step,
             "sampler": section, "nfe": nfe, "rows": rows, "base": best["base"], "warp": best["warp"],
             "search_runs": sum(t["runs"] for t in tried), "ref_nfe": ref_nfe,
             "ref_tol": opts.ref_tol, "calib": opts.calib, "check": opts.check, "seed": opts.seed}
@@ -152,14 +154,6 @@ def search(settings: dict[str, Any], opts: TuneOptions, sde, error) -> dict[str,
                                    budget=opts.budget)
     return {"specs": specs, "fixed": fixed, "base": base, "warp": c, "calib_rmse": best,
             "runs": runs, "spec": tuned(c)}
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_yaml(result: dict[str, Any]) -> str:
