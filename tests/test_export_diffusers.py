@@ -194,6 +194,20 @@ def test_subvp_rve_edm_get_no_scheduler_but_sts_description(tmp_path, capsys):
         assert f"no diffusers scheduler computes the {sde} SDE" in card
 
 
+def test_a_tuned_grid_travels_in_st_score_and_the_card_says_the_scheduler_ignores_it(tmp_path, capsys):
+    times = [1.0, 0.5, 0.1, 0.01, 1e-5]
+    for name, sample in (("plain", "{name: euler, steps: 4}"),
+                         ("tuned", f"{{name: euler, times: {times}}}")):
+        ckpt = tmp_path / f"{name}.safetensors"
+        make_checkpoint(ckpt, variant("uddpmpp_fir", f"sample={sample}"), perturb=False)
+        assert export(capsys, ckpt, tmp_path / name)[0] == 0
+        info = json.loads((tmp_path / name / "st_score.json").read_text())
+        card = (tmp_path / name / "README.md").read_text()
+        assert info["sample"]["name"] == "euler" and info["sample"]["steps"] == 4
+        assert info["sample"].get("times") == (times if name == "tuned" else None)
+        assert ("does not reproduce" in card) == (name == "tuned")
+
+
 # --- the model card and the docs --------------------------------------------------------------
 def test_model_card_and_docs_show_the_same_wrapper_and_the_papers_bibtex(tmp_path, capsys):
     recipe = recipe_of(*FAMILIES["uddpmpp_fir"])

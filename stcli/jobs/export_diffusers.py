@@ -301,6 +301,7 @@ def score_info(recipe: Recipe) -> dict:
     return {"format": "st-diffusers/1", "recipe": recipe.name,
             "sde": recipe.sde.model_dump(mode="json"), "time_input": net.time_input,
             "output": output, "centered": recipe.data.zero_centered,
+            "sample": recipe.sample.model_dump(mode="json"),
             "native_score": (net.embedding_type == "fourier" and net.time_input == "log_sigma"
                              and output == "sigma_score")}
 

@@ -75,6 +75,11 @@ def _rows(recipe: Recipe, step: int, weights: str, scheduler: str | None) -> lis
     sched = (f"`scheduler_config.json`: diffusers' {scheduler} (the same sigma(t))" if scheduler else
              f"none: no diffusers scheduler computes the {sde.name} SDE; `st_score.json` holds st's "
              "description of it")
+    times = getattr(recipe.sample, "times", None)
+    if scheduler and times is not None:  # a tuned grid: diffusers' schedulers step uniformly in t
+        sched += (f"; the recipe samples with {recipe.sample.name} on {len(times)} explicit times "
+                  "(`st_score.json`, `sample`), which this scheduler, stepping uniformly in t, "
+                  "does not reproduce")
     return [
         f"| recipe | `{recipe.name}` |",
         f"| data | {data.name}, {channels}x{height}x{width}, "
