@@ -226,10 +226,12 @@ def test_run_names_are_printable_folder_names(tiny_recipe, capsys, name):
     assert "name:" in flat and "printable" in flat
 
 
-@pytest.mark.parametrize("value", ["''", "' '"])
+@pytest.mark.parametrize("value", ["''", "' '", "", " "])
 def test_an_empty_out_dir_is_refused_not_read_as_the_default(tiny_recipe, capsys, value):
+    """Also `train.out_dir=$UNSET` (nothing after `=`): refused, not null (= runs/<name>)."""
     flat = refused(st(capsys, "recipe", "validate", tiny_recipe(), f"train.out_dir={value}"))
     assert "train.out_dir" in flat
+    assert ("has no value (write train.out_dir=null for none)" in flat) == (not value.strip())
 
 
 def test_train_never_writes_into_a_folder_of_other_files(tiny_recipe, tmp_path, capsys):

@@ -228,8 +228,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not p for p in key.split(".")):
             raise UserError(f"override {_quoted(item)} is not of the form key.path=value")
+        if not raw.strip():  # `key=$UNSET` in a job script: never read as null, i.e. the default
+            raise UserError(f"override {_quoted(item)} has no value (write {key}=null for none)")
         try:
-            value = safe_load(raw) if raw else None
+            value = safe_load(raw)
         except yaml.YAMLError as err:
             raise UserError(f"override {_quoted(item)}: value is not valid YAML ({err})") from None
         *parents, leaf = key.split(".")
