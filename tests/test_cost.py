@@ -173,6 +173,31 @@ def test_sampler_nfe_is_the_documented_count(tiny_recipe, sample, nfe):
     assert cost.sampler_nfe(recipe) == nfe
 
 
+@pytest.mark.parametrize("steps", [11, 40])
+def test_grid_nfe_from_the_line_is_the_count_of_the_whole_run(steps):
+    """GridSampler.nfe counts 8, 9 and 10 steps and extends the line: for every registered grid
+    sampler (unipc at each order, pc with two corrector steps) it equals the run's own count."""
+    from stcli.components.samplers.base import GridSampler
+    from stcli.components.sdes import VP
+    from stcli.infra.registry import SAMPLERS
+
+    specs = [SAMPLERS.validate(name=n, steps=steps) for n in SAMPLERS.names()
+             if isinstance(SAMPLERS.validate(name=n), GridSampler)]
+    specs += [SAMPLERS.validate(name="unipc", steps=steps, order=k) for k in (1, 2)]
+    specs += [SAMPLERS.validate(name="pc", steps=steps, n_corrector=2, denoise=False)]
+    assert len({s.name for s in specs}) >= 5
+    sde = VP()
+    for spec in specs:
+        _, run = spec(lambda x, t: -x, sde, torch.zeros(1, 1), generator=torch.Generator().manual_seed(0))
+        assert spec.nfe(sde) == run, spec
+
+
+def test_a_grid_beyond_a_million_steps_is_refused(tiny_recipe, capsys):
+    code, _, err = st(capsys, "recipe", "validate", tiny_recipe(), "sample.steps=1000000000")
+    assert code == 2 and "1,000,000,000 steps: a grid sampler takes at most 1,000,000" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("name, precision, tf32, peak", [
     ("A100", "fp32", True, ("TF32", 156)), ("A100", "fp32", False, ("FP32", 19.5)),
     ("a100", "bf16", True, ("BF16", 312)), ("H100", "fp16", True, ("FP16", 989.5)),

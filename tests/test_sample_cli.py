@@ -98,6 +98,7 @@ def test_cli_writes_a_grid_and_reports_nfe(ckpt, tmp_path, capsys):
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
     assert "total NFE 4 " in out and "images/s" in out  # heun: 2 NFE per step, no denoising
+    assert "with heun (4 NFE per image)" in out  # said before the first evaluation
     from PIL import Image
 
     assert Image.open(tmp_path / "s" / "grid.png").size == (102, 102)  # 2x2 grid of 8px x 6 + padding
@@ -181,7 +182,9 @@ def test_progress_is_never_silent_inside_a_batch(tiny_ckpt, tmp_path, capsys, mo
                         "--sampler", "euler", "--steps", "4", "--device", "cpu")
     assert code == 0, err
     beats = [line for line in out.splitlines() if "now NFE" in line]
-    assert [line.split("now NFE ")[1].split()[0] for line in beats] == ["1", "2", "3", "4", "5"]
+    counts = [line.split("now NFE ")[1].split()[0] for line in beats]
+    assert counts == ["1", "2/5", "3/5", "4/5", "5/5"]  # a fixed grid: of how many, and the ETA
+    assert all("batch eta 0:0" in line for line in beats[1:])
     code, out, err = st(capsys, "nll", tiny_ckpt, "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
                         "--device", "cpu")
     assert code == 0, err

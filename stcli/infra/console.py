@@ -72,17 +72,22 @@ class StepProgress:
         if self.enabled:
             self.update(getattr(self, "completed", 0), {**getattr(self, "stats", {}), "now": inside})
 
-    def beating(self, score_fn):
-        """`score_fn` reporting each evaluation: its count in the batch and the time t."""
+    def beating(self, score_fn, total: int | None = None):
+        """`score_fn` reporting each evaluation: its count in the batch and the time t; with the
+        batch's `total` count known (a fixed grid), also of how many and the batch's ETA."""
         if not self.enabled:
             return score_fn
-        count = 0
+        count, start = 0, time.monotonic()
 
         def score(x, t):
             nonlocal count
             count += 1
             now = float(t.max()) if hasattr(t, "max") else float(t)
-            self.beat(f"NFE {count} at t {now:.3g}")
+            if total is None or count == 1:
+                self.beat(f"NFE {count} at t {now:.3g}")
+            else:  # the evaluations so far time the rest of the batch
+                left = (time.monotonic() - start) / (count - 1) * (total - count + 1)
+                self.beat(f"NFE {count}/{total} at t {now:.3g}, batch eta {fmt_eta(left)}")
             return score_fn(x, t)
 
         return score

@@ -222,16 +222,13 @@ def count(recipe) -> Cost:
 
 
 def sampler_nfe(recipe) -> int | None:
-    """Network evaluations per image of the recipe's sampler: the count it reports itself,
-    from a run on one number with the score of N(0, 1); None for samplers without a fixed grid
-    (the adaptive ode), whose count depends on the net."""
+    """Network evaluations per image of the recipe's sampler (GridSampler.nfe); None for
+    samplers without a fixed grid (the adaptive ode), whose count depends on the net."""
     from stcli.components.samplers.base import GridSampler
 
     if not isinstance(recipe.sample, GridSampler):
         return None
-    x = torch.zeros(1, 1)
-    _, nfe = recipe.sample(lambda x, t: -x, recipe.sde, x, generator=torch.Generator().manual_seed(0))
-    return nfe
+    return recipe.sample.nfe(recipe.sde)
 
 
 # --- on a GPU ----------------------------------------------------------------------------------

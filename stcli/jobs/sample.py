@@ -36,6 +36,7 @@ from PIL import Image
 
 from stcli.components.loading import load_model
 from stcli.components.samplers import Sampler
+from stcli.components.samplers.base import GridSampler
 from stcli.infra import checkpoint, distributed
 from stcli.infra.console import StepProgress, fmt_eta, info
 from stcli.infra.errors import UserError
@@ -303,6 +304,8 @@ class Job:
                                            self.loaded.model)
         self.images = self.data.is_image
         self.per_file = self.images and self.fmt == "png"  # else: collected into one file
+        # a fixed grid's evaluations per batch, known before the first (None: adaptive)
+        self.grid_nfe = self.spec.nfe(self.sde) if isinstance(self.spec, GridSampler) else None
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's score, batches of fewer than MIN_ROWS padded with copies of their first
@@ -321,7 +324,7 @@ class Job:
         gens = image_generators(self.seed, indices, self.ctx.device)
         x = torch.stack([self.sde.prior_sample(self.data.shape, generator=g, device=self.ctx.device)
                          for g in gens])
-        score = progress.beating(self.score) if progress else self.score
+        score = progress.beating(self.score, self.grid_nfe) if progress else self.score
         return self.spec(score, self.sde, x, generator=gens)
 
     def missing(self) -> list[int]:
@@ -371,9 +374,10 @@ class Job:
         distributed.barrier()  # every rank has listed the missing images before any is written
         mine = todo[ctx.rank::ctx.world_size]
         if ctx.is_main:
+            per_image = "" if self.grid_nfe is None else f" ({self.grid_nfe:,} NFE per image)"
             info(f"sampling {len(todo)} of {self.n} images ({self.n - len(todo)} already in "
-                 f"{self.out}) with {self.spec.name} on {ctx.device} x {ctx.world_size} "
-                 f"process(es)")
+                 f"{self.out}) with {self.spec.name}{per_image} on {ctx.device} x "
+                 f"{ctx.world_size} process(es)")
         done, nfe, batches, collected = 0, 0, 0, []
         with StepProgress("sample", len(todo), enabled=ctx.is_main) as progress:
             for lo in range(0, len(mine), self.batch_size):

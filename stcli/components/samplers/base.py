@@ -57,6 +57,10 @@ class Sampler(Component):
         raise NotImplementedError
 
 
+MAX_STEPS = 1_000_000  # a grid's length: beyond any published sampler, far below memory
+LINE_FROM = 8  # GridSampler.nfe: counted on grids of 8, 9, 10 steps (every order reached)
+
+
 class GridSampler(Sampler):
     """A sampler on a fixed grid of `steps` + 1 times from T to eps: the `schedule` (with
     `rho`), or the explicit decreasing `times` (T first, eps last; e.g. a grid tuned for one
@@ -84,6 +88,15 @@ class GridSampler(Sampler):
                              f"steps is {steps}; give one of them")
         return {**data, "steps": len(times) - 1}
 
+    @field_validator("steps")
+    @classmethod
+    def _grid_fits(cls, steps: int) -> int:
+        """The grid is held in memory (8 bytes a time): 10^9 steps would exhaust it."""
+        if steps > MAX_STEPS:
+            raise ValueError(f"{steps:,} steps: a grid sampler takes at most {MAX_STEPS:,} "
+                             "(score_sde's finest grid has 2,000)")
+        return steps
+
     @field_validator("times")
     @classmethod
     def _decreasing(cls, times: list[float] | None) -> list[float] | None:
@@ -109,6 +122,25 @@ class GridSampler(Sampler):
             if not math.isclose(got, want, rel_tol=1e-9, abs_tol=0.0):
                 raise UserError(f"the sampler's times must run from the SDE's T = {sde.T} to its "
                                 f"eps = {sde.eps}: the {what} time is {got}")
+
+    def nfe(self, sde: LinearSDE) -> int:
+        """Score evaluations per image, counted by running the sampler on one number under the
+        score of N(0, 1): the grid itself up to LINE_FROM + 2 steps; beyond, from runs of
+        LINE_FROM and LINE_FROM + 1 steps, since every grid sampler costs a + b * steps (a run of
+        LINE_FROM + 2 checks the line), so a grid of 10^9 steps is counted at once."""
+        def count(steps: int) -> int:
+            spec = self if steps == self.steps else self.model_copy(update={"steps": steps,
+                                                                            "times": None})
+            return spec(lambda x, t: -x, sde, torch.zeros(1, 1),
+                        generator=torch.Generator().manual_seed(0))[1]
+
+        if self.steps <= LINE_FROM + 2:
+            return count(self.steps)
+        a, b, c = (count(LINE_FROM + k) for k in range(3))
+        if c - b != b - a:
+            raise RuntimeError(f"{self.name}: NFE {a}, {b}, {c} at {LINE_FROM}, {LINE_FROM + 1}, "
+                               f"{LINE_FROM + 2} steps is not linear in the steps")
+        return a + (b - a) * (self.steps - LINE_FROM)
 
     def time_grid(self, sde: LinearSDE) -> list[float]:
         if self.times is not None:
