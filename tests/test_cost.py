@@ -185,6 +185,8 @@ def test_grid_nfe_from_the_line_is_the_count_of_the_whole_run(steps):
              if isinstance(SAMPLERS.validate(name=n), GridSampler)]
     specs += [SAMPLERS.validate(name="unipc", steps=steps, order=k) for k in (1, 2)]
     specs += [SAMPLERS.validate(name="pc", steps=steps, n_corrector=2, denoise=False)]
+    times = [1.0 - (1.0 - 1e-5) * i / steps for i in range(steps + 1)]  # explicit times: counted on copies
+    specs += [SAMPLERS.validate(name=n, times=times) for n in ("heun", "unipc")]
     assert len({s.name for s in specs}) >= 5
     sde = VP()
     for spec in specs:
@@ -196,6 +198,8 @@ def test_a_grid_beyond_a_million_steps_is_refused(tiny_recipe, capsys):
     code, _, err = st(capsys, "recipe", "validate", tiny_recipe(), "sample.steps=1000000000")
     assert code == 2 and "1,000,000,000 steps: a grid sampler takes at most 1,000,000" in err
     assert "Traceback" not in err
+    assert st(capsys, "recipe", "validate", tiny_recipe(), "sample.steps=1000000")[0] == 0
+    assert st(capsys, "recipe", "validate", tiny_recipe(), "sample.steps=1000001")[0] == 2
 
 
 @pytest.mark.parametrize("name, precision, tf32, peak", [

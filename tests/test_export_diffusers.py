@@ -194,18 +194,21 @@ def test_subvp_rve_edm_get_no_scheduler_but_sts_description(tmp_path, capsys):
         assert f"no diffusers scheduler computes the {sde} SDE" in card
 
 
-def test_a_tuned_grid_travels_in_st_score_and_the_card_says_the_scheduler_ignores_it(tmp_path, capsys):
+def test_the_sampler_travels_in_st_score_and_the_card_says_when_the_scheduler_differs(tmp_path, capsys):
     times = [1.0, 0.5, 0.1, 0.01, 1e-5]
-    for name, sample in (("plain", "{name: euler, steps: 4}"),
-                         ("tuned", f"{{name: euler, times: {times}}}")):
+    cases = {"plain": ("{name: euler_maruyama, steps: 4, schedule: uniform}", False),
+             "edm_grid": ("{name: dpm2m, steps: 4, schedule: edm}", True),
+             "tuned": (f"{{name: euler_maruyama, steps: 4, times: {times}}}", True)}
+    for name, (sample, noted) in cases.items():
         ckpt = tmp_path / f"{name}.safetensors"
         make_checkpoint(ckpt, variant("uddpmpp_fir", f"sample={sample}"), perturb=False)
         assert export(capsys, ckpt, tmp_path / name)[0] == 0
         info = json.loads((tmp_path / name / "st_score.json").read_text())
         card = (tmp_path / name / "README.md").read_text()
-        assert info["sample"]["name"] == "euler" and info["sample"]["steps"] == 4
+        assert info["sample"]["steps"] == 4
         assert info["sample"].get("times") == (times if name == "tuned" else None)
-        assert ("does not reproduce" in card) == (name == "tuned")
+        assert ("does not reproduce" in card) == noted, name
+    assert "on 5 explicit times" in card
 
 
 # --- the model card and the docs --------------------------------------------------------------

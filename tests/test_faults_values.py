@@ -234,6 +234,16 @@ def test_an_empty_out_dir_is_refused_not_read_as_the_default(tiny_recipe, capsys
     assert ("has no value (write train.out_dir=null for none)" in flat) == (not value.strip())
 
 
+def test_an_override_yaml_reads_as_a_comment_is_refused_and_null_spelled_out_is_kept(tiny_recipe,
+                                                                                       capsys):
+    from stcli.components.recipe import load_recipe
+
+    flat = refused(st(capsys, "recipe", "validate", tiny_recipe(), "train.out_dir=#run1"))
+    assert "override 'train.out_dir=#run1' reads as no value (a YAML comment?)" in flat
+    for null in ("null", "~"):
+        assert load_recipe(tiny_recipe(), [f"train.out_dir={null}"]).train.out_dir is None
+
+
 def test_train_never_writes_into_a_folder_of_other_files(tiny_recipe, tmp_path, capsys):
     samples = tmp_path / "samples_folder"
     samples.mkdir()

@@ -183,7 +183,7 @@ def test_progress_is_never_silent_inside_a_batch(tiny_ckpt, tmp_path, capsys, mo
     assert code == 0, err
     beats = [line for line in out.splitlines() if "now NFE" in line]
     counts = [line.split("now NFE ")[1].split()[0] for line in beats]
-    assert counts == ["1", "2/5", "3/5", "4/5", "5/5"]  # a fixed grid: of how many, and the ETA
+    assert counts == ["1/5", "2/5", "3/5", "4/5", "5/5"]  # a fixed grid: of how many, and the ETA
     assert all("batch eta 0:0" in line for line in beats[1:])
     code, out, err = st(capsys, "nll", tiny_ckpt, "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
                         "--device", "cpu")

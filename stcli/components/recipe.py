@@ -234,6 +234,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = safe_load(raw)
         except yaml.YAMLError as err:
             raise UserError(f"override {_quoted(item)}: value is not valid YAML ({err})") from None
+        if value is None and raw.strip() not in ("null", "Null", "NULL", "~"):  # e.g. `=#run1`
+            raise UserError(f"override {_quoted(item)} reads as no value (a YAML comment?); quote "
+                            f"it, or write {key}=null for none")
         *parents, leaf = key.split(".")
         for path in _leaves(tuple(key.split(".")), value):
             clash = next((k for k in seen if k[:len(path)] == path or path[:len(k)] == k), None)

@@ -83,8 +83,10 @@ class StepProgress:
             nonlocal count
             count += 1
             now = float(t.max()) if hasattr(t, "max") else float(t)
-            if total is None or count == 1:
+            if total is None:
                 self.beat(f"NFE {count} at t {now:.3g}")
+            elif count == 1:
+                self.beat(f"NFE 1/{total} at t {now:.3g}")
             else:  # the evaluations so far time the rest of the batch
                 left = (time.monotonic() - start) / (count - 1) * (total - count + 1)
                 self.beat(f"NFE {count}/{total} at t {now:.3g}, batch eta {fmt_eta(left)}")

@@ -75,10 +75,14 @@ def _rows(recipe: Recipe, step: int, weights: str, scheduler: str | None) -> lis
     sched = (f"`scheduler_config.json`: diffusers' {scheduler} (the same sigma(t))" if scheduler else
              f"none: no diffusers scheduler computes the {sde.name} SDE; `st_score.json` holds st's "
              "description of it")
-    times = getattr(recipe.sample, "times", None)
-    if scheduler and times is not None:  # a tuned grid: diffusers' schedulers step uniformly in t
-        sched += (f"; the recipe samples with {recipe.sample.name} on {len(times)} explicit times "
-                  "(`st_score.json`, `sample`), which this scheduler, stepping uniformly in t, "
+    sample = recipe.sample
+    times, schedule = getattr(sample, "times", None), getattr(sample, "schedule", "uniform")
+    grid = (f"{len(times)} explicit times" if times is not None else f"the {schedule} grid")
+    if scheduler and (times is not None or schedule != "uniform"
+                      or sample.name not in ("pc", "euler_maruyama")):
+        # diffusers' score-SDE schedulers step the reverse SDE uniformly in t
+        sched += (f"; the recipe samples with {sample.name} on {grid} (`st_score.json`, "
+                  "`sample`), which this scheduler, stepping the reverse SDE uniformly in t, "
                   "does not reproduce")
     return [
         f"| recipe | `{recipe.name}` |",

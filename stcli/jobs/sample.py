@@ -304,8 +304,17 @@ class Job:
                                            self.loaded.model)
         self.images = self.data.is_image
         self.per_file = self.images and self.fmt == "png"  # else: collected into one file
-        # a fixed grid's evaluations per batch, known before the first (None: adaptive)
-        self.grid_nfe = self.spec.nfe(self.sde) if isinstance(self.spec, GridSampler) else None
+        self.grid_nfe = self._grid_nfe()
+
+    def _grid_nfe(self) -> int | None:
+        """A fixed grid's evaluations per batch, known before the first (None: adaptive, or a
+        plugin grid sampler the count cannot be run on: the count is for progress only)."""
+        if not isinstance(self.spec, GridSampler):
+            return None
+        try:
+            return self.spec.nfe(self.sde)
+        except Exception:  # noqa: BLE001 -- sampling itself says what is wrong, if anything
+            return None
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's score, batches of fewer than MIN_ROWS padded with copies of their first
