@@ -19,6 +19,19 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.truncation.eps == recipe.sde.eps
 
 
+def test_the_docs_block_of_every_default_is_the_resolved_recipe():
+    """docs/recipes.md "Sections": the YAML block equals what the minimal recipe resolves to."""
+    import re
+
+    from stcli.components.recipe import Recipe
+
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    block = re.search(r"## Sections\n.*?```yaml\n(.*?)```", text, flags=re.S).group(1)
+    minimal = {"name": "my_run", "data": {"name": "digits"}, "sde": {"name": "vp"},
+               "net": {"name": "unet"}}
+    assert yaml.safe_load(block) == Recipe.model_validate(minimal).to_dict()
+
+
 def test_overrides_are_dotted_and_parsed_as_yaml():
     data = apply_overrides({"a": {"b": 1}}, ["a.b=2.5e-3", "a.c=[1, 2]", "x.y.z=true", "s=hi"])
     assert data == {"a": {"b": 2.5e-3, "c": [1, 2]}, "x": {"y": {"z": True}}, "s": "hi"}

@@ -151,7 +151,7 @@ def recipe_validate(recipe: RecipeArg, overrides: Overrides = None):
         "Examples:\n  st data prepare celeba --from ~/Downloads --out data/celeba\n"
         "  st data prepare imagenet32 --from ~/Downloads --out data/imagenet32\n"
         "  st data prepare celebahq --from ~/celebahq-1024 --out data/celebahq --size 256\n\n"
-        "More: docs/components.md#datasets"))
+        "More: docs/components.md#datasets-stclicomponentsdatapy"))
 def data_prepare(
     name: Annotated[str, typer.Argument(help="celeba | imagenet32 | celebahq.", metavar="NAME")],
     source: Annotated[str, typer.Option(

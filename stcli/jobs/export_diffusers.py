@@ -85,8 +85,8 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise UserError("--format diffusers needs the diffusers package: pip install "
-                        "'stcli[diffusers]' (or pip install diffusers)") from None
+        raise UserError("--format diffusers needs the diffusers package: pip install diffusers "
+                        "(or, in st's checkout, pip install -e '.[diffusers]')") from None
     return diffusers
 
 

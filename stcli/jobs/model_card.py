@@ -60,7 +60,8 @@ def model_card(recipe: Recipe, step: int, weights: str, scheduler: str | None, i
         "diffusers `UNet2DModel`.", "",
         "| | |", "|---|---|", *_rows(recipe, step, weights, scheduler), "",
         "## The score", "",
-        "`st_score(folder)` returns st's score s(x, t) (it needs `pip install stcli diffusers`; for "
+        "`st_score(folder)` returns st's score s(x, t) (it needs st, installed from its source "
+        "(`pip install -e .` in its checkout: PyPI's `stcli` is another project), and `diffusers`; for "
         "a copy on the Hub, `folder = huggingface_hub.snapshot_download(REPO)`):", "",
         "```python", WRAPPER.rstrip("\n"), "```", "", *_native(info),
         "## Citation", "", "```bibtex", BIBTEX, "```", ""])
