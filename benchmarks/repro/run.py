@@ -278,12 +278,36 @@ def report_only(args) -> dict:
             results += json.loads(path.read_text())["runs"]
     summary = tables(results, args)
     summary["learning_curves"] = curve_figures(results, args)
-    status = pilot_status(args)
-    if status:
-        print("\n" + status)
-        with open(args.out / "tables.md", "a") as f:
-            f.write("\n" + status + "\n")
+    for status in (pilot_status(args), cost_status(args, results)):
+        if status:
+            print("\n" + status)
+            with open(args.out / "tables.md", "a") as f:
+                f.write("\n" + status + "\n")
     return summary
+
+
+def cost_status(args, results: list[dict]) -> str:
+    """Core-hours per loss of --converge, as the jobs measured them (CPU time of their one
+    thread): the seed-0 pilot (every chunk trained and every snapshot measured) and the other
+    seeds (training and evaluation)."""
+    lines, total = [], 0.0
+    for data in args.data:
+        labels = {v.key: v.label for v in DATASETS[data].variants + DATASETS[data].extras}
+        for path in sorted((args.results / "pilots" / data).glob("*.json")):
+            state = json.loads(path.read_text())
+            pilot = (sum(c["train_cpu_s"] for c in state["chunks"]) +
+                     sum(p["measure_cpu_s"] for p in state["points"])) / 3600
+            seeds = [r for r in results if (r["data"], r["variant"]) == (data, path.stem)
+                     and r["seed"] != 0]
+            rest = sum(r["train_cpu_s"] + r["eval_cpu_s"] for r in seeds) / 3600
+            total += pilot + rest
+            lines.append(f"| {data} | {labels.get(path.stem, path.stem)} | "
+                         f"{state['chunks'][-1]['step'] if state['chunks'] else 0:,} | {pilot:.2f} | "
+                         f"{', '.join(str(r['seed']) for r in sorted(seeds, key=lambda r: r['seed'])) or '–'}"
+                         f" | {rest:.2f} | {pilot + rest:.2f} |")
+    head = ("| data | loss | pilot steps trained | pilot core-h (train + measure) | other seeds "
+            "| their core-h | core-h |\n|---|---|---|---|---|---|---|")
+    return (head + "\n" + "\n".join(lines) + f"\n| | all | | | | | **{total:.1f}** |") if lines else ""
 
 
 def pilot_status(args) -> str:
