@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,11 @@ def csv_and_tensorboard_steps(run: Path, tag: str = "loss") -> tuple[list[int], 
 def popen_st(*args) -> subprocess.Popen:
     """`python -m stcli ARGS` started in the background (one thread, no GPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # Ctrl-C as from a terminal: a suite started in the background (`pytest &`) passes SIGINT
+    # ignored to its children, and Python then raises no KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "stcli", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def mount_tmpfs(folder: Path, size: int, readonly: bool = False) -> bool:
