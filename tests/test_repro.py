@@ -200,8 +200,12 @@ def test_tables_mean_standard_error_and_paired_differences():
     rows = {r["variant"]: r for r in report.aggregate(runs)["digits"]}
     assert rows["g2"]["fid"]["mean"] == pytest.approx(12.0)
     assert rows["g2"]["fid"]["se"] == pytest.approx(np.std([10, 14, 12], ddof=1) / np.sqrt(3))
-    (diff,) = report.paired(runs)["digits"]
+    runs += [_result("g2P1", s, n, f) for s, n, f in ((0, 3.1, 9.0), (2, 3.3, 10.0))]
+    diff, _, other = report.paired(runs)["digits"]  # st_P1 and g2P1 − g2, then st_P1 − g2P1
     assert diff["fid"]["mean"] == pytest.approx(-3.0)
     assert diff["fid"]["se"] == pytest.approx(np.std([-2, -3, -4], ddof=1) / np.sqrt(3))
+    assert (other["variant"], other["base"], other["seeds"]) == ("st_P1", "g2P1", [0, 2])
+    assert other["fid"]["mean"] == pytest.approx(-1.5)  # seeds 0, 2: 8 - 9, 8 - 10
+    assert "| st_P1 − g2P1 (0,2) | " in report.paired_markdown([other], "digits")
     table = report.markdown(report.aggregate(runs)["digits"], "digits")
     assert "12.00 ± 1.15" in table and "| g2 | 3,000 (0,1,2) |" in table

@@ -21,6 +21,10 @@ COLUMNS = {  # data set -> (result key, header, scale); the first sampler's scor
     "toy2d_eps": TOY2D,
 }
 BASELINE = "g2"
+# the other comparisons of the paper's claims: ST against the reweighting it equals in
+# expectation (Eq. (10)), neighbouring P_k (Table 7), ST on the variance weighting (Table 5)
+OTHER_PAIRS = (("st_P1", "g2P1"), ("st_P0.9", "st_P1"), ("st_P2", "st_P1"), ("st_P0", "st_P1"),
+               ("var_st_P1", "var"))
 
 
 def scalar(result: dict, key: str) -> float:
@@ -60,18 +64,23 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def paired(results: list[dict]) -> dict[str, list[dict]]:
-    """Per data set and loss: mean ± s.e. over seeds of (loss − baseline) for every column."""
+    """Per data set: mean ± s.e. over the common seeds of (loss − BASELINE) for every loss and
+    column, then of the OTHER_PAIRS the verdicts compare (where both losses have seeds)."""
     by = {(r["data"], r["variant"], r["seed"]): r for r in results}
     out: dict[str, list[dict]] = defaultdict(list)
-    for data, variant in dict.fromkeys((r["data"], r["variant"]) for r in results):
-        seeds = sorted(s for (d, v, s) in by if d == data and v == variant
-                       and (d, BASELINE, s) in by)
-        if variant == BASELINE or not seeds:
+    found = list(dict.fromkeys((r["data"], r["variant"]) for r in results))
+    pairs = [(d, v, BASELINE) for d, v in found if v != BASELINE]
+    pairs += [(d, a, b) for d in dict.fromkeys(d for d, _ in found) for a, b in OTHER_PAIRS]
+    for data, variant, base in pairs:
+        seeds = sorted(s for (d, v, s) in by if d == data and v == variant and (d, base, s) in by)
+        if not seeds:
             continue
-        row = {"variant": variant, "label": by[(data, variant, seeds[0])]["label"]}
+        row = {"variant": variant, "base": base, "seeds": seeds,
+               "label": by[(data, variant, seeds[0])]["label"],
+               "base_label": by[(data, base, seeds[0])]["label"]}
         for key, _, _ in COLUMNS[data]:
             row[key] = mean_se([scalar(by[(data, variant, s)], key)
-                                - scalar(by[(data, BASELINE, s)], key) for s in seeds])
+                                - scalar(by[(data, base, s)], key) for s in seeds])
         out[data].append(row)
     return dict(out)
 
@@ -102,8 +111,9 @@ def markdown(rows: list[dict], data: str, extra: tuple[str, ...] = ("tables", "t
 
 def paired_markdown(rows: list[dict], data: str) -> str:
     cols = COLUMNS[data]
-    head = ["loss − L(θ; g², ε)", *(f"Δ {h}" for _, h, _ in cols)]
+    head = ["difference (seeds)", *(f"Δ {h}" for _, h, _ in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        lines.append("| " + " | ".join([row["label"], *(fmt(row[k], s) for k, _, s in cols)]) + " |")
+        name = f"{row['label']} − {row['base_label']} ({','.join(map(str, row['seeds']))})"
+        lines.append("| " + " | ".join([name, *(fmt(row[k], s) for k, _, s in cols)]) + " |")
     return "\n".join(lines)
