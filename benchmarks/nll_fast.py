@@ -77,6 +77,10 @@ def make(out: Path, only: list[str] | None = None, device: str = "cpu") -> dict[
     return made
 
 
+def _key(row: dict) -> tuple:
+    return row["model"], row["method"], row["variable"], row["tol"], row["norm"], row["logp_tol"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "nll_fast")
@@ -88,6 +92,8 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULT, help="the rows' JSON file")
     p.add_argument("--candidates", type=int, default=len(CANDIDATES),
                    help="measure the first K candidates only (the first is --protocol fast)")
+    p.add_argument("--setting", nargs="+", metavar="VARIABLE:TOL:NORM",
+                   help="measure these settings instead (e.g. t:5e-4:rms)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     import nll as bench
@@ -102,10 +108,13 @@ def main() -> None:
         ns = argparse.Namespace(batch=args.n, ref_tol=args.ref_tol, device=args.device, quick=False,
                                 cache=str(args.out), variables=None, norms=None, tols=None,
                                 logp_tols=None)
-        rows = bench.bench_model(str(ckpt), ns, name, configs=CANDIDATES[:args.candidates])
-        # the other models' rows are kept
+        configs = ([(v, float(t), n) for v, t, n in (s.split(":") for s in args.setting)]
+                   if args.setting else CANDIDATES[:args.candidates])
+        rows = bench.bench_model(str(ckpt), ns, name, configs=configs)
+        # a row measured again replaces its old one; every other row is kept
         saved = json.loads(args.results.read_text()) if args.results.is_file() else {"rows": []}
-        saved["rows"] = [r for r in saved["rows"] if r["model"] != name] + rows
+        new = {_key(r) for r in rows}
+        saved["rows"] = [r for r in saved["rows"] if _key(r) not in new] + rows
         saved.setdefault("commands", {})[name] = "st train " + " ".join(models(args.out)[name])
         saved["machine"] = machine()
         args.results.parent.mkdir(parents=True, exist_ok=True)
