@@ -445,8 +445,8 @@ def nll(
         "eval.nll.error_norm, rms).")] = None,
     protocol: Annotated[Protocol, typer.Option(
         "--protocol", help="default (the recipe's eval.nll) | paper (RK45 conventions, rtol = atol "
-        "= 1e-5 in t) | fast (the mean within 0.005 bits/dim at >= 4x fewer evaluations; "
-        "docs/likelihood.md); paper and fast take no solver option.")] = "default",
+        "= 1e-5 in t) | fast (5-10x fewer evaluations; a test-set mean within about 0.005 "
+        "bits/dim, docs/likelihood.md); paper and fast take no solver option.")] = "default",
     nelbo: Annotated[bool, typer.Option(
         "--nelbo", help="Also the NELBO L(theta; g^2, eps), without and with residual.")] = False,
     nelbo_samples: Annotated[int, typer.Option(
