@@ -189,13 +189,14 @@ def tune_one(args, settings: dict, steps: int) -> dict:
     import json
     from pathlib import Path
 
+    from stcli.infra.checkpoint import file_sha256
     from stcli.jobs.tune import TuneOptions, tune_steps
 
     opts = TuneOptions(sampler=settings, steps=steps, calib=args.tune_calib, check=0,
                        ref_tol=args.tune_ref_tol, device=args.device)
     # (the tag: entries made before unipc chose its order meant order 3 for no order)
-    key = hashlib.sha256(open(args.ckpt, "rb").read() + repr(opts).encode()
-                         + b"orders chosen").hexdigest()[:16]
+    key = hashlib.sha256((file_sha256(args.ckpt) + repr(opts) + "orders chosen").encode()
+                         ).hexdigest()[:16]
     path = Path(args.ref_cache) / f"tune-{key}.json" if args.ref_cache else None
     if path and path.is_file():
         return json.loads(path.read_text())

@@ -86,15 +86,12 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
                                      denoise=False)(score, sde, x)
     sets = {"calib": slice(0, opts.calib), "check": slice(opts.calib, None)}
 
-    nfes = {}
-
     def error(spec, part: str) -> float:
         """RMSE on one set of draws (inf where the sampler diverges; nan for an empty set)."""
         s = sets[part]
         if s.start == len(x):
             return float("nan")
-        y, nfes[id(spec)] = spec.integrate(score, sde, x[s], None)
-        e = rmse(y, ref[s])
+        e = rmse(spec.integrate(score, sde, x[s], None)[0], ref[s])
         return e if math.isfinite(e) else float("inf")
 
     tried = [search(settings, opts, sde, error) for settings in candidates(opts.sampler, opts.steps)]
@@ -109,7 +106,7 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
                  for g, e in t["fixed"].items()]
         rows.append({"grid": f"{label}tuned ({t['base']}, warped)", "calib_rmse": t["calib_rmse"],
                      "check_rmse": error(t["spec"], "check")})
-    nfe = nfes[id(spec)]  # counted by its runs above
+    nfe = spec.nfe(sde)  # without denoise, as searched
     section = spec.model_dump(mode="json", exclude={"denoise"}) | {"schedule": best["base"]}
     return {"ckpt": str(ckpt), "ckpt_sha256": checkpoint.file_sha256(ckpt), "step": loaded.step,
             "sampler": section, "nfe": nfe, "rows": rows, "base": best["base"], "warp": best["warp"],

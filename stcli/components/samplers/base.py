@@ -127,7 +127,7 @@ class GridSampler(Sampler):
         """Score evaluations per image, counted by running the sampler on one number under the
         score of N(0, 1): the grid itself up to LINE_FROM + 2 steps; beyond, from runs of
         LINE_FROM and LINE_FROM + 1 steps, since every grid sampler costs a + b * steps (a run of
-        LINE_FROM + 2 checks the line), so a grid of 10^9 steps is counted at once."""
+        LINE_FROM + 2 checks the line), so a long grid is counted at once."""
         def count(steps: int) -> int:
             spec = self if steps == self.steps else self.model_copy(update={"steps": steps,
                                                                             "times": None})
