@@ -132,6 +132,26 @@ def test_non_finite_or_mistyped_weights_are_refused_by_every_reader(tiny_ckpt, t
         assert not (tmp_path / "s").exists() and not (tmp_path / case / "e.safetensors").exists()
 
 
+def test_an_export_is_never_labelled_with_weights_it_does_not_hold(tiny_ckpt, tmp_path, capsys):
+    """An export keeps one set of weights: asking raw of an EMA export is refused (its numbers
+    would be the EMA's labelled raw); a raw export is used and recorded as raw."""
+    ema, rawx = tmp_path / "ema.safetensors", tmp_path / "raw.safetensors"
+    assert st(capsys, "export", tiny_ckpt, "--out", ema)[0] == 0
+    assert st(capsys, "export", tiny_ckpt, "--out", rawx, "--weights", "raw")[0] == 0
+    for args in (("sample", ema, "-n", "1", "--out", tmp_path / "s", "--weights", "raw"),
+                 ("nll", ema, "--limit", "1", "--weights", "raw", "--json", tmp_path / "n.json")):
+        flat = one_line(st(capsys, *args))
+        assert "holding only its ema weights; drop --weights raw" in flat, flat
+    assert not (tmp_path / "s").exists() and not (tmp_path / "n.json").exists()
+    code, _, err = st(capsys, "sample", rawx, "-n", "1", "--out", tmp_path / "s", "--format", "npz")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["weights"] == "raw"
+    code, _, err = st(capsys, "nll", rawx, "--limit", "1", "--rtol", "1e-2", "--atol", "1e-2",
+                      "--solver-check", "0", "--json", tmp_path / "n.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "n.json").read_text())["settings"]["weights"] == "raw"
+
+
 def test_export_checks_the_weights_against_the_net_as_sampling_does(tiny_ckpt, tmp_path, capsys):
     """A missing tensor, an edited shape, or a recipe naming another net: `st export` refuses
     (as `st sample` does) instead of writing a file nothing can load."""

@@ -29,6 +29,27 @@ def test_nll_and_nelbo_with_json(ckpt, tmp_path, capsys):
     assert set(res["summary"]) == {"nll_after", "nelbo", "nelbo_residual"}
     assert 0 < res["summary"]["nll_after"]["mean"] < 50 and res["summary"]["nll_after"]["stderr"] > 0
     assert len(res["nfe_per_batch"]) == 4 and min(res["nfe_per_batch"]) > 5
+    # the standard error is over the 6 images, their 2 repeats averaged first (rows are in
+    # (repeat, image) order): repeats of one image are not independent draws of the data
+    rows = res["per_sample_bpd"]["nll_after"]
+    per_image = [(rows[i] + rows[6 + i]) / 2 for i in range(6)]
+    mean = sum(per_image) / 6
+    se = (sum((v - mean) ** 2 for v in per_image) / 5) ** 0.5 / 6 ** 0.5
+    summary = res["summary"]["nll_after"]
+    assert summary["n"] == 6 and summary["repeats"] == 2
+    assert summary["mean"] == pytest.approx(mean, rel=1e-6)
+    assert summary["stderr"] == pytest.approx(se, rel=1e-5)
+
+
+def test_one_image_has_no_standard_error_and_writes_strict_json(ckpt, tmp_path, capsys):
+    code, out, err = st(capsys, "nll", ckpt, "--limit", "1", "--rtol", "1e-3", "--atol", "1e-3",
+                        "--correction", "before", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "n/a (one image)" in out and "nan" not in out.lower()
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert res["summary"]["nll_before"]["stderr"] is None
 
 
 def test_two_processes_give_exactly_the_one_process_numbers(ckpt, tmp_path, capsys):

@@ -89,15 +89,24 @@ class Loaded:
     recipe: Recipe
     model: ScoreModel  # in eval mode, on the requested device
     step: int
+    weights: str = "ema"  # the weights taken: "ema" or "raw"
 
 
 def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
                device: str | torch.device = "cpu") -> Loaded:
-    """The model of checkpoint `path` with its EMA (default) or raw weights."""
+    """The model of checkpoint `path` with its EMA (default) or raw weights.
+
+    An `st export` keeps one set: it is taken where the default (ema) was asked, and
+    `Loaded.weights` says which; asking for raw weights of an EMA export is refused, as the
+    numbers would be labelled with weights they did not come from."""
     opened = open_checkpoint(path)
     recipe, tensors = opened.recipe, opened.tensors
     exported = opened.meta.get("export", {}).get("weights")
-    if exported is not None:  # `st export` keeps one set of weights: use it, whatever was asked
+    if exported is not None and exported != weights:
+        if weights != "ema":
+            raise UserError(f"{path} is an export holding only its {exported} weights; "
+                            f"drop --weights {weights} (or export the {weights} weights from the "
+                            "training checkpoint)")
         weights = exported
     state = checkpoint.section("ema" if weights == "ema" else "model", tensors)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 exports
@@ -105,7 +114,7 @@ def load_model(path: str | Path, weights: Literal["ema", "raw"] = "ema",
         raise UserError(f"checkpoint {path} holds no {weights} weights"
                         + ("; use --weights raw" if weights == "ema" else ""))
     model = model_from_state(recipe, state, path, weights)
-    return Loaded(recipe, model.to(device).eval().requires_grad_(False), opened.step)
+    return Loaded(recipe, model.to(device).eval().requires_grad_(False), opened.step, weights)
 
 
 def model_from_state(recipe: Recipe, state: dict[str, torch.Tensor], path, weights: str) -> ScoreModel:

@@ -12,6 +12,8 @@ checked before any work starts.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 from collections.abc import Iterable
@@ -73,6 +75,23 @@ def output_folder(path: str | Path, what: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: {existing} is not writable")
     return path
+
+
+def finite_or_null(obj):
+    """`obj` with every non-finite float (nan, ±inf) replaced by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = 1) -> str:
+    """Strict JSON (RFC 8259: no NaN or Infinity, which strict parsers refuse): a non-finite
+    number is written as null."""
+    return json.dumps(finite_or_null(obj), indent=indent, allow_nan=False) + "\n"
 
 
 def write_result(path: Path, text: str, what: str) -> None:

@@ -21,7 +21,6 @@ sigma (s_theta - grad log p_0t) = sigma s_theta + z.  Per data dimension D:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ import torch
 from stcli.components.sdes import LinearSDE, ScoreFn, bcast, sum_squares
 from stcli.infra.console import console
 from stcli.infra.errors import UserError
-from stcli.infra.outputs import output_file, output_folder, write_result
+from stcli.infra.outputs import json_text, output_file, output_folder, write_result
 from stcli.infra.runlock import atomic
 from stcli.infra.seeding import generator
 
@@ -228,10 +227,10 @@ def write(result: dict, out: Path) -> tuple[Path, Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        console.out(json.dumps(result), highlight=False)
+        console.out(json_text(result, indent=None).strip(), highlight=False)
         raise UserError(f"cannot make --out {out} ({err.strerror}); the results are printed "
                         "above") from None
-    write_result(json_path, json.dumps(result, indent=1), "results")
+    write_result(json_path, json_text(result), "results")
     plot(result, png)
     return json_path, png
 
@@ -239,7 +238,7 @@ def write(result: dict, out: Path) -> tuple[Path, Path]:
 def report(result: dict, files: tuple[Path, Path], as_json: bool) -> None:
     """The table (or the JSON itself) on stdout."""
     if as_json:
-        console.out(json.dumps(result), highlight=False)
+        console.out(json_text(result, indent=None).strip(), highlight=False)
         return
     from rich.table import Table
 

@@ -32,7 +32,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from stcli.components.loading import load_model
@@ -60,7 +59,7 @@ def export_diffusers(ckpt: str | Path, out: str | Path, weights: str = "ema", dt
     folder = _target(out, overwrite, ckpt)
     diffusers = _diffusers()
     loaded = load_model(ckpt, weights)
-    recipe, weights = loaded.recipe, _weights_used(ckpt, weights)
+    recipe, weights = loaded.recipe, loaded.weights
     found = refusals(recipe)
     if found:
         raise UserError(f"cannot export {ckpt} to diffusers exactly: " + "; ".join(found))
@@ -73,12 +72,6 @@ def export_diffusers(ckpt: str | Path, out: str | Path, weights: str = "ema", dt
            model_card(recipe, loaded.step, weights, scheduler_name, info))
     return {"parameters": sum(p.numel() for p in unet.parameters()), "weights": weights,
             "scheduler": scheduler_name}
-
-
-def _weights_used(ckpt: str | Path, weights: str) -> str:
-    """The weights `load_model` took: an st export's one set, else ``weights``."""
-    with safe_open(str(ckpt), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("export", "{}")).get("weights", weights)
 
 
 def _diffusers():

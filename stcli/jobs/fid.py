@@ -52,7 +52,7 @@ from stcli.infra import checkpoint
 from stcli.infra.console import StepProgress, console, info, warn
 from stcli.infra.errors import UserError
 from stcli.infra.images import GRAY_MODES, read_header, read_pixels
-from stcli.infra.outputs import write_result
+from stcli.infra.outputs import json_text, write_result
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 GRID = "grid.png"  # `st sample` writes it beside its images: never measured
@@ -595,4 +595,4 @@ def _print_table(report: dict, results: dict) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    write_result(path, json.dumps(data, indent=2) + "\n", "result")
+    write_result(path, json_text(data, indent=2), "result")

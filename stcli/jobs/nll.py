@@ -8,7 +8,6 @@ and each batch's randomness (dequantisation, z, probes, t) comes from a generato
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ from stcli.components.loading import load_model
 from stcli.infra import distributed
 from stcli.infra.console import StepProgress, console
 from stcli.infra.errors import UserError
-from stcli.infra.outputs import write_result
+from stcli.infra.outputs import json_text, write_result
 from stcli.infra.seeding import generator
 
 
@@ -79,9 +78,18 @@ class NllResult:
     options: NllOptions | None = None  # the settings used (recipe defaults filled in)
     solver: dict | None = None  # the solver's own error of the mean, estimated (solver_error)
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {k: {"mean": float(v.mean()), "stderr": float(v.std() / math.sqrt(len(v))),
-                    "n": len(v)} for k, v in self.bpd.items()}
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        """Mean and standard error over images: the repeats of one image (rows in (repeat,
+        index) order) are averaged first, as they are not independent draws of the data.
+        stderr is None (JSON null) where one image leaves no spread to estimate."""
+        repeats = self.options.repeats if self.options else 1
+        out = {}
+        for k, v in self.bpd.items():
+            per_image = v.view(repeats, -1).mean(0)
+            n = len(per_image)
+            se = float(per_image.std() / math.sqrt(n)) if n > 1 else None
+            out[k] = {"mean": float(v.mean()), "stderr": se, "n": n, "repeats": repeats}
+        return out
 
 
 def solver_settings(protocol: str, time_variable: str | None, rtol: float | None,
@@ -127,7 +135,7 @@ def evaluate(ckpt: str | Path, opts: NllOptions) -> NllResult:
 def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
     loaded = load_model(ckpt, opts.weights, ctx.device)
     recipe, model, sde = loaded.recipe, loaded.model, loaded.recipe.sde
-    opts = resolve(opts, recipe)
+    opts = replace(resolve(opts, recipe), weights=loaded.weights)  # an export's one set
     data = recipe.data.for_evaluation()
     dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit or len(dataset))
@@ -195,7 +203,7 @@ def solver_error(score, sde, data, dataset, idx: list[int], opts: NllOptions, of
                       time_variable=opts.time_variable, error_norm=opts.error_norm, generator=g)
         out.append(bits_per_dim(vals, data.dim, offset).double().cpu())
     diff = out[0] - out[1]
-    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else None
     return {"n": len(idx), "mean_diff": float(diff.mean()), "stderr": se,
             "max_abs_diff": float(diff.abs().max()), "tighter_by": SOLVER_CHECK_FACTOR}
 
@@ -221,16 +229,21 @@ def _check_finite(values: torch.Tensor, idx: list[int], what: str) -> None:
                         "or checkpoint is broken, or try a lower --rtol/--atol")
 
 
+def _se(value: float | None) -> str:
+    return "n/a (one image)" if value is None else f"{value:.4f}"
+
+
 def report(result: NllResult, opts: NllOptions, ckpt, json_path: Path | None) -> None:
     from rich.table import Table
 
     opts = result.options or opts
 
     table = Table(title=f"{ckpt} ({opts.split}, {opts.repeats} repeat(s))")
-    for col in ("quantity", "bits/dim", "± s.e.", "samples"):
+    for col in ("quantity", "bits/dim", "± s.e. over images", "images"):
         table.add_column(col, justify="right" if col != "quantity" else "left")
-    for k, s in result.summary().items():
-        table.add_row(k, f"{s['mean']:.4f}", f"{s['stderr']:.4f}", str(s["n"]))
+    summary = result.summary()
+    for k, s in summary.items():
+        table.add_row(k, f"{s['mean']:.4f}", _se(s["stderr"]), str(s["n"]))
     console.print(table)
     nfe = sum(result.nfe) / max(len(result.nfe), 1)
     console.print(f"mean NFE per batch {nfe:.0f}; {result.seconds:.1f} s; integrated from "
@@ -239,11 +252,11 @@ def report(result: NllResult, opts: NllOptions, ckpt, json_path: Path | None) ->
         c = result.solver
         console.print(f"solver error of the mean, estimated on {c['n']} items solved again at "
                       f"{c['tighter_by']:g}x tighter tolerances: {c['mean_diff']:+.4f} ± "
-                      f"{c['stderr']:.4f} bits/dim (largest item {c['max_abs_diff']:.4f}); beside "
-                      f"the standard error over items, {next(iter(result.summary().values()))['stderr']:.4f}")
+                      f"{_se(c['stderr'])} bits/dim (largest item {c['max_abs_diff']:.4f}); beside "
+                      f"the standard error over images, {_se(next(iter(summary.values()))['stderr'])}")
     if json_path:
-        payload = {"checkpoint": str(ckpt), "settings": opts.__dict__, "summary": result.summary(),
+        payload = {"checkpoint": str(ckpt), "settings": opts.__dict__, "summary": summary,
                    "nfe_per_batch": result.nfe, "seconds": result.seconds,
                    "solver_error": result.solver,
                    "per_sample_bpd": {k: v.tolist() for k, v in result.bpd.items()}}
-        write_result(json_path, json.dumps(payload, indent=1), "result")
+        write_result(json_path, json_text(payload), "result")

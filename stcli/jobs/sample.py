@@ -98,7 +98,7 @@ def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None 
         sources = sampler_sources(loaded.recipe.sample, sampler or {}, spec)
         if ctx.is_main:
             info(f"sampler {describe_sampler(spec, sources)}")
-        manifest = make_manifest(ckpt, loaded.step, weights, spec, seed, n, fmt, precision)
+        manifest = make_manifest(ckpt, loaded.step, loaded.weights, spec, seed, n, fmt, precision)
         manifest[SOURCES] = sources
         Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision, manifest, overwrite).run()
     finally:

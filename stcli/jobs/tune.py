@@ -153,13 +153,18 @@ def search(settings: dict[str, Any], opts: TuneOptions, sde, error) -> dict[str,
             "runs": runs, "spec": tuned(c)}
 
 
+def _rmse(value: float) -> str:
+    """An RMSE for the table: "-" for an empty set of draws (nan), "inf" where it diverged."""
+    return "-" if math.isnan(value) else f"{value:.4g}"
+
+
 def to_yaml(result: dict[str, Any]) -> str:
     """The sampler section, headed by comments saying where it comes from."""
     head = [f"# st tune-steps {result['ckpt']} (step {result['step']}, sha256 "
             f"{result['ckpt_sha256'][:16]}...): {result['sampler']['name']}, "
             f"{result['nfe']} evaluations (+1 with denoise)",
             "# RMSE of x_eps to the converged flow (calibration draws / other draws):"]
-    head += [f"#   {r['grid']}: {r['calib_rmse']:.4g} / {r['check_rmse']:.4g}" for r in result["rows"]]
+    head += [f"#   {r['grid']}: {_rmse(r['calib_rmse'])} / {_rmse(r['check_rmse'])}" for r in result["rows"]]
     head.append("# use: st sample CKPT --sampler-file THIS_FILE, or paste under `sample:` in a recipe")
     return "\n".join(head) + "\n" + yaml.safe_dump(result["sampler"], sort_keys=False)
 
@@ -176,6 +181,6 @@ def report(result: dict[str, Any], out: Path) -> None:
     for col in ("grid", f"{result['calib']} calibration draws", f"{result['check']} other draws"):
         table.add_column(col, justify="left" if col == "grid" else "right")
     for r in result["rows"]:
-        table.add_row(r["grid"], f"{r['calib_rmse']:.4g}", f"{r['check_rmse']:.4g}")
+        table.add_row(r["grid"], _rmse(r["calib_rmse"]), _rmse(r["check_rmse"]))
     console.print(table)
     info(f"wrote {out}: st sample {result['ckpt']} --sampler-file {out} -n N")
