@@ -140,6 +140,15 @@ def test_reference_statistics_round_trip_and_refusals(tmp_path, common, capsys):
         assert st("fid", folder, "--ref", ref, "--json", tmp_path / "r.json", "--overwrite", *common) == 0
         fids.append(json.loads((tmp_path / "r.json").read_text())["metrics"]["fid"])
     assert fids[0] == pytest.approx(fids[1], rel=1e-12) and fids[0] > 0
+    # images measured against a recipe (or its statistics) take the recipe's resize mode, as
+    # `st fid-ref` does: tf against a clean-resize recipe compared other numbers
+    clean = tmp_path / "clean.yaml"
+    clean.write_text(recipe.read_text().replace("n: 24", "n: 24\n    resize: clean"))
+    assert yaml.safe_load(clean.read_text())["eval"]["fid"]["resize"] == "clean"
+    assert st("fid-ref", clean, "--out", tmp_path / "clean.safetensors", *common) == 0
+    for ref in (clean, tmp_path / "clean.safetensors"):
+        assert st("fid", folder, "--ref", ref, "--json", tmp_path / "r.json", "--overwrite", *common) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["resize"] == "clean"
     capsys.readouterr()
     # another source, or another extractor, is refused
     assert st("fid-ref", folder, "--out", stats, *common) == 2
@@ -210,6 +219,22 @@ def test_fid_of_a_checkpoint_end_to_end(ckpt, tmp_path, common, capsys):
     assert st("fid", path, "--json", tmp_path / "d.json", "--overwrite", *common) == 0
     report = json.loads((tmp_path / "d.json").read_text())
     assert (report["ref"], report["n_samples"], report["n_ref"]) == ("digits-test", 24, 297)
+    # NAME-SPLIT names the checkpoint's own data: another NAME (torch-fidelity's CIFAR-10 test
+    # split is cifar10-val) was measured against the digits and labelled cifar10-test
+    for wrong in ("cifar10-test", "foo-bar-all"):
+        assert st("fid", path, "--ref", wrong, *common) == 2
+        err = capsys.readouterr().err
+        assert f"--ref {wrong}: " in err and "is not the checkpoint's data ('digits'" in err, err
+    # a folder `st sample` did not finish is refused, not measured as a smaller set
+    for image in sorted(p for p in kept.rglob("*.png") if p.name != "grid.png")[:4]:
+        image.unlink()
+    assert st("fid", kept, "--ref", stats, *common) == 2
+    assert "holds 28 images but its manifest says 32 were drawn" in capsys.readouterr().err
+    # a checkpoint renamed .st is still a checkpoint
+    renamed = tmp_path / "model.st"
+    renamed.write_bytes(path.read_bytes())
+    assert st("fid", renamed, "-n", 8, "--ref", stats, "--json", tmp_path / "st.json", *common) == 0
+    assert json.loads((tmp_path / "st.json").read_text())["n_samples"] == 8
 
 
 def bad_inputs(tmp_path):
@@ -234,7 +259,13 @@ def bad_inputs(tmp_path):
         (["fid", one, "--ref", few, "--prc"], "FID needs at least 2 samples"),
         (["fid", tmp_path / "float.npz", "--ref", few], "expected uint8 images"),
         (["fid", few, "--ref", tmp_path / "missing"], "does not exist"),
-        (["fid", few, "--ref", few, "-n", 3], "-n applies to a checkpoint only"),
+        (["fid", few, "--ref", few, "-n", 3], "-n apply to a checkpoint only"),
+        # drawing options on a set of images were ignored: each is refused, naming them all
+        (["fid", few, "--ref", few, "--sampler", "ode", "--seed", 5, "--weights", "raw",
+          "--samples-dir", tmp_path / "sd"], "--samples-dir, --seed, --weights, --sampler apply "
+         "to a checkpoint only"),
+        (["fid-ref", few, "--out", tmp_path / "st.safetensors", "--split", "test"],
+         "--split applies to a recipe's dataset"),
         (["fid", few, "--ref", few, "--feature-extractor", "vgg"], "unknown feature extractor"),
     ]
 

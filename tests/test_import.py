@@ -205,7 +205,16 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
         "pickled code": (_write_pth(tmp_path / "p.pth", evil), ve[1],
                          "cannot be loaded without running pickled code"),
         "not torch": (text, ve[1], "is not a readable PyTorch checkpoint"),
+        # text the legacy reader fails on with KeyError / IndexError (it raised a traceback)
+        **{f"junk {i}": (_write_text(tmp_path / f"junk{i}.pth", junk), ve[1],
+                         r"is not a readable PyTorch checkpoint \((KeyError|IndexError)")
+           for i, junk in enumerate(("junk data 12345", "every line here is text"))},
     }
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 class _Evil:

@@ -149,7 +149,8 @@ def test_a_folder_of_other_samples_is_refused_naming_the_field(ckpt, tmp_path, c
     for extra, field in [(["--seed", "5"], "seed (0 there, 5 requested)"),
                          (["--steps", "3"], "sampler.steps (4 there, 3 requested)"),
                          (["--weights", "raw"], "weights ('ema' there, 'raw' requested)"),
-                         (["-n", "4"], "count (3 there, 4 requested)"),
+                         (["-n", "2"], "count (3 there, 2 requested)"),
+                         (["-n", "4", "--format", "npz"], "count (3 there, 4 requested)"),
                          (["CKPT"], "checkpoint_sha256")]:
         args = [*base, *extra] if extra != ["CKPT"] else [base[0], str(other), *base[2:]]
         with pytest.raises(SystemExit) as exit_:
@@ -157,6 +158,15 @@ def test_a_folder_of_other_samples_is_refused_naming_the_field(ckpt, tmp_path, c
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"holds samples made with another {field}" in err, err
         assert "Traceback" not in err and pngs(out) == before
+    # more PNGs of the same draw extend the folder: the first 3 kept, the new ones what a fresh
+    # run of 5 draws (image i depends on the seed and i only)
+    with pytest.raises(SystemExit) as exit_:
+        main([*base[:2], "-n", "5", *base[4:]])
+    assert exit_.value.code in (0, None), capsys.readouterr().err
+    grown, fresh5 = pngs(out), pngs(generate(ckpt, 5, tmp_path / "f5", sampler=PC, device="cpu"))
+    assert {k: grown[k] for k in before} == before and grown == fresh5 and len(grown) == 5
+    assert json.loads((out / "manifest.json").read_text())["count"] == 5
+    before = grown
     (out / "manifest.json").unlink()  # samples of unknown origin
     with pytest.raises(SystemExit) as exit_:
         main(base)

@@ -236,9 +236,12 @@ def fid(
     samples_dir: Annotated[Optional[str], typer.Option(
         "--samples-dir", show_default=False, help="Keep the samples drawn from a checkpoint in "
         "this (new or empty) folder; default: a temporary folder, deleted afterwards.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the samples drawn.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", show_default=False, help="Seed of the samples drawn (default 0).")] = None,
     sampler: Sampler = None,
-    weights: Weights = "ema",
+    weights: Annotated[Optional[WeightsName], typer.Option(
+        "--weights", show_default=False,
+        help="Checkpoint weights: ema (default) or raw.")] = None,
     device: FidDevice = "auto",
     batch_size: FidBatch = 64,
     cache_dir: FidCache = "~/.cache/st/fidelity",
@@ -271,7 +274,9 @@ def fid_ref(
         help="A recipe (.yaml: its data section), a folder of PNG/JPG, an .npz or a "
         "torch-fidelity dataset name.", metavar="DATA_RECIPE_OR_FOLDER")],
     out: Annotated[str, typer.Option("--out", help="Statistics file to write (.safetensors).")],
-    split: Annotated[str, typer.Option("--split", help="Split of a recipe's dataset.")] = "train",
+    split: Annotated[Optional[str], typer.Option(
+        "--split", show_default=False,
+        help="Split of a recipe's dataset (default train); other sources have none.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace --out even if it holds statistics of another source.")] = False,
     device: FidDevice = "auto",

@@ -386,16 +386,17 @@ def _existing_stats(out: Path, images: ImageSet, settings: Settings) -> dict:
     return meta
 
 
-def fid_ref(arg: str, out: Path, *, split: str, settings: Settings, overwrite: bool) -> Reference:
+def fid_ref(arg: str, out: Path, *, split: str | None, settings: Settings,
+            overwrite: bool) -> Reference:
     """`st fid-ref`: compute reference statistics once (kept if ``out`` is up to date).  The
-    resize mode defaults to a recipe's eval.fid.resize."""
+    resize mode defaults to a recipe's eval.fid.resize; ``split`` (default train) applies to a
+    recipe only."""
     path = Path(arg).expanduser()
-    default = None
-    if settings.resize is None and path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
-        from stcli.components.recipe import load_recipe
-
-        default = load_recipe(path).eval.fid.resize
-    settings = settings.with_resize(default)
+    is_recipe = path.is_file() and path.suffix.lower() in (".yaml", ".yml")
+    if split is not None and not is_recipe:
+        raise UserError(f"--split applies to a recipe's dataset; {arg} is used whole")
+    settings = settings.with_resize(_ref_resize(arg))
+    split = split or "train"
     if settings.extractor == INCEPTION:
         inception_weights(settings)  # missing weights: said before the images are hashed
     images = open_images(arg, split, settings)
@@ -472,15 +473,23 @@ def _measure(images: ImageSet, ref: Reference, metrics: list[Metric], extractor,
 
 def run_fid(samples: str, ref_arg: str | None, *, metrics: list[Metric], settings: Settings,
             n: int | None = None, samples_dir: Path | None = None, json_path: Path | None = None,
-            seed: int = 0, weights: str = "ema", sampler: str | None = None) -> dict:
-    """`st fid`: measure SAMPLES (images, or a checkpoint sampled first) against a reference."""
-    if weights not in ("ema", "raw"):
+            seed: int | None = None, weights: str | None = None,
+            sampler: str | None = None) -> dict:
+    """`st fid`: measure SAMPLES (images, or a checkpoint sampled first) against a reference.
+    Options of the drawing (n, samples_dir, seed, weights, sampler) apply to a checkpoint only;
+    None means unset (seed 0, EMA weights, the recipe's sampler and eval.fid.n)."""
+    if weights not in (None, "ema", "raw"):
         raise UserError(f"--weights must be ema or raw, got {weights!r}")
     path = Path(samples).expanduser()
-    recipe = _checkpoint_recipe(path) if path.suffix == ".safetensors" else None
-    if n is not None and recipe is None:
-        raise UserError("-n applies to a checkpoint only; SAMPLES is a set of images")
-    settings = settings.with_resize(recipe.eval.fid.resize if recipe else None)
+    recipe = _checkpoint_recipe(path) if _is_checkpoint(path) else None
+    if recipe is None:
+        given = [flag for flag, value in (("-n", n), ("--samples-dir", samples_dir), ("--seed", seed),
+                                          ("--weights", weights), ("--sampler", sampler))
+                 if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to a checkpoint only; {samples} is a set "
+                            "of images, measured as it is")
+    settings = settings.with_resize(recipe.eval.fid.resize if recipe else _ref_resize(ref_arg))
     ref = _reference(ref_arg or (recipe.eval.fid.ref if recipe else None), settings, recipe)
     if recipe and isinstance(ref, Reference):
         _check_same_data(ref, recipe, path)
@@ -502,11 +511,12 @@ def run_fid(samples: str, ref_arg: str | None, *, metrics: list[Metric], setting
     if isinstance(ref, ImageSet):
         ref = cached_reference(ref, extractor, settings)
     if images:
-        results = _measure(images, ref, metrics, extractor, settings)
         provenance = _folder_manifest(Path(samples))
+        _check_complete(samples, len(images.dataset), provenance)
+        results = _measure(images, ref, metrics, extractor, settings)
     else:
         results, provenance = _sample_and_measure(path, count, ref, metrics, extractor, settings,
-                                                  samples_dir, seed, weights, sampler)
+                                                  samples_dir, seed or 0, weights or "ema", sampler)
     report = {"samples": samples, "ref": ref_arg or recipe.eval.fid.ref, "n_samples": count,
               "n_ref": None if ref.features is None else len(ref.features),
               "ref_content_hash": ref.meta["content_hash"],
@@ -532,6 +542,42 @@ def extractor_identity(settings: Settings) -> dict:
             "resize": settings.resize_mode, "torch_fidelity": torch_fidelity.__version__}
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A safetensors file holding an st checkpoint or export, whatever its suffix (.st, ...)."""
+    if path.suffix == ".safetensors":
+        return True
+    if not path.is_file() or path.suffix.lower() in (".npz", ".yaml", ".yml"):
+        return False
+    try:
+        return "recipe" in read_metadata(path)
+    except UserError:
+        return False
+
+
+def _ref_resize(ref_arg: str | None) -> str | None:
+    """The resize mode a reference carries, for images measured without a checkpoint: a recipe's
+    eval.fid.resize, or the mode `st fid-ref` computed the statistics with."""
+    path = Path(ref_arg).expanduser() if ref_arg else None
+    if path is None or not path.is_file():
+        return None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        from stcli.components.recipe import load_recipe
+
+        return load_recipe(path).eval.fid.resize
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        return meta.get("resize", "tf") if meta.get("kind") == STATS_KIND else None
+    return None
+
+
+def _check_complete(samples: str, count: int, manifest: dict | None) -> None:
+    """A folder `st sample` was writing holds every image its manifest promises."""
+    if manifest and manifest.get("count") not in (None, count):
+        raise UserError(f"{samples} holds {count} images but its manifest says {manifest['count']} "
+                        f"were drawn: the sampling did not finish; complete it with `st sample CKPT "
+                        f"-n {manifest['count']} --out {samples}` (it resumes)")
+
+
 def _folder_manifest(path: Path) -> dict | None:
     """The `st sample` manifest of a folder of samples (None for other image sets)."""
     from stcli.jobs.sample import read_manifest
@@ -548,13 +594,17 @@ def _reference(arg: str | None, settings: Settings, recipe) -> Reference | Image
     if not arg:
         raise UserError("--ref is required (and a checkpoint's recipe sets no eval.fid.ref)")
     path = Path(arg).expanduser()
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.is_file() and (path.suffix == ".safetensors" or _is_checkpoint(path)):
         return load_reference(path, settings)
     if is_stats_npz(path):
         return load_stats_npz(path, settings)
-    split = arg.rpartition("-")[2]
-    if (recipe and not path.exists() and arg not in DATASETS_REGISTRY
-            and split in recipe.data.splits):
+    name, _, split = arg.rpartition("-")
+    if recipe and not path.exists() and arg not in DATASETS_REGISTRY and split in recipe.data.splits:
+        if name != recipe.data.name and arg != recipe.eval.fid.ref:
+            own = ", ".join(f"{recipe.data.name}-{s}" for s in recipe.data.splits)
+            raise UserError(f"--ref {arg}: {name!r} is not the checkpoint's data "
+                            f"({recipe.data.name!r}: {own}) nor a torch-fidelity dataset "
+                            f"({', '.join(DATASETS_REGISTRY)}), a folder, an .npz or statistics")
         info(f"reference {arg}: split {split!r} of the checkpoint's data ({recipe.data.name})")
         return from_data(recipe.data, split, "the checkpoint's recipe")
     return open_images(arg, "train", settings)

@@ -323,8 +323,11 @@ def read(path: str | Path) -> Official:
             raise UserError(f"{path} cannot be loaded without running pickled code ({code[1]}), "
                             f"which st refuses; score_sde checkpoints hold tensors only") from None
         raise UserError(f"{path} is not a readable PyTorch checkpoint") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    except Exception as err:  # a foreign file can fail the decoder anywhere
+        # (a text file: KeyError from the legacy-format reader; truncation: EOFError, ...)
+        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        reason = text if isinstance(err, (RuntimeError, OSError, ValueError)) and text else \
+            f"{type(err).__name__}{': ' + text if text else ''}"
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
     what = "a score_sde checkpoint (a dict with 'model', 'ema' and 'step')"
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):

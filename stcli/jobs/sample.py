@@ -235,9 +235,14 @@ def check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         info(f"--overwrite: deleted the previous samples in {out}")
     elif old is not None:
-        diff = manifest_difference(old, manifest)
+        # more PNGs of the same draw extend the folder: image i depends on the seed and i only
+        grows = old.get("format") == manifest["format"] == "png" and \
+            isinstance(old.get("count"), int) and manifest["count"] > old["count"]
+        diff = manifest_difference({**old, "count": manifest["count"]} if grows else old, manifest)
         if diff:
             raise UserError(f"{out} holds samples made with another {diff}; {hint}")
+        if grows:
+            info(f"{out}: extending {old['count']:,} samples to {manifest['count']:,}")
     elif files:
         raise UserError(f"{out} holds samples without a manifest ({MANIFEST}), so how they "
                         f"were made is unknown; {hint}")
