@@ -220,7 +220,11 @@ def test_timing_scales_the_flops_and_checks_the_memory(tiny_recipe):
     assert on_a100.step_s == pytest.approx(counted.step_flops / rate)
     assert on_a100.run_s == pytest.approx(1000 * on_a100.step_s)
     per_image = counted.eval_flops_1 * counted.nfe  # the tiny recipe's sampler: 6 NFE
-    assert on_a100.fid_s == pytest.approx(cost.FID_SAMPLES * per_image / rate, rel=1e-6)
+    assert counted.fid_samples == recipe.eval.fid.n
+    assert on_a100.fid_s == pytest.approx(recipe.eval.fid.n * per_image / rate, rel=1e-6)
+    few = cost.count(load_recipe(tiny_recipe("time_few", train={"steps": 1000}, eval={"fid": {"n": 1000}})))
+    assert few.fid_samples == 1000  # the recipe's eval.fid.n, not a fixed 50,000
+    assert cost.timing(few, cost.gpu("A100-40GB")).fid_s == pytest.approx(1000 * per_image / rate, rel=1e-6)
     assert on_a100.fits
     huge = replace(counted, memory=cost.Memory(0, 0, 0, 0, activations=41 * 10**9))
     assert not cost.timing(huge, cost.gpu("A100-40GB")).fits
@@ -234,7 +238,7 @@ def test_cli_prints_the_cost_and_refuses_an_unknown_gpu(capsys):
     assert code == 0, err
     assert "# parameters (trainable)" in out and f"{parameter_count(load_recipe(path)):,}" in out
     for row in ("FLOPs: training step, 1 x batch 64", "activations, batch 64", "H100: run of 1,000 steps",
-                "H100: FID of 50,000 samples", "multiply-accumulate", "CUDA context"):
+                "H100: FID of 50,000 samples (eval.fid.n)", "multiply-accumulate", "CUDA context"):
         assert row in out
     code, out, err = st(capsys, "recipe", "show", path, "--cost")
     assert code == 0 and "memory: total" in out and "H100" not in out

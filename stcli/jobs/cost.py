@@ -34,7 +34,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from stcli.infra.errors import UserError
 
 UTILISATION = 0.4  # assumed fraction of the datasheet peak a training step or sampling reaches
-FID_SAMPLES = 50_000
 FLOAT32 = 4  # bytes
 
 
@@ -192,6 +191,7 @@ class Cost:
     tf32: bool
     sampler: str
     nfe: int | None
+    fid_samples: int  # eval.fid.n: the samples of one FID
 
 
 def state_memory(model: torch.nn.Module, activations: int) -> Memory:
@@ -218,7 +218,7 @@ def count(recipe) -> Cost:
         eval_flops_1=forward_flops(model, recipe, 1), eval_flops=forward_flops(model, recipe, batch),
         step_flops=flops * cfg.micro_batches, memory=state_memory(model, activations),
         steps=cfg.steps, precision=cfg.precision, tf32=cfg.tf32,
-        sampler=recipe.sample.name, nfe=sampler_nfe(recipe))
+        sampler=recipe.sample.name, nfe=sampler_nfe(recipe), fid_samples=recipe.eval.fid.n)
 
 
 def sampler_nfe(recipe) -> int | None:
@@ -257,14 +257,14 @@ def peak(device: Gpu, precision: str, tf32: bool) -> tuple[str, float]:
 
 
 def timing(cost: Cost, device: Gpu) -> Timing:
-    """Time per training step, per run (train.steps) and per FID_SAMPLES-sample FID on
+    """Time per training step, per run (train.steps) and per FID (eval.fid.n samples) on
     `device` at UTILISATION of its peak."""
     unit, rate = peak(device, cost.precision, cost.tf32)
     per_s = rate * 1e12 * UTILISATION
     step = cost.step_flops / per_s
     fid = None
     if cost.nfe is not None:
-        fid = FID_SAMPLES * cost.nfe * cost.eval_flops / cost.batch / per_s
+        fid = cost.fid_samples * cost.nfe * cost.eval_flops / cost.batch / per_s
     return Timing(device, unit, rate, step, step * cost.steps, fid,
                   cost.memory.total <= device.memory_gb * 1e9)
 
@@ -306,7 +306,7 @@ def timing_rows(cost: Cost, t: Timing) -> list[tuple[str, str]]:
          f"dense) at {UTILISATION:.0%}"),
         (f"{t.gpu.name}: training step", duration(t.step_s)),
         (f"{t.gpu.name}: run of {cost.steps:,} steps", duration(t.run_s)),
-        (f"{t.gpu.name}: FID of {FID_SAMPLES:,} samples", fid),
+        (f"{t.gpu.name}: FID of {cost.fid_samples:,} samples (eval.fid.n)", fid),
         (f"{t.gpu.name}: fits in {gb:g} GB", "yes" if t.fits else "no"),
     ]
 
