@@ -204,6 +204,10 @@ def test_celeba_layout_partition_and_shape(tmp_path):
     x = spec.create("test")[0]
     assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
     assert abs(x[0].float().mean().item() - 40) < 3 and x[1:].float().mean() < 3
+    # an image listed in two splits would put test images into training: refused
+    (tmp_path / "list_eval_partition.txt").write_text("\n".join([*lines, "000001.jpg 2"]) + "\n")
+    with pytest.raises(UserError, match="lists 000001.jpg more than once"):
+        spec.create("train")
 
 
 # --- toy2d -----------------------------------------------------------------------------------

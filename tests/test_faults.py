@@ -168,6 +168,19 @@ def test_a_refused_resume_writes_nothing(tiny_recipe, capsys):
                                                      "recipe.yaml", "samples"]
 
 
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_snapshots(tiny_recipe, capsys):
+    """A run killed before its first ckpt.safetensors leaves snapshots: a fresh run into the
+    folder (another recipe, say) would have written ckpt-2 beside the old ckpt-4."""
+    path = tiny_recipe("run", train={"steps": 4, "snapshot_every": 2})
+    assert st(capsys, "train", path)[0] == 0
+    run = path.parent / "run"
+    (run / "ckpt.safetensors").unlink()  # as if killed before the first full checkpoint
+    before = snapshot(run)
+    refused(st(capsys, "train", path, "net.nf=16"), "holds snapshots of an earlier run",
+            "ckpt-2.safetensors, ckpt-4.safetensors", "no ckpt.safetensors to resume")
+    assert snapshot(run) == before
+
+
 def test_a_fresh_run_moves_an_old_log_aside(tiny_recipe, capsys):
     path = tiny_recipe("run", train={"steps": 4})
     run = path.parent / "run"

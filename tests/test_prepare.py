@@ -65,7 +65,7 @@ def test_celeba_release_is_laid_out_for_the_loader(tmp_path, source):
     assert torch.equal(test[0], expected)  # lines 3 and 6 are the test split
 
 
-@pytest.mark.parametrize("case", ["missing_image", "bad_line", "no_images", "out_taken"])
+@pytest.mark.parametrize("case", ["missing_image", "bad_line", "twice", "no_images", "out_taken"])
 def test_bad_celeba_release_is_refused_untouched(prepare, tmp_path, case):
     fake_celeba(tmp_path / "dl")
     out = tmp_path / "celeba"
@@ -74,6 +74,8 @@ def test_bad_celeba_release_is_refused_untouched(prepare, tmp_path, case):
         part.write_text(part.read_text() + "000099.jpg 2\n")
     elif case == "bad_line":
         part.write_text(part.read_text() + "000001.jpg 01\n")
+    elif case == "twice":  # a train image also listed as test: it would leak into training
+        part.write_text(part.read_text() + "000001.jpg 2\n")
     elif case == "no_images":
         with zipfile.ZipFile(tmp_path / "dl" / "img_align_celeba.zip", "w") as zf:
             zf.writestr("README.txt", "nothing")
@@ -83,7 +85,8 @@ def test_bad_celeba_release_is_refused_untouched(prepare, tmp_path, case):
     res = prepare("celeba", "--from", tmp_path / "dl", "--out", out)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     message = {"missing_image": "lists 1 image(s) that the archive lacks, e.g. 000099.jpg",
-               "bad_line": "found '000001.jpg 01'", "no_images": "holds no img_align_celeba/*.jpg",
+               "bad_line": "found '000001.jpg 01'",
+               "twice": "lists 000001.jpg more than once (1 repeated line(s))", "no_images": "holds no img_align_celeba/*.jpg",
                "out_taken": "already exists and is not empty"}[case]
     assert message in res.stderr.replace("\n", "")
     if case == "out_taken":

@@ -484,13 +484,31 @@ class CelebA(ImageData):
                             f"into {self.root}")
         if partition.is_file():
             index = str(self.splits.index(split))
-            rows = (line.split() for line in partition.read_text().splitlines() if line.strip())
-            paths = [folder / file for file, part in rows if part == index]
+            paths = [folder / file for file, part in celeba_partition(partition).items()
+                     if part == index]
         elif split == "train":
             paths = sorted(folder.glob("*.jpg"))
         else:
             raise UserError(f"dataset 'celeba': split {split!r} needs {partition} ({self.layout})")
         return ImageFiles(paths, partial(read_image, size=self.image_size, pre_crop=140))
+
+
+def celeba_partition(path: Path) -> dict[str, str]:
+    """list_eval_partition.txt as {file: "0" train | "1" valid | "2" test}, in file order; a
+    malformed line, or a file listed twice (it would be in two splits: test images leaking into
+    training), is a UserError."""
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    bad = next((r for r in rows if len(r) != 2 or r[1] not in ("0", "1", "2")), None)
+    if bad is not None:
+        raise UserError(f"{path}: expected lines '000001.jpg 0' (0 train, 1 valid, 2 test), "
+                        f"found {' '.join(bad)!r}")
+    listed = dict(rows)
+    if len(listed) < len(rows):
+        seen: set[str] = set()
+        twice = next(f for f, _ in rows if f in seen or seen.add(f))
+        raise UserError(f"{path} lists {twice} more than once ({len(rows) - len(listed)} repeated "
+                        "line(s)): each image belongs to one split")
+    return listed
 
 
 @DATASETS.register

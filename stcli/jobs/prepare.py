@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from stcli.components.data import celeba_partition
 from stcli.infra.console import StepProgress, info
 from stcli.infra.errors import UserError
 from stcli.infra.images import read_header, read_pixels
@@ -124,12 +125,7 @@ def prepare_celeba(source: Path, out: Path, **_) -> None:
 
 
 def _read_partition(path: Path, members: dict) -> dict[str, str]:
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    bad = next((r for r in rows if len(r) != 2 or r[1] not in ("0", "1", "2")), None)
-    if bad is not None:
-        raise UserError(f"{path}: expected lines '000001.jpg 0' (0 train, 1 valid, 2 test), "
-                        f"found {' '.join(bad)!r}")
-    listed = dict(rows)
+    listed = celeba_partition(path)
     missing = sorted(set(listed) - set(members))
     if missing:
         raise UserError(f"{path} lists {len(missing)} image(s) that the archive lacks, e.g. "

@@ -43,6 +43,12 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if not resume and ckpt_path.exists():
         raise UserError(f"{out_dir} already holds a run; continue it with --resume or "
                         "choose another train.out_dir")
+    snapshots = sorted(p.name for p in out_dir.glob("ckpt-*.safetensors")) if out_dir.is_dir() else []
+    if not resume and snapshots:  # a run stopped before its first checkpoint: its snapshots
+        raise UserError(f"{out_dir} holds snapshots of an earlier run ({', '.join(snapshots[:3])}"
+                        f"{', ...' if len(snapshots) > 3 else ''}) but no {CHECKPOINT} to resume; "
+                        "a new run would mix its snapshots with them: choose another "
+                        "train.out_dir or delete them")
     if not resume and out_dir.is_dir() and not any((out_dir / f).exists() for f in RUN_FILES):
         refuse_foreign(out_dir, (), f"train.out_dir {out_dir} holds other files ({{files}}) and is "
                        "not a run folder of st train; choose a new or empty folder")
