@@ -114,8 +114,15 @@ def test_st_diagnose_writes_plot_and_json(ckpt, tmp_path, capsys):
     assert len(res["integrand"]["t"]) == 4 and res["integrand"]["t"][0] == pytest.approx(1e-5)
     assert [row["tau"] for row in res["iw"]] == [1e-5, 0.05]
     assert all(len(row["loss"]) == 16 for row in res["iw"])
+    assert res["n_data"] == 8 and res["settings"]["weights"] == "ema"
     code, out, err = st(capsys, "diagnose", ckpt, "--out", tmp_path / "j", *FAST, "--json")
     assert code == 0 and json.loads(out)["step"] == 2
+    # a --limit above the split's size: the items used are recorded and said, not the limit
+    code, out, err = st(capsys, "diagnose", ckpt, "--out", tmp_path / "k", *FAST[2:], "--limit",
+                        "100000", "--split", "test")
+    res = json.loads((tmp_path / "k" / "diagnose.json").read_text())
+    assert code == 0 and res["settings"]["limit"] == 100000 and 2 <= res["n_data"] < 100000
+    assert f"the test split holds {res['n_data']} items; using them all" in out + err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -86,7 +86,8 @@ def test_bad_celeba_release_is_refused_untouched(prepare, tmp_path, case):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     message = {"missing_image": "lists 1 image(s) that the archive lacks, e.g. 000099.jpg",
                "bad_line": "found '000001.jpg 01'",
-               "twice": "lists 000001.jpg more than once (1 repeated line(s))", "no_images": "holds no img_align_celeba/*.jpg",
+               "twice": "lists 000001.jpg more than once (1 repeated line(s))",
+               "no_images": "holds no img_align_celeba/*.jpg",
                "out_taken": "already exists and is not empty"}[case]
     assert message in res.stderr.replace("\n", "")
     if case == "out_taken":

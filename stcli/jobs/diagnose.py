@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from stcli.components.sdes import LinearSDE, ScoreFn, bcast, sum_squares
-from stcli.infra.console import console
+from stcli.infra.console import console, info
 from stcli.infra.errors import UserError
 from stcli.infra.outputs import json_text, output_file, output_folder, write_result
 from stcli.infra.runlock import atomic
@@ -128,6 +128,8 @@ def _data(recipe, opts: DiagnoseOptions, device) -> torch.Tensor:
     data = recipe.data.for_evaluation()
     dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit)
+    if n < opts.limit:
+        info(f"--limit {opts.limit}: the {opts.split} split holds {n} items; using them all")
     x = torch.stack([dataset[i] for i in range(n)]).to(device)
     return data.transform(x, generator(device, opts.seed, "diagnose", "data"))
 
@@ -164,7 +166,8 @@ def diagnose(ckpt: str | Path, opts: DiagnoseOptions = DiagnoseOptions()) -> dic
     t_fine = log_grid(eps, sde.T, 200)
     return {
         "checkpoint": str(ckpt), "step": loaded.step, "eps": eps, "dim": x0[0].numel(),
-        "settings": {**asdict(opts), "taus": taus},
+        "n_data": len(x0),  # the items used: --limit, or fewer if the split is smaller
+        "settings": {**asdict(opts), "taus": taus, "weights": loaded.weights},
         "integrand": bound_integrand(model.score, sde, x0, log_grid(eps, sde.T, opts.points),
                                      gen, opts.batch_size),
         "iw": [iw_losses(model.score, sde, x0, tau, opts.samples, gen, opts.batch_size)
