@@ -1,5 +1,6 @@
 """Recipes: every shipped file validates; bad input gives exit code 2, the dotted field, no traceback."""
 
+import copy
 
 import pytest
 import yaml
@@ -40,6 +41,28 @@ def test_overrides_are_dotted_and_parsed_as_yaml():
             apply_overrides({}, [bad])
     with pytest.raises(UserError, match="a.b is not a section"):
         apply_overrides({"a": {"b": 1}}, ["a.b.c=1"])
+
+
+def test_a_dotted_name_replaces_the_component_as_a_mapping_does():
+    """`sample.name=heun` kept euler_maruyama's 250 steps (heun's own default is 50), and
+    `truncation.name=hard` kept power's k (refused as unknown to hard)."""
+    recipe = {"sample": {"name": "euler_maruyama", "steps": 250, "denoise": False},
+              "truncation": {"name": "power", "k": 1.0, "eps": 1e-5}}
+
+    def over(*items):
+        return apply_overrides(copy.deepcopy(recipe), list(items))
+
+    assert over("sample.name=heun")["sample"] == {"name": "heun"}
+    assert over("sample={name: heun}")["sample"] == {"name": "heun"}
+    assert over("truncation.name=hard")["truncation"] == {"name": "hard"}
+    # with other keys of the section, in either order (the name goes first); the alias too
+    for items in (["sample.steps=7", "sample.name=heun"], ["sample.name=heun", "sample.steps=7"],
+                  ["sample={steps: 7}", "sample.sampler=heun"]):
+        assert over(*items)["sample"] == {"name": "heun", "steps": 7}, items
+    # the same name keeps the section's settings
+    assert over("sample.name=euler_maruyama")["sample"] == recipe["sample"]
+    with pytest.raises(UserError, match="already set"):
+        over("sample.name=heun", "sample.sampler=pc")
 
 
 def test_broken_field_exit_code_2_dotted_path_no_traceback(tiny_recipe):

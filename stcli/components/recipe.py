@@ -222,10 +222,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
     A mapping value merges into the section it names (`train={steps: 3}` changes train.steps
     only), unless it names another component (`truncation={name: hard}` replaces the section);
-    a key set twice, by any two overrides, is an error."""
+    so does a dotted name (`sample.name=heun`, or `sample.sampler=heun`), applied before the
+    other overrides so that `sample.steps=3` given with it is kept.  A key set twice, by any
+    two overrides, is an error."""
     seen: dict[tuple[str, ...], str] = {}
-    for item in overrides:
+    for item in sorted(overrides, key=lambda o: not _names_component(o.partition("=")[0])):
         key, sep, raw = item.partition("=")
+        key = "sample.name" if key == "sample.sampler" else key  # the recipe's alias
         if not sep or not key or any(not p for p in key.split(".")):
             raise UserError(f"override {_quoted(item)} is not of the form key.path=value")
         if not raw.strip():  # `key=$UNSET` in a job script: never read as null, i.e. the default
@@ -252,8 +255,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise UserError(f"override {_quoted(item)}: {'.'.join(parents[:i + 1])} is not a section")
             node = child
+        if leaf == "name" and parents and node.get("name") not in (None, value):
+            node.clear()  # another component: its own settings, not the old one's
         node[leaf] = _merged(node.get(leaf), value)
     return data
+
+
+def _names_component(key: str) -> bool:
+    return key.endswith(".name") or key == "sample.sampler"
 
 
 def _leaves(path: tuple[str, ...], value) -> list[tuple[str, ...]]:
