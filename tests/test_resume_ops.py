@@ -230,3 +230,39 @@ def test_workers_resolved_unless_set(tiny_recipe, monkeypatch):
     explicit = load_recipe(tiny_recipe("w3", train={"workers": 3})).train
     assert resolve_workers(explicit, torch.device("cuda")).workers == 3
     assert resolve_workers(explicit, torch.device("cpu")).workers == 3
+
+
+def test_resume_refuses_other_training_data(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """A relative data.root is read from the working directory: resuming from another one read
+    other images without a word. The checkpoint records the data's fingerprint (item count and
+    the hash of three items); a resume that reads other data is refused, the same data is not."""
+    from PIL import Image
+
+    def folder(where, shades):
+        (where / "imgs").mkdir(parents=True)
+        for i, shade in enumerate(shades):
+            Image.new("RGB", (8, 8), (shade, 255 - shade, 3 * i)).save(where / "imgs" / f"{i}.png")
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    folder(a, range(0, 200, 10))
+    folder(b, [255] * 20)  # the same count, other contents
+    folder(c, range(0, 210, 10))  # one image more
+    data = {"name": "folder", "root": "imgs", "image_size": 8}
+    path = tiny_recipe("run", train={"steps": 2, "batch_size": 4})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "data": data}))
+    monkeypatch.chdir(a)
+    code, _, err = st(capsys, "train", path)
+    assert code == 0, err
+    run = path.parent / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for where, change in ((b, "the same count, other contents"), (c, "20 items then, 21 now")):
+        monkeypatch.chdir(where)
+        code, _, err = st(capsys, "train", run, "train.steps=4")
+        err = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err, err
+        assert f"the train data differs from what {run / 'ckpt.safetensors'} was trained on: {change}" \
+            in err and f"is {where / 'imgs'}" in err, err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    monkeypatch.chdir(a)
+    assert st(capsys, "train", run, "train.steps=4")[0] == 0
+    assert meta(run / "ckpt.safetensors")["data"]["items"] == 20

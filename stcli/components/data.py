@@ -57,6 +57,21 @@ def collate(items) -> torch.Tensor:
     return items if torch.is_tensor(items) else torch.stack(items)
 
 
+def fingerprint(dataset: Dataset) -> dict[str, Any]:
+    """What a run trained on, cheaply: the item count and the sha256 of the first, middle and
+    last items' values (three decodes).  Another folder, images added or removed, or a relative
+    data.root read from another working directory changes it."""
+    import hashlib
+
+    n = len(dataset)
+    digest = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1} if n else set()):
+        item = torch.as_tensor(dataset[i]).contiguous()
+        digest.update(f"{i}:{item.dtype}:{tuple(item.shape)}:".encode())
+        digest.update(item.cpu().numpy().tobytes())
+    return {"items": n, "sha256": digest.hexdigest()}
+
+
 class ImageFiles(Dataset):
     """Items are image files, read and preprocessed by ``load(path)`` on access."""
 
@@ -275,6 +290,12 @@ class ImageData(DataSpec):
     @property
     def training_split(self) -> str:
         return self.train_split
+
+    @field_validator("root")
+    @classmethod
+    def _home(cls, root: str) -> str:
+        """`~/data` is the home folder's, as in a shell."""
+        return str(Path(root).expanduser()) if root.startswith("~") else root
 
     @field_validator("train_split")
     @classmethod

@@ -82,6 +82,12 @@ class Train(Section):
     eval_every: NonNegativeInt = 0  # FID (and KID) of the EMA weights every this many steps (eval.fid)
     heldout_size: PositiveInt = 256  # test items in that batch
 
+    @field_validator("out_dir")
+    @classmethod
+    def _home(cls, path: str | None) -> str | None:
+        """`~/runs/x` is the home folder's (a shell expands it only unquoted at a word's start)."""
+        return str(Path(path).expanduser()) if path and path.startswith("~") else path
+
     @field_validator("log")
     @classmethod
     def _known_loggers(cls, names: list[str]) -> list[str]:

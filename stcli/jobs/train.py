@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from stcli.components import tracking
 from stcli.components.data import InMemory, collate
+from stcli.components.data import fingerprint as data_fingerprint
 from stcli.components.loading import load_weights, open_checkpoint
 from stcli.components.nets import build_score_model
 from stcli.components.recipe import Recipe
@@ -141,6 +142,7 @@ class Trainer:
         check_training_fits(recipe, self.device,
                             self.cfg.batch_size // (ctx.world_size * self.cfg.micro_batches))
         self.dataset = self.data.create(self.data.training_split)
+        self.data_print = data_fingerprint(self.dataset)
         self.sde = recipe.sde
         self.feed = recipe.loss.target.feed(self.sde, recipe.truncation.eps,
                                             self.cfg.batch_size // ctx.world_size, ctx.world_size,
@@ -186,7 +188,8 @@ class Trainer:
     def _state(self) -> tuple[dict, dict]:
         tensors, groups = checkpoint.training_state(self.model, self.ema, self.optimizer, self.device)
         meta = {"step": self.step, "recipe": self.recipe.to_dict(), "optim_groups": groups,
-                "world_size": self.ctx.world_size, "wall_s": self.clock.now()}
+                "world_size": self.ctx.world_size, "wall_s": self.clock.now(),
+                "data": self.data_print}
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict()
         return tensors, meta
@@ -212,6 +215,20 @@ class Trainer:
         return f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
             else "no checkpoint was written yet"
 
+    def _check_same_data(self, trained: dict | None, path: Path) -> None:
+        """The data a resumed run reads is the data it trained on (checkpoints from before
+        the fingerprint was recorded are not checked)."""
+        now = self.data_print
+        if trained is None or trained == now:
+            return
+        where = f" (data.root {self.data.root!r} is {Path(self.data.root).resolve()})" \
+            if hasattr(self.data, "root") else ""
+        change = (f"{trained['items']:,} items then, {now['items']:,} now"
+                  if trained["items"] != now["items"] else "the same count, other contents")
+        raise UserError(f"the {self.data.training_split} data differs from what {path} was trained "
+                        f"on: {change}{where}; resume where the data is the same (a relative "
+                        "data.root is read from the working directory)")
+
     def _load(self, path: Path) -> None:
         """Restore every state of checkpoint `path`, each part checked (a UserError if not)."""
         self._ckpt_id = rundir.file_id(path)
@@ -225,6 +242,7 @@ class Trainer:
                             "use the training checkpoint or an st import")
         saved = opened.recipe.model_copy(update={"data": opened.recipe.data.resolved()})
         check_compatible(saved, self.recipe, path)  # data.channels auto (st import) = as resolved
+        self._check_same_data(meta.get("data"), path)
         if self.cfg.steps <= opened.step:
             raise UserError(f"train.steps={self.cfg.steps} is not above the step of {path} "
                             f"({opened.step}): the run has nothing left to do; raise train.steps "
