@@ -190,6 +190,18 @@ def test_heldout_loss_is_logged_and_recomputed_from_the_checkpoint(tiny_recipe):
     assert math.isfinite(got["heldout_loss"]) and got["heldout_loss"] != got["heldout_loss_ema"]
 
 
+def test_heldout_is_refused_on_trained_items_and_says_when_it_is_smaller(tiny_recipe, capsys):
+    """With data.train_split=all the test items are trained on: their loss is not held out.
+    A heldout_size above the test split is said, not silently cut."""
+    recipe = load_recipe(tiny_recipe("all", data={"train_split": "all"}))
+    with pytest.raises(UserError, match="trains on split 'all', which holds the test items"):
+        HeldOut(recipe, Context(0, 1, torch.device("cpu")), 24, 16)
+    recipe = load_recipe(tiny_recipe("big"))
+    held = HeldOut(recipe, Context(0, 1, torch.device("cpu")), 100000, 16)
+    assert held.n == len(recipe.data.create("test")) < 100000
+    assert f"train.heldout_size=100000: the test split holds {held.n} items" in capsys.readouterr().out
+
+
 def test_a_resumed_event_file_is_read_after_the_crashed_runs(tmp_path):
     """TensorBoard reads event files in name order and purges only what it has read: a resume in
     the same second as the crash, from a process with a lower PID, must still sort last."""

@@ -182,8 +182,15 @@ class HeldOut:
         if "test" not in data.splits:
             raise UserError(f"train.heldout_every needs a test split, and dataset {data.name!r} has "
                             f"only {', '.join(data.splits)}; set train.heldout_every=0")
+        trained = data.training_split
+        if trained == "all" or "test" in trained.split("+"):
+            raise UserError(f"train.heldout_every: the model trains on split {trained!r}, which "
+                            "holds the test items, so their loss is not held out; train on a "
+                            "split without them or set train.heldout_every=0")
         dataset = data.create("test")
         self.n = min(size, len(dataset))
+        if self.n < size and ctx.is_main:
+            info(f"train.heldout_size={size}: the test split holds {self.n} items; using them all")
         self.items = collate([dataset[i] for i in range(ctx.rank, self.n, ctx.world_size)])
         self.recipe, self.ctx, self.chunk = recipe, ctx, chunk
         self.loss = recipe.loss.model_copy(update={"target": DSM()})
