@@ -181,6 +181,16 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_snapshots(tiny_recipe, cap
     assert snapshot(run) == before
 
 
+def test_run_folder_paths_that_are_not_what_they_should_be(tiny_recipe, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    refused(st(capsys, "train", tiny_recipe(), f"train.out_dir={tmp_path / 'file'}"),
+            "exists and is not a folder")
+    assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "run" / "ckpt.safetensors").mkdir(parents=True)
+    refused(st(capsys, "train", tiny_recipe(), f"train.out_dir={tmp_path / 'run'}", "--resume"),
+            "ckpt.safetensors is not a file")
+
+
 def test_a_fresh_run_moves_an_old_log_aside(tiny_recipe, capsys):
     path = tiny_recipe("run", train={"steps": 4})
     run = path.parent / "run"

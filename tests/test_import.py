@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from stcli.components.loading import load_model
 from stcli.components.recipe import load_recipe
 from stcli.infra import checkpoint
+from stcli.infra.errors import UserError
 from stcli.jobs import importer
 
 FIX = ROOT / "tests" / "fixtures" / "score_sde"
@@ -345,3 +346,15 @@ def test_python_api_from_the_docs(imported, tmp_path, monkeypatch, capsys):
     for i in range(2):
         png = np.asarray(Image.open(tmp_path / "s" / "000000" / f"{i:06d}.png"))
         assert np.array_equal(png, x[i].permute(1, 2, 0).numpy())
+    # bad arguments are one clear UserError, not a TypeError from deep inside
+    from stcli import load, sample
+
+    model = load(tmp_path / "model.safetensors")
+    for kwargs, message in (({"n": 2.5}, "n must be a whole number, got 2.5"),
+                            ({"n": 2, "seed": "0"}, "seed must be a whole number"),
+                            ({"n": True}, "n must be a whole number, got True")):
+        with pytest.raises(UserError, match=message):
+            sample(model, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="this machine has no CUDA GPU"):
+            load(tmp_path / "model.safetensors", device="cuda")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stcli.components.loading import Loaded, load_model
-from stcli.infra.distributed import Context
+from stcli.infra.distributed import Context, pick_device
 from stcli.infra.errors import UserError
 from stcli.jobs.sample import Job, resolve_sampler
 
@@ -25,7 +25,7 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     """The checkpoint's model (``.model``, a ScoreModel in eval mode), recipe and step."""
     if weights not in ("ema", "raw"):
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    return load_model(path, weights, torch.device(device))
+    return load_model(path, weights, pick_device(str(device)))
 
 
 def sample(model: Loaded, n: int, sampler: str | None = None, steps: int | None = None,
@@ -37,6 +37,9 @@ def sample(model: Loaded, n: int, sampler: str | None = None, steps: int | None 
     override the recipe's ``sample`` section; another sampler than the recipe's starts from its
     own defaults.
     """
+    for name, value in (("n", n), ("batch_size", batch_size), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be a whole number, got {value!r}")
     if n <= 0 or batch_size <= 0:
         raise UserError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
     overrides = {k: v for k, v in {"name": sampler, "steps": steps, **options}.items()

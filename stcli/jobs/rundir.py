@@ -39,7 +39,8 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"train.out_dir {out_dir} exists and is not a folder")
     if resume and not ckpt_path.is_file():
-        raise UserError(f"nothing to resume: {ckpt_path} does not exist")
+        raise UserError(f"nothing to resume: {ckpt_path} "
+                        f"{'is not a file' if ckpt_path.exists() else 'does not exist'}")
     if not resume and ckpt_path.exists():
         raise UserError(f"{out_dir} already holds a run; continue it with --resume or "
                         "choose another train.out_dir")

@@ -534,6 +534,8 @@ def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:
     """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end.
     `resume="auto"`: resume if the run folder holds a checkpoint, else start afresh."""
     tracking.check(recipe.train.log)  # e.g. wandb requested but not installed: before any folder
+    if recipe.out_dir.exists() and not recipe.out_dir.is_dir():  # before its lock file is tried
+        raise UserError(f"train.out_dir {recipe.out_dir} exists and is not a folder")
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
