@@ -13,6 +13,8 @@ from conftest import ROOT
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from stcli.infra import checkpoint
+
 
 def refused(result: tuple[int, str, str], *needles: str) -> str:
     """Assert exit code 2, no traceback and every needle in the one error message."""
@@ -49,6 +51,8 @@ def damaged(src: Path, dst: Path, *, drop=(), meta=None, drop_meta=(), tensors=N
     t.update(tensors or {})
     m = {k: v for k, v in m.items() if k not in drop_meta}
     m.update(meta or {})
+    if checkpoint.CHECKSUM in m and checkpoint.CHECKSUM not in {*drop_meta, *(meta or {})}:
+        m[checkpoint.CHECKSUM] = json.dumps(checkpoint.tensors_sha256(t))  # consistent, wrong values
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_file(t, str(dst), metadata=m)
     return dst

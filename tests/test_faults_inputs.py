@@ -127,9 +127,13 @@ def test_a_corrupt_image_met_mid_epoch_is_named_after_a_checkpoint(tiny_recipe, 
     from stcli.infra import checkpoint
 
     assert checkpoint.load(ckpt)[1]["step"] == 1
-    victim.unlink()  # with the file gone (23 images) the run resumes from its checkpoint
-    code, _, err = st(capsys, "train", recipe, "--resume", "train.steps=3")
-    assert code == 0, err
+    victim.unlink()  # with the file gone (23 images) the data differs from the checkpoint's:
+    refused(st(capsys, "train", recipe, "--resume", "train.steps=3"), "24 items then, 23 now",
+            "pass --data-changed if the change is meant")
+    code, out, err = st(capsys, "train", recipe, "--resume", "train.steps=3", "--data-changed")
+    assert code == 0, err  # ... which --data-changed accepts, saying so
+    assert "resuming as --data-changed asks" in out + err
+    assert checkpoint.load(ckpt)[1]["data"]["items"] == 23
 
 
 def test_a_corrupt_image_in_memory_is_named_before_anything_is_written(tiny_recipe, tmp_path, capsys):

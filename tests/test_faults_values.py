@@ -132,6 +132,24 @@ def test_non_finite_or_mistyped_weights_are_refused_by_every_reader(tiny_ckpt, t
         assert not (tmp_path / "s").exists() and not (tmp_path / case / "e.safetensors").exists()
 
 
+def test_a_changed_byte_in_the_weights_is_found(tiny_ckpt, tmp_path, capsys):
+    """safetensors has no checksum: a flipped bit in a tensor (a disk or copy error) loaded and
+    resumed silently. st writes the tensors' sha256 in the metadata and checks it on load."""
+    data = bytearray(tiny_ckpt.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + (len(data) - 8 - header) // 2] ^= 0x01  # one bit in the tensor bytes
+    bad = tmp_path / "run" / "ckpt.safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(data))
+    for args in (("sample", bad, "-n", "1", "--out", tmp_path / "s"),
+                 ("export", bad, "--out", tmp_path / "e.safetensors"),
+                 ("nll", bad, "--limit", "1")):
+        flat = one_line(st(capsys, *args))
+        assert "is damaged: its tensors differ from the checksum written with them" in flat, flat
+    assert not (tmp_path / "s").exists() and not (tmp_path / "e.safetensors").exists()
+    assert bad.read_bytes() == bytes(data)  # kept for inspection
+
+
 def test_an_export_is_never_labelled_with_weights_it_does_not_hold(tiny_ckpt, tmp_path, capsys):
     """An export keeps one set of weights: asking raw of an EMA export is refused (its numbers
     would be the EMA's labelled raw); a raw export is used and recorded as raw."""

@@ -35,8 +35,9 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     removed and `path` is untouched.  A full disk is a UserError naming the space needed.
     """
     path = Path(path)
-    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()},
+                CHECKSUM: json.dumps(tensors_sha256(tensors))}
     try:
         tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=TMP_PREFIX))
     except OSError as err:
@@ -57,6 +58,19 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+CHECKSUM = "tensors_sha256"  # metadata: the sha256 of every tensor, so a changed byte is found
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _umask() -> int:
@@ -98,9 +112,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str
         raise UserError(f"checkpoint {path} is corrupt or truncated ({err})") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not an st checkpoint (format {metadata.get('format')!r})")
+    stored = metadata.get(CHECKSUM)  # checkpoints written before it was recorded have none
+    if stored is not None and stored != json.dumps(tensors_sha256(tensors)):
+        raise UserError(f"checkpoint {path} is damaged: its tensors differ from the checksum "
+                        "written with them (a changed byte: a disk, network or copy error); use "
+                        "another copy, or an earlier snapshot")
     meta = {}
     for k, v in metadata.items():
-        if k != "format":
+        if k not in ("format", CHECKSUM):
             try:
                 meta[k] = json.loads(v)
             except ValueError:

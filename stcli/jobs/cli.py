@@ -82,6 +82,9 @@ def train(
         "`--resume auto`: continue if the run folder holds a checkpoint, else start afresh "
         "(a requeued job runs the same command).")] = False,
     resume_auto: Annotated[bool, typer.Option("--resume-auto", hidden=True)] = False,
+    data_changed: Annotated[bool, typer.Option(
+        "--data-changed", help="Resume although the training data differs from the one the "
+        "checkpoint records (e.g. a damaged image removed); said, and the new data recorded.")] = False,
     procs: Procs = 1,
 ):
     """Train a score model from RECIPE (Soft Truncation, EMA, checkpoints, sample grids), or
@@ -100,7 +103,7 @@ def train(
     _relaunch_if_asked(procs)
     from stcli.jobs.train import train as run_training
 
-    result = run_training(spec, resume=resume)
+    result = run_training(spec, resume=resume, data_changed=data_changed)
     if result.step and _is_rank0():
         info(f"done: step {result.step}, loss {result.loss:.4g}; "
              f"checkpoint {result.out_dir / 'ckpt.safetensors'}")

@@ -30,7 +30,7 @@ from stcli.components.loading import load_weights, open_checkpoint
 from stcli.components.nets import build_score_model
 from stcli.components.recipe import Recipe
 from stcli.infra import checkpoint, distributed
-from stcli.infra.console import StepProgress, fmt_eta, info
+from stcli.infra.console import StepProgress, fmt_eta, info, warn
 from stcli.infra.errors import TrainingStopped, UserError, plain_message
 from stcli.infra.images import save_grid
 from stcli.infra.runlock import RunLock
@@ -128,7 +128,8 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False):
+    def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False,
+                 data_changed: bool = False):
         recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # e.g. channels: auto
         self.recipe, self.ctx = recipe, ctx
         self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
@@ -142,7 +143,7 @@ class Trainer:
         check_training_fits(recipe, self.device,
                             self.cfg.batch_size // (ctx.world_size * self.cfg.micro_batches))
         self.dataset = self.data.create(self.data.training_split)
-        self.data_print = data_fingerprint(self.dataset)
+        self.data_print, self.data_changed = data_fingerprint(self.dataset), data_changed
         self.sde = recipe.sde
         self.feed = recipe.loss.target.feed(self.sde, recipe.truncation.eps,
                                             self.cfg.batch_size // ctx.world_size, ctx.world_size,
@@ -225,9 +226,15 @@ class Trainer:
             if hasattr(self.data, "root") else ""
         change = (f"{trained['items']:,} items then, {now['items']:,} now"
                   if trained["items"] != now["items"] else "the same count, other contents")
-        raise UserError(f"the {self.data.training_split} data differs from what {path} was trained "
-                        f"on: {change}{where}; resume where the data is the same (a relative "
-                        "data.root is read from the working directory)")
+        said = (f"the {self.data.training_split} data differs from what {path} was trained on: "
+                f"{change}{where}")
+        if self.data_changed:
+            if self.ctx.is_main:
+                warn(f"{said}; resuming as --data-changed asks (the run is no longer bit-exact)")
+            return
+        raise UserError(f"{said}; resume where the data is the same (a relative data.root is read "
+                        "from the working directory), or pass --data-changed if the change is "
+                        "meant (e.g. a damaged image removed)")
 
     def _load(self, path: Path) -> None:
         """Restore every state of checkpoint `path`, each part checked (a UserError if not)."""
@@ -530,7 +537,7 @@ class Trainer:
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
 
-def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:
+def train(recipe: Recipe, resume: bool | str = False, data_changed: bool = False) -> TrainResult:
     """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end.
     `resume="auto"`: resume if the run folder holds a checkpoint, else start afresh."""
     tracking.check(recipe.train.log)  # e.g. wandb requested but not installed: before any folder
@@ -549,7 +556,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> TrainResult:
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")
-        return Trainer(recipe, ctx, resolve_resume(resume, recipe, ctx)).run()
+        return Trainer(recipe, ctx, resolve_resume(resume, recipe, ctx), data_changed).run()
     finally:
         if lock:
             lock.release()
