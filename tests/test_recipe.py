@@ -57,7 +57,7 @@ def test_a_dotted_name_replaces_the_component_as_a_mapping_does():
     assert over("truncation.name=hard")["truncation"] == {"name": "hard"}
     # with other keys of the section, in either order (the name goes first); the alias too
     for items in (["sample.steps=7", "sample.name=heun"], ["sample.name=heun", "sample.steps=7"],
-                  ["sample={steps: 7}", "sample.sampler=heun"]):
+                  ["sample={steps: 7}", "sample.sampler=heun"], ["sample={sampler: heun, steps: 7}"]):
         assert over(*items)["sample"] == {"name": "heun", "steps": 7}, items
     # the same name keeps the section's settings
     assert over("sample.name=euler_maruyama")["sample"] == recipe["sample"]

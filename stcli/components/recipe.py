@@ -246,6 +246,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if value is None and raw.strip() not in ("null", "Null", "NULL", "~"):  # e.g. `=#run1`
             raise UserError(f"override {_quoted(item)} reads as no value (a YAML comment?); quote "
                             f"it, or write {key}=null for none")
+        if key == "sample" and isinstance(value, dict) and "sampler" in value and "name" not in value:
+            value = {"name": value.pop("sampler"), **value}  # the recipe's alias, as written
         *parents, leaf = key.split(".")
         for path in _leaves(tuple(key.split(".")), value):
             clash = next((k for k in seen if k[:len(path)] == path or path[:len(k)] == k), None)
