@@ -111,7 +111,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_recipe):
     path = tiny_recipe("sig", train={"steps": 100000, "ckpt_every": 3, "log": ["csv", "tensorboard"]})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stcli", "train", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = path.parent / "sig" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 5):
@@ -135,6 +136,19 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tiny_recipe):
     events = EventAccumulator(str(log.parent / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == steps
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_recipe, monkeypatch):
+    """A shell's background job starts with SIGINT ignored: Ctrl-C at the terminal must not stop
+    it (as st sample already behaved); SIGTERM still stops the run with a checkpoint."""
+    from stcli.jobs.train import Trainer
+
+    seen = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_DFL}
+    monkeypatch.setattr(signal, "getsignal", lambda s: seen[s])
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda s, h: installed.append(s) or seen[s])
+    trainer = Trainer.__new__(Trainer)
+    assert set(Trainer._install_signal_handlers(trainer)) == {signal.SIGTERM} == set(installed)
 
 
 def test_unwritable_output_folder(tiny_recipe, tmp_path):

@@ -523,8 +523,9 @@ class Trainer:
         def handler(signum, frame):
             self._stop_signal = signum
 
-        try:
-            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:  # a signal the parent set to be ignored (a shell's background job) stays ignored
+            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         except ValueError:  # not the main thread
             return {}
 
