@@ -125,8 +125,36 @@ def test_a_file_trained_on_another_sigma_range_is_refused(tmp_path, capsys):
     code, _, err = st(capsys, "import", pth("celeba_uncsnpp_rve"), *args("celeba_uncsnpp_rve"),
                       "sde.sigma_min=0.01", "--out", out)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "trained with sigma 0.001 -> 90 (its noise table module.sigmas)" in err
+    assert "holds the noise table sigma 0.001 -> 90 (module.sigmas" in err
     assert "set sde.sigma_min=0.001" in err and not out.exists()
+    assert "it does not say which SDE trained it" in err  # a VP file holds such a table too
+
+
+@pytest.mark.parametrize("name,eps", [("celeba_uncsnpp_rve", 1e-3), ("celeba_uddpmpp_vp_nll_st", 5e-5)])
+def test_another_eps_at_import_still_gives_the_released_function(tmp_path, capsys, name, eps):
+    """st's sde.eps is truncation.eps; the release builds the RVE's sigma(t) and the UDDPM++
+    time input at 1e-5 whatever truncation_time says. An import with another eps computed
+    another function (the RVE at eps 1e-3: 8e4 relative error at t = 1e-3): the import sets the
+    release's eps back, naming it."""
+    out = tmp_path / "x.safetensors"
+    code, printed, err = st(capsys, "import", pth(name), *args(name), f"truncation.eps={eps}",
+                            "--out", out)
+    assert code == 0, err
+    assert re.search(rf"as released: truncation.eps: 1e-05 \(the recipe said {eps:g}\)", printed), printed
+    assert checkpoint.load(out)[1]["recipe"]["truncation"]["eps"] == 1e-5
+    io = public_io(name)
+    with torch.no_grad():
+        assert per_image_rel_err(load_model(out).model.score(io["x"], io["t"]), io["score"]).max() <= 1e-4
+
+
+def test_a_ve_recipe_with_the_999t_time_input_is_refused(tmp_path, capsys):
+    """No official VE/RVE net takes the positional embedding of 999 t: such a recipe labels
+    the file with a function it never computed (a VP DDPM++ file passes the sigma-table check)."""
+    out = tmp_path / "x.safetensors"
+    code, _, err = st(capsys, "import", pth("celeba_uncsnpp_rve"), *args("celeba_uncsnpp_rve"),
+                      "net.time_input=t999", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "pairs a RVE SDE with the time input t999" in " ".join(err.split())
 
 
 @pytest.mark.parametrize("name", list(RELEASES))

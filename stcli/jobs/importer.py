@@ -213,6 +213,7 @@ def _build(recipe: Recipe):
 
 # --- what each release computes ----------------------------------------------------------------
 KEEP = object()  # in Release.sets: the recipe's own value of that field
+RELEASE_EPS = 1e-5  # the eps the release's RVE and UDDPM++ functions are built with
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,12 @@ RELEASES = (
     Release("VE/RVE truncation", {"sde.name": ("ve", "rve"), "truncation.name": ("power", "mixture")},
             {"truncation": {"name": "hard", "eps": KEEP}},
             "the release never soft-truncates a VE/RVE run (tau = eps at every step)"),
+    # st's sde.eps is truncation.eps; these functions of the release are built at 1e-5 whatever
+    # its truncation_time (config.training.truncation_time) says
+    Release("RVE eps", {"sde.name": ("rve",)}, {"truncation.eps": RELEASE_EPS},
+            "the release builds the reciprocal VE's sigma(t) with eps = 1e-5 (reciprocal_VESDE)"),
+    Release("UDDPM++ eps", {"net.time_input": ("int_g2_sigma2",)}, {"truncation.eps": RELEASE_EPS},
+            "the release scales the UDDPM++ time input on [1e-5, T] (get_score_fn)"),
 )
 
 
@@ -297,9 +304,11 @@ def check_noise_table(official: Official, recipe: Recipe, source: str) -> str | 
     hi, lo = float(table.max()), float(table.min())
     if math.isclose(hi, sde.sigma_max, rel_tol=1e-6) and math.isclose(lo, sde.sigma_min, rel_tol=1e-6):
         return None
-    return (f"{source} was trained with sigma {lo:g} -> {hi:g} (its noise table module.sigmas), "
-            f"but the recipe's sde has sigma_min {sde.sigma_min:g}, sigma_max {sde.sigma_max:g}; "
-            f"set sde.sigma_min={lo:g} sde.sigma_max={hi:g} if that is the release's SDE")
+    return (f"{source} holds the noise table sigma {lo:g} -> {hi:g} (module.sigmas, built from "
+            f"its config's sigma range), but the recipe's sde has sigma_min {sde.sigma_min:g}, "
+            f"sigma_max {sde.sigma_max:g}; set sde.sigma_min={lo:g} sde.sigma_max={hi:g} if the "
+            "file is a VE/RVE run (every file holds this table, a VP one too: it does not say "
+            "which SDE trained it)")
 
 
 # --- reading the official file ------------------------------------------------------------------
@@ -438,6 +447,12 @@ def import_checkpoint(src: str | Path, recipe: Recipe, out: str | Path, as_recip
     if not out.parent.is_dir():
         raise UserError(f"the folder of --out {out} does not exist")
     official = read(src)
+    if recipe.sde.name in ("ve", "rve") and getattr(recipe.net, "time_input", None) == "t999":
+        raise UserError(f"the recipe pairs a {recipe.sde.name.upper()} SDE with the time input "
+                        "t999 (the positional embedding of 999 t), which no score_sde or Soft "
+                        "Truncation VE/RVE network computes (discrete ones take the noise level's "
+                        "index, continuous ones log sigma): the recipe's sde or net.time_input is "
+                        f"not {src}'s")
     released = released_recipe(recipe)
     target = recipe if as_recipe else released.recipe
     mismatch = check_noise_table(official, target, str(src))
