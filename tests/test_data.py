@@ -73,6 +73,14 @@ def test_uniform_dequantization_stays_in_its_bin_and_is_reproducible():
     x = spec.transform(b, torch.Generator().manual_seed(1))
     k = b.double()
     assert (x.double() >= k / 256).all() and (x.double() < (k + 1) / 256).all()
+    # to_uint8 inverts it exactly, centred or not (round(255 x) gave 1 for 0 and 254 for 255
+    # about half the time), and maps each bin's centre back to its pixel
+    for centered in (True, False):
+        s = Cifar10(dequantization="uniform", centered=centered)
+        for seed in range(3):
+            assert torch.equal(s.to_uint8(s.transform(b, torch.Generator().manual_seed(seed))), b)
+    centres = (torch.arange(256, dtype=torch.float64) + 0.5) / 256
+    assert torch.equal(spec.to_uint8(centres), torch.arange(256).to(torch.uint8))
     again = spec.transform(b, torch.Generator().manual_seed(1))
     assert torch.equal(x, again)
     assert not torch.equal(x, spec.transform(b, torch.Generator().manual_seed(2)))

@@ -341,9 +341,13 @@ class ImageData(DataSpec):
         return 2 * x - 1 if self.centered else x
 
     def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``transform`` for model outputs: k = round(255 x01), clamped to 0..255."""
+        """Inverse of ``transform`` for model outputs, clamped to 0..255: k = round(255 x01)
+        for x = k/255 ("none"); k = floor(256 x01) for x = (k + U)/256 ("uniform"), whose
+        pixel k covers [k/256, (k+1)/256) (rounding 255 x01 there turned 0 into 1 and 255 into
+        254 about half the time)."""
         x01 = (x + 1) / 2 if self.centered else x
-        return (255 * x01).round().clamp(0, 255).to(torch.uint8)
+        k = (256 * x01).floor() if self.dequantization == "uniform" else (255 * x01).round()
+        return k.clamp(0, 255).to(torch.uint8)
 
     def picture(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as uint8 images (B, C, H, W) for a grid."""
