@@ -182,6 +182,21 @@ def test_a_folder_of_other_samples_is_refused_naming_the_field(ckpt, tmp_path, c
     assert (out / "stray.txt").is_file()  # --overwrite deletes only what st sample writes
 
 
+def test_a_run_that_fails_before_its_first_image_leaves_no_manifest(tiny_ckpt, tmp_path, capsys):
+    """An ode out of steps failed with a traceback and left manifest.json, which then refused
+    the next run with other settings ("holds samples made with another sampler...")."""
+    spec = tmp_path / "ode.yaml"
+    spec.write_text("name: ode\nmax_steps: 3\n")
+    out = tmp_path / "s"
+    code, _, err = st(capsys, "sample", tiny_ckpt, "-n", "2", "--out", out, "--sampler-file", spec,
+                      "--device", "cpu")
+    assert code == 2 and "Traceback" not in err and "raise max_steps" in err, err
+    assert not (out / "manifest.json").exists()
+    code, _, err = st(capsys, "sample", tiny_ckpt, "-n", "2", "--out", out, "--sampler", "euler",
+                      "--steps", "3", "--device", "cpu")
+    assert code == 0, err
+
+
 def test_progress_is_never_silent_inside_a_batch(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """Without a terminal, a long batch still prints lines: the evaluation count and the time t
     reached (here every line is due: the interval is set to 0)."""

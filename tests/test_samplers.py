@@ -202,6 +202,8 @@ def test_every_sampler_counts_its_score_calls_and_is_batch_independent(name, sde
     """The NFE a sampler reports is the number of batched score evaluations it made, and with
     per-sample generators sample i does not depend on the batch it is drawn in."""
     sde, sampler = sde_case(sde_name), quick(name)
+    if sde_name == "rve" and getattr(sampler, "schedule", None) == "uniform":
+        sampler = quick(name, schedule="log_snr")  # a uniform grid is refused for the RVE
     exact, calls = Gaussian(sde), []
 
     def score(x, t):
@@ -313,3 +315,56 @@ def test_per_sample_generators_make_samples_batch_independent(name, params):
     for i in (0, 4, 6):
         alone, _ = sampler(Gaussian(sde), sde, x[i:i + 1], generator=gens([i]))
         assert torch.equal(alone[0], together[i])
+
+
+# --- settings that cannot run, or would not matter: refused before anything is drawn -------------
+def test_a_grid_uniform_in_t_is_refused_for_the_rve():
+    """sigma ~ exp(-c/t): on a uniform grid it falls from ~45 to sigma_min within the last step
+    at any step count, and the samples are noise (std 49 for data of std 0.5)."""
+    rve = SDES.validate("rve")
+    for name in ("pc", "euler_maruyama", "heun"):
+        for steps in (10, 1000):
+            with pytest.raises(UserError, match="a grid uniform in t cannot sample the RVE SDE"):
+                SAMPLERS.validate(name, steps=steps, schedule="uniform").check(rve)
+        SAMPLERS.validate(name, steps=10, schedule="log_snr").check(rve)  # fine
+    SAMPLERS.validate("pc", steps=10, schedule="uniform").check(SDES.validate("ve"))  # fine
+
+
+def test_a_collapsed_grid_is_refused():
+    with pytest.raises(UserError, match="does not decrease strictly"):
+        SAMPLERS.validate("dpm2m", steps=10, schedule="edm", rho=1e300).check(SDES.validate("vp"))
+
+
+def test_unipc_checks_its_default_order_too():
+    """The default order 3 in 3 steps ran order 2 and recorded 3."""
+    with pytest.raises(UserError, match="never reaches order 3 in 3 steps.*reach order 2"):
+        SAMPLERS.validate("unipc", steps=3)
+    assert SAMPLERS.validate("unipc", steps=3, order=2).order == 2
+    assert SAMPLERS.validate("unipc", steps=5).order == 3
+
+
+def test_the_ancestral_predictor_is_checked_before_sampling():
+    with pytest.raises(UserError, match="ancestral predictor is defined for SDEs with mu = 1"):
+        SAMPLERS.validate("pc", steps=3, predictor="ancestral").check(SDES.validate("subvp"))
+
+
+def test_options_without_effect_are_refused():
+    from stcli.jobs.sample import resolve_sampler
+
+    recipe_sampler = SAMPLERS.validate("euler_maruyama", steps=5)
+    none = {"name": "pc", "corrector": "none"}
+    for overrides, message in (({**none, "snr": 0.3}, "snr would have no effect"),
+                               ({**none, "n_corrector": 3}, "n_corrector would"),
+                               ({"name": "pc", "schedule": "uniform", "rho": 3.0}, "rho would have")):
+        with pytest.raises(UserError, match=message):
+            resolve_sampler(recipe_sampler, overrides)
+    # a default value there changes nothing (a dumped section, a tune-steps file): accepted
+    resolve_sampler(recipe_sampler, {"name": "pc", "corrector": "none", "snr": 0.16, "rho": 7.0})
+    with pytest.raises(UserError, match="snr: Input should be less than or equal to 1"):
+        SAMPLERS.validate("pc", snr=1e308)
+
+
+def test_an_ode_out_of_steps_is_a_user_error():
+    spec = SAMPLERS.validate("ode", max_steps=3)
+    with pytest.raises(UserError, match="the ode sampler dopri5 did not reach .* raise max_steps"):
+        spec(lambda x, t: -x, SDES.validate("vp"), torch.randn(2, 4))

@@ -141,6 +141,7 @@ def test_tune_steps_writes_a_section_that_sample_and_recipes_read(tiny_ckpt, cap
     (["--setting", "order"], "not of the form KEY=VALUE"),
     (["--setting", "order=7"], "sampler.order: Input should be less than or equal to 3"),
     (["--setting", "snr=0.1"], "has no option snr"),
+    (["--setting", "order=2", "--setting", "order=3"], "order is given twice"),
     (["--steps", "1"], "--steps must be at least 2"),
 ])
 def test_tune_steps_refuses_bad_input(tiny_ckpt, capsys, tmp_path, argv, message):
@@ -151,7 +152,7 @@ def test_tune_steps_refuses_bad_input(tiny_ckpt, capsys, tmp_path, argv, message
 def test_sampler_file_refusals(tiny_ckpt, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     for text, message in [("[1, 2]", "must hold a sampler section"), ("name: [", "is not YAML"),
-                          ("name: unipc\ntimes: [1.0, 0.5, 0.001]\n", "the last time is 0.001")]:
+                          ("name: unipc\norder: 1\ntimes: [1.0, 0.5, 0.001]\n", "the last time is 0.001")]:
         bad.write_text(text)
         code, out, err = conftest.st(capsys, "sample", tiny_ckpt, "-n", 1, "--out",
                                      tmp_path / "s", "--sampler-file", bad)

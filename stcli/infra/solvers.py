@@ -153,6 +153,10 @@ def initial_step(f, t0, y0: tuple, f0: tuple, direction: float, rtol: Tol, atol:
     return torch.minimum(100 * h0, h1)
 
 
+class StepLimitError(RuntimeError):
+    """An adaptive solve that did not reach its end within its step limit."""
+
+
 def dopri5(f: RHS, y0: State, t0: float, t1: float, *, rtol: Tol = 1e-5, atol: Tol = 1e-5,
            max_steps: int = 100_000, per_sample: bool = False,
            error_norm: str = "rms") -> tuple[State, int]:
@@ -162,7 +166,7 @@ def dopri5(f: RHS, y0: State, t0: float, t1: float, *, rtol: Tol = 1e-5, atol: T
     over all elements (scipy's), "rms_per_part" (see `rms_norm`) or "max" (see `max_norm`).
 
     ``t`` reaches ``f`` as a float64 tensor on y's device: 0-dim, or (B,) with ``per_sample``.
-    Raises RuntimeError after ``max_steps`` step attempts.
+    Raises StepLimitError (a RuntimeError) after ``max_steps`` step attempts.
     """
     y = _tuple(y0)
     fw = _Wrap(f, y0)
@@ -193,7 +197,7 @@ def dopri5(f: RHS, y0: State, t0: float, t1: float, *, rtol: Tol = 1e-5, atol: T
         y = tuple(torch.where(_mask(accept, a), a, b) for a, b in zip(y_new, y))
         k1 = tuple(torch.where(_mask(accept, a), a, b) for a, b in zip(k7, k1))
         h_abs, rejected = h_abs * factor, ~accept
-    raise RuntimeError(f"dopri5 did not reach t1 = {t1} in {max_steps} steps (rtol {rtol}, "
+    raise StepLimitError(f"dopri5 did not reach t1 = {t1} in {max_steps} steps (rtol {rtol}, "
                        f"atol {atol}); the ODE may be too stiff")
 
 

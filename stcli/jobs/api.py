@@ -45,6 +45,7 @@ def sample(model: Loaded, n: int, sampler: str | None = None, steps: int | None 
     overrides = {k: v for k, v in {"name": sampler, "steps": steps, **options}.items()
                  if v is not None}
     spec = resolve_sampler(model.recipe.sample, overrides)
+    spec.check(model.recipe.sde)
     device = next(model.model.parameters()).device
     job = Job(model, spec, Context(0, 1, device), Path("."), n, batch_size, seed, "npz", "fp32")
     parts = []

@@ -403,6 +403,9 @@ def tune_steps(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--setting {item!r} is not of the form KEY=VALUE")
+        if key in settings:
+            raise UserError(f"--setting {item!r}: {key} is given twice (or is the sampler's "
+                            "name); give each setting once")
         try:
             settings[key] = safe_load(raw)
         except yaml.YAMLError:

@@ -30,6 +30,7 @@ from stcli.infra.console import StepProgress, console
 from stcli.infra.errors import UserError
 from stcli.infra.outputs import json_text, write_result
 from stcli.infra.seeding import generator
+from stcli.infra.solvers import StepLimitError
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,9 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
                     raise UserError(f"the probability-flow ODE produced non-finite values for "
                                     f"sample(s) {[idx[i] for i in err.samples][:10]} of the "
                                     f"{opts.split} split at t = {err.t:.6g}") from None
+                except StepLimitError as err:
+                    raise UserError(f"the likelihood ODE for samples {idx[0]}-{idx[-1]}: {err}; "
+                                    "loosen --rtol/--atol") from None
                 _check_finite(vals, idx, "the ODE likelihood")
                 rows[keys[0]].append(bits_per_dim(vals, dim, offset))
                 if opts.nelbo:

@@ -157,7 +157,15 @@ def resolve_sampler(recipe_sample: Sampler, overrides: dict[str, Any]) -> Sample
     elif base.get("times") is not None and {"steps", "schedule", "rho"} & overrides.keys():
         base["times"] = None  # another grid asked for: the recipe's explicit times give way
     params = {k: v for k, v in {**base, **overrides}.items() if k in fields and k != "name"}
-    return SAMPLERS.validate(name, **params)
+    spec = SAMPLERS.validate(name, **params)
+    defaults = type(spec).model_fields
+    unused = {k: why for k, why in spec.ignored().items()  # a default value there changes nothing
+              if k in overrides and overrides[k] != defaults[k].default}
+    if unused:
+        raise UserError(f"sampler {name!r}: {', '.join(unused)} would have no effect "
+                        f"({'; '.join(dict.fromkeys(unused.values()))}); drop "
+                        f"{'it' if len(unused) == 1 else 'them'}")
+    return spec
 
 
 def sampler_sources(recipe_sample: Sampler, overrides: dict[str, Any], spec: Sampler) -> dict[str, str]:
@@ -365,16 +373,23 @@ class Job:
 
     def run(self) -> None:
         lock, failure = RunLock(self.out, "st sample") if self.ctx.is_main else None, None
+        fresh = False  # this run wrote the folder's manifest
         if lock:
             try:
                 lock.acquire()
                 if self.manifest is not None:
+                    fresh = read_manifest(self.out) is None
                     check_manifest(self.out, self.manifest, self.overwrite)
             except UserError as err:
                 failure = err
         try:
             distributed.agree(failure, self.ctx, "lock the output folder")
             self._run()
+        except BaseException:
+            # failed before its first image: no manifest left to refuse the next, other run
+            if fresh and sample_files(self.out) == [self.out / MANIFEST]:
+                (self.out / MANIFEST).unlink(missing_ok=True)
+            raise
         finally:
             if lock:
                 lock.release()

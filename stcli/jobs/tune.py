@@ -76,7 +76,8 @@ def tune_steps(ckpt: str | Path, opts: TuneOptions) -> dict[str, Any]:
     if opts.steps < 2 or opts.calib < 1 or opts.check < 0 or opts.budget < 1 or not opts.ref_tol > 0:
         raise UserError("--steps must be at least 2, --calib, --budget and --ref-tol positive, "
                         "--check not negative")
-    sampler_spec(opts.sampler, opts.steps, schedule="edm")  # refuse bad settings before loading
+    for settings in candidates(opts.sampler, opts.steps):  # refuse bad settings before loading
+        sampler_spec(settings, opts.steps, schedule="edm")
     device = pick_device(opts.device)
     loaded = load_model(ckpt, opts.weights, device)
     sde, shape, score = loaded.recipe.sde, loaded.recipe.data.shape, loaded.model.score

@@ -51,6 +51,11 @@ class Sampler(Component):
     def check(self, sde: LinearSDE) -> None:
         """Refuse (UserError) settings this SDE cannot run; called before sampling starts."""
 
+    def ignored(self) -> dict[str, str]:
+        """Settings that have no effect given the others (name -> why): given as options,
+        they are refused rather than recorded as if they mattered."""
+        return {}
+
     def integrate(self, score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor,
                   generator: Generators) -> tuple[torch.Tensor, int]:
         """x at time eps from x at time T, and the number of score evaluations."""
@@ -117,11 +122,31 @@ class GridSampler(Sampler):
 
     def check(self, sde: LinearSDE) -> None:
         if self.times is None:
+            self._check_grid(sde)
             return
         for what, want, got in (("first", sde.T, self.times[0]), ("last", sde.eps, self.times[-1])):
             if not math.isclose(got, want, rel_tol=1e-9, abs_tol=0.0):
                 raise UserError(f"the sampler's times must run from the SDE's T = {sde.T} to its "
                                 f"eps = {sde.eps}: the {what} time is {got}")
+
+    def ignored(self) -> dict[str, str]:
+        return {"rho": f"schedule {self.schedule} has no rho (edm's)"} \
+            if self.schedule != "edm" and self.times is None else {}
+
+    def _check_grid(self, sde: LinearSDE) -> None:
+        """The schedule's grid: strictly decreasing (a huge rho collapses it), and not uniform
+        in t for the RVE, whose sigma ~ exp(-c/t) then falls by orders of magnitude within the
+        last step at any step count (its samples are noise)."""
+        ts = time_grid(sde, self.steps, self.schedule, self.rho)
+        if not all(math.isfinite(t) for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+            raise UserError(f"the {self.schedule} grid of {self.steps} steps (rho {self.rho:g}) "
+                            "does not decrease strictly from T to eps: some times coincide; use a "
+                            "smaller rho or fewer steps")
+        if sde.name == "rve" and self.schedule == "uniform":
+            sigma = sde.std(torch.tensor(ts[-2:], dtype=torch.float64)).tolist()
+            raise UserError(f"a grid uniform in t cannot sample the RVE SDE: its sigma falls from "
+                            f"{sigma[0]:.3g} to {sigma[1]:.3g} in the last of the {self.steps} "
+                            "steps; use schedule log_snr (uniform in 1/t) or edm")
 
     def nfe(self, sde: LinearSDE) -> int:
         """Score evaluations per image, counted by running the sampler on one number under the

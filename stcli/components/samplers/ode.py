@@ -13,6 +13,7 @@ from pydantic import PositiveFloat, PositiveInt
 from stcli.components.samplers.base import GridSampler, Sampler, Schedule, ScoreFn
 from stcli.components.sdes import LinearSDE, bcast, flow_drift
 from stcli.infra import solvers
+from stcli.infra.errors import UserError
 from stcli.infra.registry import SAMPLERS
 
 
@@ -62,8 +63,11 @@ class ODE(Sampler):
     max_steps: PositiveInt = 100_000
 
     def integrate(self, score_fn, sde, x, generator):
-        return solvers.dopri5(probability_flow(score_fn, sde), x, sde.T, sde.eps, rtol=self.rtol,
-                              atol=self.atol, max_steps=self.max_steps, per_sample=True)
+        try:
+            return solvers.dopri5(probability_flow(score_fn, sde), x, sde.T, sde.eps, rtol=self.rtol,
+                                  atol=self.atol, max_steps=self.max_steps, per_sample=True)
+        except solvers.StepLimitError as err:
+            raise UserError(f"the ode sampler {err}: raise max_steps or loosen rtol/atol") from None
 
 
 @SAMPLERS.register

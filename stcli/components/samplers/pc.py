@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import Field, PositiveInt
 
 from stcli.components.samplers.base import Generators, GridSampler, ScoreFn, randn_like, times
 from stcli.components.sdes import LinearSDE, bcast
@@ -92,14 +92,23 @@ class PC(GridSampler):
     name: Literal["pc"] = "pc"
     predictor: Literal["euler_maruyama", "reverse_diffusion", "ancestral"] = "reverse_diffusion"
     corrector: Literal["langevin", "none"] = "langevin"
-    snr: PositiveFloat = 0.16
+    snr: float = Field(0.16, gt=0, le=1)  # score_sde: 0.01 to 0.16; above 1 the noise outweighs the score
     n_corrector: PositiveInt = 1
 
-    def integrate(self, score_fn, sde, x, generator):
+    def check(self, sde) -> None:
+        super().check(sde)
         if self.predictor == "ancestral" and not (sde.unit_mean or sde.variance_preserving):
             raise UserError(f"the ancestral predictor is defined for SDEs with mu = 1 or "
                             f"mu^2 + sigma^2 = 1 (Song et al. 2021, App. F), not {sde.name!r}; use "
                             "predictor reverse_diffusion or euler_maruyama")
+
+    def ignored(self) -> dict[str, str]:
+        return {**super().ignored(), **({k: "corrector none runs no Langevin corrector"
+                                         for k in ("snr", "n_corrector")}
+                                        if self.corrector == "none" else {})}
+
+    def integrate(self, score_fn, sde, x, generator):
+        self.check(sde)
         n = self.n_corrector if self.corrector == "langevin" else 0
         return pc_loop(score_fn, sde, x, generator, self.time_grid(sde), self.predictor, n,
                        self.snr)

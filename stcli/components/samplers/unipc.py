@@ -113,7 +113,7 @@ class UniPC(GridSampler):
     bh: BH = "h"
     corrector: bool = True
     lower_order_final: bool = True
-    order: int = Field(3, ge=1, le=3)
+    order: int = Field(3, ge=1, le=3, validate_default=True)  # the default is checked too
 
     @field_validator("order")
     @classmethod
@@ -124,9 +124,10 @@ class UniPC(GridSampler):
         reached = max(step_order(order, i, steps, final) for i in range(1, steps + 1))
         if reached < order:
             need = 2 * order - 1 if final else order
+            top = max(step_order(3, i, steps, final) for i in range(1, steps + 1))
             raise ValueError(f"unipc never reaches order {order} in {steps} steps (lowered at the "
                              f"first{' and last' if final else ''} steps): it needs at least "
-                             f"{need} steps")
+                             f"{need} steps; {steps} steps reach order {top} (order: {top})")
         return order
 
     def integrate(self, score_fn, sde, x, generator):
