@@ -209,3 +209,20 @@ def test_tables_mean_standard_error_and_paired_differences():
     assert "| st_P1 − g2P1 (0,2) | " in report.paired_markdown([other], "digits")
     table = report.markdown(report.aggregate(runs)["digits"], "digits")
     assert "12.00 ± 1.15" in table and "| g2 | 3,000 (0,1,2) |" in table
+
+
+def test_an_interrupted_job_resumes_whatever_its_path_was_spelled(tiny_recipe, tmp_path, monkeypatch):
+    """The study's driver deleted two 15,000-step runs because the checkpoint's recipe named its
+    folder relative and the restarted driver absolute: the folder is the job's own, so only the
+    rest of the recipe decides whether it resumes."""
+    import evaluate
+
+    from stcli.components.recipe import load_recipe
+    from stcli.jobs.train import train
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_recipe("job", train={"steps": 2, "out_dir": "job"})
+    train(load_recipe(path))
+    absolute = load_recipe(path, [f"train.out_dir={tmp_path / 'job'}"])
+    assert evaluate._resumable(tmp_path / "job", absolute)
+    assert not evaluate._resumable(tmp_path / "job", load_recipe(path, ["seed=9"]))

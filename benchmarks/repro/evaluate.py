@@ -69,9 +69,16 @@ def _resumable(out_dir: Path, recipe) -> bool:
     if not ckpt.is_file() or (out_dir / "result.json").is_file():
         return False
     try:
-        return open_checkpoint(ckpt).recipe.to_dict() == recipe.to_dict()
+        saved = open_checkpoint(ckpt).recipe
     except UserError:  # a damaged file from a killed write: start afresh
         return False
+    # the folder is the job's own: the same run whatever its path was spelled (relative or
+    # absolute --out), so a path spelling never deletes a run's hours
+    return _without_out_dir(saved.to_dict()) == _without_out_dir(recipe.to_dict())
+
+
+def _without_out_dir(recipe: dict) -> dict:
+    return {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "out_dir"}}
 
 
 def _train_and_measure(job, recipe, classifier: Path | None, resume: bool) -> dict:
