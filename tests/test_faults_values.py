@@ -150,6 +150,17 @@ def test_a_changed_byte_in_the_weights_is_found(tiny_ckpt, tmp_path, capsys):
     assert bad.read_bytes() == bytes(data)  # kept for inspection
 
 
+def test_checkpoints_from_before_the_checksum_and_data_record_still_load_and_resume(tiny_recipe, capsys):
+    path = tiny_recipe("old", train={"steps": 2})
+    assert st(capsys, "train", path)[0] == 0
+    ckpt = path.parent / "old" / "ckpt.safetensors"
+    damaged(ckpt, ckpt, drop_meta=("tensors_sha256", "data"))  # as written before they existed
+    assert "tensors_sha256" not in raw(ckpt)[1] and "data" not in raw(ckpt)[1]
+    code, _, err = st(capsys, "train", path, "--resume", "train.steps=3")
+    assert code == 0, err
+    assert "tensors_sha256" in raw(ckpt)[1]  # the resumed run writes them
+
+
 def test_an_export_is_never_labelled_with_weights_it_does_not_hold(tiny_ckpt, tmp_path, capsys):
     """An export keeps one set of weights: asking raw of an EMA export is refused (its numbers
     would be the EMA's labelled raw); a raw export is used and recorded as raw."""
@@ -251,6 +262,7 @@ def test_a_section_override_merges_and_a_key_is_given_once(tiny_recipe, capsys):
     assert (r.train.batch_size, r.train.steps, r.train.ckpt_every) == (4, 3, 3)  # recipe's ckpt_every kept
     switched = load_recipe(path, ["truncation={name: hard}"])  # another component: replaced
     assert switched.truncation.name == "hard" and switched.truncation.eps == 1e-5
+    assert "dropped eps: 1e-05, k: 1.0" in capsys.readouterr().err  # said, not silent
     for pair in (["train.steps=5", "train.steps=6"], ["train={steps: 3}", "train.steps=4"],
                  ["train=3", "train.steps=2"]):
         flat = refused(st(capsys, "recipe", "validate", path, *pair))

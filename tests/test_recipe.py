@@ -65,6 +65,21 @@ def test_a_dotted_name_replaces_the_component_as_a_mapping_does():
         over("sample.name=heun", "sample.sampler=pc")
 
 
+def test_replacing_a_component_says_what_it_drops(capsys):
+    """truncation.name=power on a recipe with eps 5e-5 made it the default 1e-5 without a word."""
+    data = {"truncation": {"name": "hard", "eps": 5e-5}, "sample": {"sampler": "pc", "snr": 0.17}}
+    out = apply_overrides(copy.deepcopy(data), ["truncation.name=power"])
+    assert out["truncation"] == {"name": "power"}
+    assert "dropped eps: 5e-05 (give them again" in capsys.readouterr().err
+    apply_overrides(copy.deepcopy(data), ["truncation={name: power}"])
+    assert "dropped eps: 5e-05" in capsys.readouterr().err
+    out = apply_overrides(copy.deepcopy(data), ["truncation.name=power", "truncation.eps=5e-5"])
+    assert out["truncation"] == {"name": "power", "eps": 5e-5} and capsys.readouterr().err == ""
+    # a file's `sampler:` alias is the section's name for the overrides too
+    assert apply_overrides(copy.deepcopy(data), ["sample.name=heun"])["sample"] == {"name": "heun"}
+    assert apply_overrides(copy.deepcopy(data), ["sample.snr=0.2"])["sample"] == {"name": "pc", "snr": 0.2}
+
+
 def test_broken_field_exit_code_2_dotted_path_no_traceback(tiny_recipe):
     res = run_st("recipe", "validate", tiny_recipe(), "sde.beta_max=-3", "net.bogus=1")
     assert res.returncode == 2

@@ -225,4 +225,6 @@ def test_an_interrupted_job_resumes_whatever_its_path_was_spelled(tiny_recipe, t
     train(load_recipe(path))
     absolute = load_recipe(path, [f"train.out_dir={tmp_path / 'job'}"])
     assert evaluate._resumable(tmp_path / "job", absolute)
+    assert evaluate._resumable(tmp_path / "job", load_recipe(path, ["train.steps=5"]))  # continues
+    assert not evaluate._resumable(tmp_path / "job", load_recipe(path, ["train.steps=1"]))  # past it
     assert not evaluate._resumable(tmp_path / "job", load_recipe(path, ["seed=9"]))

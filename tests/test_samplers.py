@@ -318,6 +318,27 @@ def test_per_sample_generators_make_samples_batch_independent(name, params):
 
 
 # --- settings that cannot run, or would not matter: refused before anything is drawn -------------
+def test_a_stored_recipe_loads_whatever_the_stricter_sampling_checks_say(tmp_path):
+    """The pre-sampling checks (RVE on a uniform grid, unipc's default order, snr) are not
+    recipe validation: a checkpoint written before them still opens (to nll, export, resume
+    with sample_every 0); sampling from it is refused."""
+    from stcli.components.loading import open_checkpoint
+    from stcli.components.recipe import load_recipe, parse_recipe
+    from stcli.infra import checkpoint
+
+    path = conftest.ROOT / "recipes" / "quickstart_digits.yaml"
+    for sde, sample in (({"name": "rve"}, {"name": "euler_maruyama", "steps": 10}),
+                        ({"name": "vp"}, {"name": "unipc", "steps": 3}),
+                        ({"name": "vp"}, {"name": "pc", "snr": 5.0})):
+        data = load_recipe(path).to_dict() | {"sde": sde, "sample": sample}
+        recipe = parse_recipe(data, "a stored recipe")
+        ckpt = tmp_path / "old.safetensors"
+        checkpoint.save(ckpt, {"ema.w": torch.zeros(1)}, {"step": 1, "recipe": data})
+        assert open_checkpoint(ckpt).recipe.sample.name == sample["name"]
+        with pytest.raises(UserError):
+            recipe.sample.check(recipe.sde)
+
+
 def test_a_grid_uniform_in_t_is_refused_for_the_rve():
     """sigma ~ exp(-c/t): on a uniform grid it falls from ~45 to sigma_min within the last step
     at any step count, and the samples are noise (std 49 for data of std 0.5)."""
@@ -336,11 +357,15 @@ def test_a_collapsed_grid_is_refused():
 
 
 def test_unipc_checks_its_default_order_too():
-    """The default order 3 in 3 steps ran order 2 and recorded 3."""
+    """The default order 3 in 3 steps ran order 2 and recorded 3: refused before sampling (a
+    recipe stored in a checkpoint still loads; only an explicit order is refused at once)."""
+    vp = SDES.validate("vp")
     with pytest.raises(UserError, match="never reaches order 3 in 3 steps.*reach order 2"):
-        SAMPLERS.validate("unipc", steps=3)
-    assert SAMPLERS.validate("unipc", steps=3, order=2).order == 2
-    assert SAMPLERS.validate("unipc", steps=5).order == 3
+        SAMPLERS.validate("unipc", steps=3).check(vp)
+    with pytest.raises(UserError, match="never reaches order 3 in 3 steps"):
+        SAMPLERS.validate("unipc", steps=3, order=3)
+    SAMPLERS.validate("unipc", steps=3, order=2).check(vp)
+    SAMPLERS.validate("unipc", steps=5).check(vp)
 
 
 def test_the_ancestral_predictor_is_checked_before_sampling():
@@ -360,8 +385,8 @@ def test_options_without_effect_are_refused():
             resolve_sampler(recipe_sampler, overrides)
     # a default value there changes nothing (a dumped section, a tune-steps file): accepted
     resolve_sampler(recipe_sampler, {"name": "pc", "corrector": "none", "snr": 0.16, "rho": 7.0})
-    with pytest.raises(UserError, match="snr: Input should be less than or equal to 1"):
-        SAMPLERS.validate("pc", snr=1e308)
+    with pytest.raises(UserError, match="snr 1e\\+308 is above 1"):
+        SAMPLERS.validate("pc", snr=1e308).check(SDES.validate("vp"))
 
 
 def test_an_ode_out_of_steps_is_a_user_error():

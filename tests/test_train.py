@@ -143,12 +143,18 @@ def test_an_ignored_sigint_stays_ignored(tiny_recipe, monkeypatch):
     it (as st sample already behaved); SIGTERM still stops the run with a checkpoint."""
     from stcli.jobs.train import Trainer
 
-    seen = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_DFL}
-    monkeypatch.setattr(signal, "getsignal", lambda s: seen[s])
-    installed = []
-    monkeypatch.setattr(signal, "signal", lambda s, h: installed.append(s) or seen[s])
-    trainer = Trainer.__new__(Trainer)
-    assert set(Trainer._install_signal_handlers(trainer)) == {signal.SIGTERM} == set(installed)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer = Trainer.__new__(Trainer)
+        previous = Trainer._install_signal_handlers(trainer)
+        assert set(previous) == {signal.SIGTERM}
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert callable(signal.getsignal(signal.SIGTERM))
+        Trainer._restore_signal_handlers(previous)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_unwritable_output_folder(tiny_recipe, tmp_path):

@@ -64,21 +64,25 @@ def _resumable(out_dir: Path, recipe) -> bool:
     """A checkpoint of this very recipe (an interrupted run): continue it instead of restarting."""
     from stcli.components.loading import open_checkpoint
     from stcli.infra.errors import UserError
+    from stcli.jobs.rundir import check_compatible
 
     ckpt = out_dir / "ckpt.safetensors"
     if not ckpt.is_file() or (out_dir / "result.json").is_file():
         return False
     try:
-        saved = open_checkpoint(ckpt).recipe
+        opened = open_checkpoint(ckpt)
     except UserError:  # a damaged file from a killed write: start afresh
         return False
-    # the folder is the job's own: the same run whatever its path was spelled (relative or
-    # absolute --out), so a path spelling never deletes a run's hours
-    return _without_out_dir(saved.to_dict()) == _without_out_dir(recipe.to_dict())
-
-
-def _without_out_dir(recipe: dict) -> dict:
-    return {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "out_dir"}}
+    if opened.step > recipe.train.steps:  # trained past this job's budget: not its run
+        return False
+    saved = opened.recipe
+    # the resume's own rule (run settings such as out_dir may differ: a relative or absolute
+    # --out is the same run), so a path spelling never deletes a run's hours
+    try:
+        check_compatible(saved, recipe, ckpt)
+    except UserError:
+        return False
+    return True
 
 
 def _train_and_measure(job, recipe, classifier: Path | None, resume: bool) -> dict:

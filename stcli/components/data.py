@@ -291,11 +291,11 @@ class ImageData(DataSpec):
     def training_split(self) -> str:
         return self.train_split
 
-    @field_validator("root")
-    @classmethod
-    def _home(cls, root: str) -> str:
-        """`~/data` is the home folder's, as in a shell."""
-        return str(Path(root).expanduser()) if root.startswith("~") else root
+    @property
+    def root_path(self) -> Path:
+        """`root` with `~` as the home folder, expanded where it is read (the recipe keeps the
+        text as written, so a checkpoint does not carry one user's home)."""
+        return Path(self.root).expanduser()
 
     @field_validator("train_split")
     @classmethod
@@ -399,11 +399,11 @@ class Folder(ImageData):
     def n_channels(self) -> int:
         if self.channels != "auto":
             return self.channels
-        if not Path(self.root).is_dir():
+        if not self.root_path.is_dir():
             return 3  # no data to look at (a recipe read without its data): RGB; training stops
         if self._detected is None:  # every split's images decide, once
             try:
-                self._detected = detect_channels(self._paths(Path(self.root)))
+                self._detected = detect_channels(self._paths(self.root_path))
             except UserError as err:
                 raise UserError(where_to_find(self, f"data.channels auto: {err}")) from None
         return self._detected
@@ -417,7 +417,7 @@ class Folder(ImageData):
         return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
     def load(self, split: str) -> Dataset:
-        root = Path(self.root)
+        root = self.root_path
         if root.is_dir() and (root / "train").is_dir() and (root / "test").is_dir():
             root = root / split
         elif root.is_dir() and split != "train":
@@ -500,8 +500,8 @@ class CelebA(ImageData):
     image_size: PositiveInt = 64
 
     def load(self, split: str) -> Dataset:
-        folder = Path(self.root) / "img_align_celeba"
-        partition = Path(self.root) / "list_eval_partition.txt"
+        folder = self.root_path / "img_align_celeba"
+        partition = self.root_path / "list_eval_partition.txt"
         if not folder.is_dir():
             raise UserError(f"dataset 'celeba': no folder {folder}; expected layout: "
                             f"{self.layout}.  Automatic download is not supported (torchvision's "
@@ -557,7 +557,7 @@ class ImageNet32(ImageData):
         return self._load_png(split) if self.source == "png" else self._load_npz(split)
 
     def _load_png(self, split: str) -> Dataset:
-        folder = Path(self.root) / ("train_32x32" if split == "train" else "valid_32x32")
+        folder = self.root_path / ("train_32x32" if split == "train" else "valid_32x32")
         paths = sorted(folder.glob("*.png")) if folder.is_dir() else []
         if not paths:
             raise UserError(f"dataset 'imagenet32': no PNG images in {folder}; expected layout "
@@ -568,7 +568,7 @@ class ImageNet32(ImageData):
     def _load_npz(self, split: str) -> Dataset:
         files = ([f"Imagenet32_train_npz/train_data_batch_{i}.npz" for i in range(1, 11)]
                  if split == "train" else ["Imagenet32_val_npz/val_data.npz"])
-        paths = [Path(self.root) / f for f in files]
+        paths = [self.root_path / f for f in files]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"dataset 'imagenet32': missing {', '.join(missing)}; "

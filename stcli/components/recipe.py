@@ -82,12 +82,6 @@ class Train(Section):
     eval_every: NonNegativeInt = 0  # FID (and KID) of the EMA weights every this many steps (eval.fid)
     heldout_size: PositiveInt = 256  # test items in that batch
 
-    @field_validator("out_dir")
-    @classmethod
-    def _home(cls, path: str | None) -> str | None:
-        """`~/runs/x` is the home folder's (a shell expands it only unquoted at a word's start)."""
-        return str(Path(path).expanduser()) if path and path.startswith("~") else path
-
     @field_validator("log")
     @classmethod
     def _known_loggers(cls, names: list[str]) -> list[str]:
@@ -200,7 +194,7 @@ class Recipe(Section):
                              "set only truncation.eps")
         object.__setattr__(self, "sde", self.sde.model_copy(update={"eps": eps}))
         try:
-            self.sample.check(self.sde)
+            self.sample.check_stored(self.sde)
         except UserError as err:
             raise ValueError(f"sample: {err}") from None
         return self
@@ -213,7 +207,7 @@ class Recipe(Section):
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.train.out_dir or f"runs/{self.name}")
+        return Path(self.train.out_dir or f"runs/{self.name}").expanduser()  # `~`: the home folder
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (every default filled in)."""
@@ -232,6 +226,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     other overrides so that `sample.steps=3` given with it is kept.  A key set twice, by any
     two overrides, is an error."""
     seen: dict[tuple[str, ...], str] = {}
+    sample = data.get("sample")
+    if isinstance(sample, dict) and "sampler" in sample and "name" not in sample:
+        data["sample"] = {"name": sample.pop("sampler"), **sample}  # the file's alias, first
+    given = {o.partition("=")[0] for o in overrides}
     for item in sorted(overrides, key=lambda o: not _names_component(o.partition("=")[0])):
         key, sep, raw = item.partition("=")
         key = "sample.name" if key == "sample.sampler" else key  # the recipe's alias
@@ -264,9 +262,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise UserError(f"override {_quoted(item)}: {'.'.join(parents[:i + 1])} is not a section")
             node = child
         if leaf == "name" and parents and node.get("name") not in (None, value):
+            _say_dropped(item, {k: v for k, v in node.items()
+                                if k != "name" and ".".join((*parents, k)) not in given})
             node.clear()  # another component: its own settings, not the old one's
+        elif isinstance(value, dict) and isinstance(node.get(leaf), dict) and \
+                value.get("name", node[leaf].get("name")) != node[leaf].get("name"):
+            _say_dropped(item, {k: v for k, v in node[leaf].items()
+                                if k not in value and ".".join((*parents, leaf, k)) not in given})
         node[leaf] = _merged(node.get(leaf), value)
     return data
+
+
+def _say_dropped(item: str, dropped: dict) -> None:
+    """Naming another component replaces its section: say which of the old settings go (an
+    eps of 5e-5 would otherwise become the new component's default without a word)."""
+    if dropped:
+        from stcli.infra.console import warn
+
+        warn(f"override {_quoted(item)} names another component, whose settings start from its "
+             f"defaults: dropped {', '.join(f'{k}: {v}' for k, v in dropped.items())} (give them "
+             "again to keep them)")
 
 
 def _names_component(key: str) -> bool:

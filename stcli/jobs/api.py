@@ -25,7 +25,9 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     """The checkpoint's model (``.model``, a ScoreModel in eval mode), recipe and step."""
     if weights not in ("ema", "raw"):
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    return load_model(path, weights, pick_device(str(device)))
+    device = str(device)  # mps (Apple) as torch takes it; auto, cpu and cuda checked
+    chosen = torch.device(device) if device.startswith("mps") else pick_device(device)
+    return load_model(path, weights, chosen)
 
 
 def sample(model: Loaded, n: int, sampler: str | None = None, steps: int | None = None,

@@ -33,11 +33,15 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "sample_every
 RUN_FILES = ("recipe.yaml", "log.jsonl", "log.csv", CHECKPOINT, "tensorboard")  # st train's own
 
 
+def check_is_folder(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"train.out_dir {out_dir} exists and is not a folder")
+
+
 def check_out_dir(out_dir: Path, resume: bool) -> None:
     """What the run folder must (not) hold; writes nothing."""
     ckpt_path = out_dir / CHECKPOINT
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"train.out_dir {out_dir} exists and is not a folder")
+    check_is_folder(out_dir)
     if resume and not ckpt_path.is_file():
         raise UserError(f"nothing to resume: {ckpt_path} "
                         f"{'is not a file' if ckpt_path.exists() else 'does not exist'}")

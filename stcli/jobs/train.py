@@ -145,6 +145,8 @@ class Trainer:
         self.dataset = self.data.create(self.data.training_split)
         self.data_print, self.data_changed = data_fingerprint(self.dataset), data_changed
         self.sde = recipe.sde
+        if self.cfg.sample_every:  # the sample grids: refused now, not after hours of training
+            recipe.sample.check(self.sde)
         self.feed = recipe.loss.target.feed(self.sde, recipe.truncation.eps,
                                             self.cfg.batch_size // ctx.world_size, ctx.world_size,
                                             len(self.dataset), self.device)
@@ -222,7 +224,7 @@ class Trainer:
         now = self.data_print
         if trained is None or trained == now:
             return
-        where = f" (data.root {self.data.root!r} is {Path(self.data.root).resolve()})" \
+        where = f" (data.root {self.data.root!r} is {self.data.root_path.resolve()})" \
             if hasattr(self.data, "root") else ""
         change = (f"{trained['items']:,} items then, {now['items']:,} now"
                   if trained["items"] != now["items"] else "the same count, other contents")
@@ -542,8 +544,7 @@ def train(recipe: Recipe, resume: bool | str = False, data_changed: bool = False
     """Train (or resume) `recipe`, holding its run folder's lock (rank 0) from first check to end.
     `resume="auto"`: resume if the run folder holds a checkpoint, else start afresh."""
     tracking.check(recipe.train.log)  # e.g. wandb requested but not installed: before any folder
-    if recipe.out_dir.exists() and not recipe.out_dir.is_dir():  # before its lock file is tried
-        raise UserError(f"train.out_dir {recipe.out_dir} exists and is not a folder")
+    rundir.check_is_folder(recipe.out_dir)  # before its lock file is tried
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:

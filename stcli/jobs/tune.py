@@ -121,6 +121,8 @@ def candidates(settings: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     if settings.get("name", "unipc") != "unipc" or "order" in settings:
         return [settings]
     reachable = [k for k in (2, 3) if _reaches(settings, steps, k)]
+    if not reachable and _reaches(settings, steps, 1):  # 2 steps: order 1, the one they reach
+        reachable = [1]
     return [settings | {"order": k} for k in reachable] or [settings]
 
 

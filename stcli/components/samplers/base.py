@@ -50,6 +50,11 @@ class Sampler(Component):
 
     def check(self, sde: LinearSDE) -> None:
         """Refuse (UserError) settings this SDE cannot run; called before sampling starts."""
+        self.check_stored(sde)
+
+    def check_stored(self, sde: LinearSDE) -> None:
+        """What a recipe's sampler must satisfy to be valid at all (checked on every recipe,
+        those stored in checkpoints too, so it never grows: a stricter rule goes in `check`)."""
 
     def ignored(self) -> dict[str, str]:
         """Settings that have no effect given the others (name -> why): given as options,
@@ -121,8 +126,12 @@ class GridSampler(Sampler):
         return data
 
     def check(self, sde: LinearSDE) -> None:
+        super().check(sde)
         if self.times is None:
             self._check_grid(sde)
+
+    def check_stored(self, sde: LinearSDE) -> None:
+        if self.times is None:
             return
         for what, want, got in (("first", sde.T, self.times[0]), ("last", sde.eps, self.times[-1])):
             if not math.isclose(got, want, rel_tol=1e-9, abs_tol=0.0):
@@ -169,7 +178,7 @@ class GridSampler(Sampler):
 
     def time_grid(self, sde: LinearSDE) -> list[float]:
         if self.times is not None:
-            self.check(sde)
+            self.check_stored(sde)
             return [sde.T, *self.times[1:-1], sde.eps]
         return time_grid(sde, self.steps, self.schedule, self.rho)
 

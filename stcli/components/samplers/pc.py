@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 
 from stcli.components.samplers.base import Generators, GridSampler, ScoreFn, randn_like, times
 from stcli.components.sdes import LinearSDE, bcast
@@ -92,11 +92,14 @@ class PC(GridSampler):
     name: Literal["pc"] = "pc"
     predictor: Literal["euler_maruyama", "reverse_diffusion", "ancestral"] = "reverse_diffusion"
     corrector: Literal["langevin", "none"] = "langevin"
-    snr: float = Field(0.16, gt=0, le=1)  # score_sde: 0.01 to 0.16; above 1 the noise outweighs the score
+    snr: PositiveFloat = 0.16  # score_sde: 0.01 to 0.16; `check` refuses above 1
     n_corrector: PositiveInt = 1
 
     def check(self, sde) -> None:
         super().check(sde)
+        if self.snr > 1 and self.corrector == "langevin":
+            raise UserError(f"sampler.snr {self.snr:g} is above 1 (score_sde uses 0.01 to 0.16): "
+                            "the Langevin step's noise would outweigh the score")
         if self.predictor == "ancestral" and not (sde.unit_mean or sde.variance_preserving):
             raise UserError(f"the ancestral predictor is defined for SDEs with mu = 1 or "
                             f"mu^2 + sigma^2 = 1 (Song et al. 2021, App. F), not {sde.name!r}; use "

@@ -38,6 +38,7 @@ from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 from stcli.components.samplers.base import GridSampler, Schedule, ScoreFn
 from stcli.components.samplers.dpm import denoiser
 from stcli.components.sdes import LinearSDE
+from stcli.infra.errors import UserError
 from stcli.infra.registry import SAMPLERS
 
 BH = Literal["h", "expm1"]
@@ -102,6 +103,17 @@ def uni_pc(score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, ts: list[float], 
     return mu[-1] * xs, steps
 
 
+def unreached(order: int, steps: int, final: bool) -> str | None:
+    """Why unipc cannot run `order` in `steps` steps, or None."""
+    top = max(step_order(3, i, steps, final) for i in range(1, steps + 1))
+    if top >= order:
+        return None
+    need = 2 * order - 1 if final else order
+    return (f"unipc never reaches order {order} in {steps} steps (lowered at the first"
+            f"{' and last' if final else ''} steps): it needs at least {need} steps; {steps} steps "
+            f"reach order {top} (order: {top})")
+
+
 @SAMPLERS.register
 class UniPC(GridSampler):
     """UniPC on the probability flow (Zhao et al. 2023): predictor of order `order`, corrector
@@ -113,22 +125,23 @@ class UniPC(GridSampler):
     bh: BH = "h"
     corrector: bool = True
     lower_order_final: bool = True
-    order: int = Field(3, ge=1, le=3, validate_default=True)  # the default is checked too
+    order: int = Field(3, ge=1, le=3)  # the default is checked by `check`, before sampling
 
     @field_validator("order")
     @classmethod
     def _reached(cls, order: int, info: ValidationInfo) -> int:
         steps, final = info.data.get("steps"), info.data.get("lower_order_final")
-        if steps is None or final is None:
-            return order
-        reached = max(step_order(order, i, steps, final) for i in range(1, steps + 1))
-        if reached < order:
-            need = 2 * order - 1 if final else order
-            top = max(step_order(3, i, steps, final) for i in range(1, steps + 1))
-            raise ValueError(f"unipc never reaches order {order} in {steps} steps (lowered at the "
-                             f"first{' and last' if final else ''} steps): it needs at least "
-                             f"{need} steps; {steps} steps reach order {top} (order: {top})")
+        if steps is not None and final is not None:
+            problem = unreached(order, steps, final)
+            if problem:
+                raise ValueError(problem)
         return order
+
+    def check(self, sde) -> None:
+        super().check(sde)
+        problem = unreached(self.order, self.steps, self.lower_order_final)  # the default too
+        if problem:
+            raise UserError(f"sampler.order: {problem}")
 
     def integrate(self, score_fn, sde, x, generator):
         return uni_pc(score_fn, sde, x, self.time_grid(sde), self.order, self.bh, self.corrector,
