@@ -348,6 +348,7 @@ def test_a_recipe_of_aliases_of_aliases_is_refused_before_it_expands(tmp_path, c
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not an integer >= 1"),
     ({"RANK": "-1"}, "RANK='-1' is not an integer >= 0"),
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT unset"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}, "WORLD_SIZE=2 but RANK unset"),
     ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"},
      "RANK=3 of WORLD_SIZE=2"),
     ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 of WORLD_SIZE=1"),

@@ -167,7 +167,7 @@ def launcher(env: dict[str, str] | os._Environ) -> tuple[int, int, int]:
         raise UserError(f"the launcher's variables say RANK={rank} of WORLD_SIZE={world}: a rank "
                         f"must be below the number of processes (0 to {world - 1})")
     if world > 1:
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
         if missing:
             raise UserError(f"WORLD_SIZE={world} but {' and '.join(missing)} unset: start the "
                             "processes with torchrun (or srun), or set them to rank 0's host and a free port")

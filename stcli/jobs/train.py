@@ -214,6 +214,14 @@ class Trainer:
                 meta = {"step": meta["step"], "recipe": meta["recipe"], "snapshot_weights": "ema"}
             checkpoint.save(path or self.ckpt_path, tensors, meta)
 
+    def _reseed(self) -> None:
+        """Each rank's global RNG (dropout) for the step about to be taken: a function of
+        (seed, rank, step), so a resume from any checkpoint continues every rank's stream
+        exactly. (A checkpoint held rank 0's RNG state only, which restored on every rank
+        repeated rank 0's dropout masks on the others: a multi-process resume was not
+        bit-exact.)"""
+        torch.manual_seed(seed_for(self.recipe.seed, "global", self.ctx.rank, self.step + 1))
+
     def _last_good(self) -> str:
         return f"the last good checkpoint {self.ckpt_path} is untouched" if self.ckpt_path.exists() \
             else "no checkpoint was written yet"
@@ -402,8 +410,9 @@ class Trainer:
         With fp16, an attempt whose scaled gradients overflowed (finite loss, non-finite
         gradient norm) changes nothing but the loss scale, which the scaler halves, and is
         redone on the same batch: no Adam update, no EMA update, not counted as a step.  Its
-        draws are keyed by the step, so only the scale differs (and dropout's global RNG)."""
+        draws (dropout's too: `_reseed`) are keyed by the step, so only the scale differs."""
         while True:
+            self._reseed()  # an fp16 attempt redone draws the same dropout masks
             with self._out_of_memory_is_a_user_error():
                 loss_sum, tau = self.train_step(batch, extra)
                 grad_norm = self.optimizer_step()
