@@ -87,3 +87,27 @@ def test_a_two_process_resume_with_dropout_is_bit_exact(tiny_recipe):
     b = load_file(str(part.parent / "part" / "ckpt.safetensors"))
     differ = [k for k in a if k.startswith(("model.", "ema.", "optim.")) and not torch.equal(a[k], b[k])]
     assert not differ, differ[:5]
+
+
+def test_ranks_started_with_different_options_are_refused(tiny_ckpt, tmp_path):
+    """`--seed $RANDOM` under srun: each rank drew with its own seed and the folder's manifest
+    said rank 0's. Every rank now refuses, naming the ranks that differ; nothing is drawn."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "stcli", "sample", str(tiny_ckpt), "-n", "4", "--out",
+             str(tmp_path / "s"), "--seed", str(rank), "--device", "cpu"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and "Traceback" not in err, err
+        assert "started with different sampling settings: rank(s) 1 differ from rank 0" in err, err
+    assert not list((tmp_path / "s").glob("0*/*.png"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -233,6 +234,21 @@ def agree(failure: Exception | None, ctx: Context, what: str) -> None:
         raise failure
     if failed.item():
         raise UserError(f"another process could not {what}")
+
+
+def same_everywhere(text: str, ctx: Context, what: str) -> None:
+    """Refuse (on every rank) processes started with different `what` (`text`: their full
+    description): `--seed $RANDOM` under srun gave each rank its own seed, merged into one
+    result labelled with rank 0's."""
+    if ctx.world_size == 1:
+        return
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+    every = all_gather_rows(torch.tensor([digest], dtype=torch.int64, device=ctx.device))
+    if bool((every != every[0]).any()):
+        differ = [i for i, d in enumerate(every.tolist()) if d != every[0].item()]
+        raise UserError(f"the processes were started with different {what}: rank(s) "
+                        f"{', '.join(map(str, differ))} differ from rank 0; start every rank with "
+                        "the same command")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

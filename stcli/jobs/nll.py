@@ -137,6 +137,7 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
     loaded = load_model(ckpt, opts.weights, ctx.device)
     recipe, model, sde = loaded.recipe, loaded.model, loaded.recipe.sde
     opts = replace(resolve(opts, recipe), weights=loaded.weights)  # an export's one set
+    distributed.same_everywhere(f"{ckpt}|{opts!r}", ctx, "st nll settings")
     data = recipe.data.for_evaluation()
     dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit or len(dataset))

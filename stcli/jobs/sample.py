@@ -99,6 +99,7 @@ def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None 
         if ctx.is_main:
             info(f"sampler {describe_sampler(spec, sources)}")
         manifest = make_manifest(ckpt, loaded.step, loaded.weights, spec, seed, n, fmt, precision)
+        distributed.same_everywhere(json.dumps(manifest, sort_keys=True), ctx, "sampling settings")
         manifest[SOURCES] = sources
         Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision, manifest, overwrite).run()
     finally:

@@ -132,6 +132,7 @@ class Trainer:
                  data_changed: bool = False):
         recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # e.g. channels: auto
         self.recipe, self.ctx = recipe, ctx
+        distributed.same_everywhere(recipe.to_yaml(), ctx, "recipes (or overrides)")
         self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
         self.cfg = resolve_workers(self.cfg, self.device)
         if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
