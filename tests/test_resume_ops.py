@@ -234,7 +234,7 @@ def test_workers_resolved_unless_set(tiny_recipe, monkeypatch):
 
 def test_resume_refuses_other_training_data(tiny_recipe, tmp_path, monkeypatch, capsys):
     """A relative data.root is read from the working directory: resuming from another one read
-    other images without a word. The checkpoint records the data's fingerprint (item count and
+    other images without a word. The checkpoint records the data's digest (item count and
     the hash of three items); a resume that reads other data is refused, the same data is not."""
     from PIL import Image
 

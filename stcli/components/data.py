@@ -57,7 +57,7 @@ def collate(items) -> torch.Tensor:
     return items if torch.is_tensor(items) else torch.stack(items)
 
 
-def fingerprint(dataset: Dataset) -> dict[str, Any]:
+def data_digest(dataset: Dataset) -> dict[str, Any]:
     """What a run trained on, cheaply: the item count and the sha256 of the first, middle and
     last items' values (three decodes).  Another folder, images added or removed, or a relative
     data.root read from another working directory changes it."""

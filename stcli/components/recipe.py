@@ -168,10 +168,8 @@ class Recipe(Section):
     def _sampler_alias(cls, data: Any) -> Any:
         """`sample: {sampler: pc, ...}` (the documented short form) is accepted for
         `sample: {name: pc, ...}`."""
-        sample = data.get("sample") if isinstance(data, dict) else None
-        if isinstance(sample, dict) and "sampler" in sample and "name" not in sample:
-            data = {**data, "sample": {"name": sample["sampler"],
-                                       **{k: v for k, v in sample.items() if k != "sampler"}}}
+        if isinstance(data, dict) and isinstance(data.get("sample"), dict):
+            data = {**data, "sample": named_sampler(data["sample"])}
         return data
 
     @field_validator("name")
@@ -226,13 +224,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     other overrides so that `sample.steps=3` given with it is kept.  A key set twice, by any
     two overrides, is an error."""
     seen: dict[tuple[str, ...], str] = {}
-    sample = data.get("sample")
-    if isinstance(sample, dict) and "sampler" in sample and "name" not in sample:
-        data["sample"] = {"name": sample.pop("sampler"), **sample}  # the file's alias, first
+    if isinstance(data.get("sample"), dict):  # the file's alias, before any override
+        data["sample"] = named_sampler(data["sample"])
+    overrides = [f"sample.name={o[len('sample.sampler='):]}" if o.startswith("sample.sampler=")
+                 else o for o in overrides]
     given = {o.partition("=")[0] for o in overrides}
-    for item in sorted(overrides, key=lambda o: not _names_component(o.partition("=")[0])):
+    for item in sorted(overrides, key=lambda o: not o.partition("=")[0].endswith(".name")):
         key, sep, raw = item.partition("=")
-        key = "sample.name" if key == "sample.sampler" else key  # the recipe's alias
         if not sep or not key or any(not p for p in key.split(".")):
             raise UserError(f"override {_quoted(item)} is not of the form key.path=value")
         if not raw.strip():  # `key=$UNSET` in a job script: never read as null, i.e. the default
@@ -244,8 +242,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if value is None and raw.strip() not in ("null", "Null", "NULL", "~"):  # e.g. `=#run1`
             raise UserError(f"override {_quoted(item)} reads as no value (a YAML comment?); quote "
                             f"it, or write {key}=null for none")
-        if key == "sample" and isinstance(value, dict) and "sampler" in value and "name" not in value:
-            value = {"name": value.pop("sampler"), **value}  # the recipe's alias, as written
+        if key == "sample" and isinstance(value, dict):
+            value = named_sampler(value)
         *parents, leaf = key.split(".")
         for path in _leaves(tuple(key.split(".")), value):
             clash = next((k for k in seen if k[:len(path)] == path or path[:len(k)] == k), None)
@@ -284,8 +282,11 @@ def _say_dropped(item: str, dropped: dict) -> None:
              "again to keep them)")
 
 
-def _names_component(key: str) -> bool:
-    return key.endswith(".name") or key == "sample.sampler"
+def named_sampler(section: dict) -> dict:
+    """A sample section with the documented short form `sampler: pc` written `name: pc`."""
+    if "sampler" in section and "name" not in section:
+        return {"name": section["sampler"], **{k: v for k, v in section.items() if k != "sampler"}}
+    return section
 
 
 def _leaves(path: tuple[str, ...], value) -> list[tuple[str, ...]]:

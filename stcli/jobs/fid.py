@@ -543,7 +543,7 @@ def extractor_identity(settings: Settings) -> dict:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    """A safetensors file holding an st checkpoint or export, whatever its suffix (.st, ...)."""
+    """A .safetensors file, or an st checkpoint or export under another suffix (.st, ...)."""
     if path.suffix == ".safetensors":
         return True
     if not path.is_file() or path.suffix.lower() in (".npz", ".yaml", ".yml"):
@@ -594,7 +594,7 @@ def _reference(arg: str | None, settings: Settings, recipe) -> Reference | Image
     if not arg:
         raise UserError("--ref is required (and a checkpoint's recipe sets no eval.fid.ref)")
     path = Path(arg).expanduser()
-    if path.is_file() and (path.suffix == ".safetensors" or _is_checkpoint(path)):
+    if path.is_file() and _is_checkpoint(path):  # statistics (.safetensors) or a checkpoint
         return load_reference(path, settings)
     if is_stats_npz(path):
         return load_stats_npz(path, settings)

@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stcli.components import tracking
-from stcli.components.data import InMemory, collate
-from stcli.components.data import fingerprint as data_fingerprint
+from stcli.components.data import InMemory, collate, data_digest
 from stcli.components.loading import load_weights, open_checkpoint
 from stcli.components.nets import build_score_model
 from stcli.components.recipe import Recipe
@@ -144,7 +143,7 @@ class Trainer:
         check_training_fits(recipe, self.device,
                             self.cfg.batch_size // (ctx.world_size * self.cfg.micro_batches))
         self.dataset = self.data.create(self.data.training_split)
-        self.data_print, self.data_changed = data_fingerprint(self.dataset), data_changed
+        self.data_record, self.data_changed = data_digest(self.dataset), data_changed
         self.sde = recipe.sde
         if self.cfg.sample_every:  # the sample grids: refused now, not after hours of training
             recipe.sample.check(self.sde)
@@ -193,7 +192,7 @@ class Trainer:
         tensors, groups = checkpoint.training_state(self.model, self.ema, self.optimizer, self.device)
         meta = {"step": self.step, "recipe": self.recipe.to_dict(), "optim_groups": groups,
                 "world_size": self.ctx.world_size, "wall_s": self.clock.now(),
-                "data": self.data_print}
+                "data": self.data_record}
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict()
         return tensors, meta
@@ -229,8 +228,8 @@ class Trainer:
 
     def _check_same_data(self, trained: dict | None, path: Path) -> None:
         """The data a resumed run reads is the data it trained on (checkpoints from before
-        the fingerprint was recorded are not checked)."""
-        now = self.data_print
+        the data record was written are not checked)."""
+        now = self.data_record
         if trained is None or trained == now:
             return
         where = f" (data.root {self.data.root!r} is {self.data.root_path.resolve()})" \

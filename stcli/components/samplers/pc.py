@@ -100,6 +100,9 @@ class PC(GridSampler):
         if self.snr > 1 and self.corrector == "langevin":
             raise UserError(f"sampler.snr {self.snr:g} is above 1 (score_sde uses 0.01 to 0.16): "
                             "the Langevin step's noise would outweigh the score")
+        self._predictor_defined(sde)
+
+    def _predictor_defined(self, sde) -> None:
         if self.predictor == "ancestral" and not (sde.unit_mean or sde.variance_preserving):
             raise UserError(f"the ancestral predictor is defined for SDEs with mu = 1 or "
                             f"mu^2 + sigma^2 = 1 (Song et al. 2021, App. F), not {sde.name!r}; use "
@@ -111,7 +114,7 @@ class PC(GridSampler):
                                         if self.corrector == "none" else {})}
 
     def integrate(self, score_fn, sde, x, generator):
-        self.check(sde)
+        self._predictor_defined(sde)  # the step's formula, whoever calls (check: the rest)
         n = self.n_corrector if self.corrector == "langevin" else 0
         return pc_loop(score_fn, sde, x, generator, self.time_grid(sde), self.predictor, n,
                        self.snr)
