@@ -235,3 +235,14 @@ def test_sbatch_script_runs_one_group_then_resumes(tiny_recipe, tmp_path):
     # requeued: the same command, resuming (resume itself is tested in test_train.py)
     assert record.read_text().split("\n") == ["st", "train", str(path), f"train.out_dir={out}",
                                               "train.steps=3", "--resume"]
+
+
+def test_procs_refused_under_torchrun(monkeypatch):
+    """`torchrun --nproc-per-node 2 st train --procs 4` ran 2 processes, --procs said nothing."""
+    from stcli.jobs.cli import _relaunch_if_asked
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="under torchrun .here 2 processes. leave it out"):
+        _relaunch_if_asked(4)
+    _relaunch_if_asked(1)

@@ -89,25 +89,104 @@ def test_a_two_process_resume_with_dropout_is_bit_exact(tiny_recipe):
     assert not differ, differ[:5]
 
 
-def test_ranks_started_with_different_options_are_refused(tiny_ckpt, tmp_path):
-    """`--seed $RANDOM` under srun: each rank drew with its own seed and the folder's manifest
-    said rank 0's. Every rank now refuses, naming the ranks that differ; nothing is drawn."""
+def two_ranks(*argvs: list, cwds=(ROOT, ROOT)) -> list[str]:
+    """Start rank r of a 2-process gloo group by hand (as srun does) with `st argvs[r]` in
+    `cwds[r]`; both must exit with code 2 and no traceback: their standard errors."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    for rank in (0, 1):
+    for rank, (argv, cwd) in enumerate(zip(argvs, cwds)):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "stcli", "sample", str(tiny_ckpt), "-n", "4", "--out",
-             str(tmp_path / "s"), "--seed", str(rank), "--device", "cpu"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+               "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "ST_DIST_TIMEOUT": "60"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "stcli", *map(str, argv)], cwd=cwd,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2 and "Traceback" not in err, err
+        errs.append(err)
+    return errs
+
+
+def test_ranks_started_with_different_options_are_refused(tiny_ckpt, tmp_path):
+    """`--seed $RANDOM` under srun: each rank drew with its own seed and the folder's manifest
+    said rank 0's. Every rank now refuses, naming the ranks that differ; nothing is drawn."""
+    argv = ["sample", tiny_ckpt, "-n", "4", "--out", tmp_path / "s", "--device", "cpu"]
+    for err in two_ranks([*argv, "--seed", "0"], [*argv, "--seed", "1"]):
         assert "started with different sampling settings: rank(s) 1 differ from rank 0" in err, err
     assert not list((tmp_path / "s").glob("0*/*.png"))
+
+
+def test_a_rank_that_cannot_read_its_inputs_stops_every_rank(tiny_ckpt, tmp_path):
+    """A relative path read from another working directory on rank 1 (another node's file
+    system): rank 1 said why and stopped, rank 0 waited in its next collective and died there
+    with gloo's traceback (NCCL: hung). Now each command's per-rank inputs are read before a
+    shared check: rank 1 gives its message, rank 0 names rank 1; both exit with code 2."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    (here / "m.safetensors").write_bytes(tiny_ckpt.read_bytes())
+    for argv in (["sample", "m.safetensors", "-n", "2", "--out", tmp_path / "s", "--device", "cpu"],
+                 ["nll", "m.safetensors", "--limit", "2", "--device", "cpu"]):
+        ok, failed = two_ranks(argv, argv, cwds=(here, elsewhere))
+        assert "m.safetensors does not exist" in failed, failed
+        assert "process(es) 1 could not read its inputs" in ok, ok
+    assert not (tmp_path / "s").exists()
+
+
+def test_ranks_resuming_from_different_checkpoints_are_refused(tiny_recipe, tmp_path):
+    """train.out_dir relative, rank 1 in a folder without the run (a run folder not shared
+    between nodes): with --resume rank 1 cannot find the checkpoint; with --resume auto it
+    started afresh beside a resumed rank 0. Both refused on every rank, the checkpoint intact."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    recipe = tiny_recipe("r", train={"steps": 2, "out_dir": "run"})
+    res = run_st("train", recipe, cwd=here)
+    assert res.returncode == 0, res.stderr[-2000:]
+    before = (here / "run" / "ckpt.safetensors").read_bytes()
+    argv = ["train", recipe, "--resume", "train.steps=4"]
+    ok, failed = two_ranks(argv, argv, cwds=(here, elsewhere))
+    assert "does not exist" in failed and "process(es) 1 could not check its inputs" in ok, (ok, failed)
+    argv = ["train", recipe, "--resume", "auto", "train.steps=4"]
+    for err in two_ranks(argv, argv, cwds=(here, elsewhere)):
+        assert "different checkpoints to resume from" in err, err
+    assert (here / "run" / "ckpt.safetensors").read_bytes() == before
+    assert not (elsewhere / "run").exists()
+
+
+def test_a_rank_that_dies_mid_training_stops_its_peer_with_one_message(tiny_recipe, tmp_path):
+    """Rank 1 killed (out of memory on its node, a node lost) while rank 0 trains: rank 0's next
+    collective fails, and st says so in one line instead of gloo's traceback; the last
+    checkpoint is intact."""
+    import signal
+    import socket
+    import time
+
+    from stcli.infra.checkpoint import load
+
+    path = tiny_recipe("dies", train={"steps": 100000, "ckpt_every": 2, "log_every": 1})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "stcli", "train", str(path)], cwd=ROOT, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
+             "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}) for r in (0, 1)]
+    ckpt = tmp_path / "dies" / "ckpt.safetensors"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].communicate()
+    assert procs[0].returncode == 1 and "Traceback" not in err, err
+    assert "another process of this run stopped while this one waited for it" in err, err
+    tensors, meta = load(ckpt)
+    assert meta["step"] >= 2 and all(torch.isfinite(t).all() for t in tensors.values()
+                                      if t.is_floating_point())

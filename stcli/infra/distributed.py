@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from stcli.infra.errors import UserError
+from stcli.infra.errors import UserError, plain_message
 
 
 @dataclass(frozen=True)
@@ -227,13 +229,29 @@ def barrier() -> None:
 
 
 def agree(failure: Exception | None, ctx: Context, what: str) -> None:
-    """Raise `failure` on its rank, and a UserError on every other rank, if any rank failed
-    (so that no rank waits forever for one that stopped)."""
-    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=ctx.device))
+    """Raise `failure` on its rank, and a UserError naming the failed ranks on every other rank,
+    if any rank failed (so that no rank waits forever for one that stopped)."""
+    flags = all_gather_rows(torch.tensor([float(failure is not None)], device=ctx.device))
     if failure is not None:
         raise failure
-    if failed.item():
-        raise UserError(f"another process could not {what}")
+    failed = [str(r) for r, f in enumerate(flags.tolist()) if f]
+    if failed:
+        raise UserError(f"process(es) {', '.join(failed)} could not {what} (see its message); "
+                        "every process stops")
+
+
+@contextmanager
+def checked(ctx: Context, what: str) -> Iterator[None]:
+    """Per-rank work (a block without collectives) whose UserError stops every rank: a rank
+    that cannot read its inputs (a path relative to another working directory, a file missing on
+    its node) no longer leaves its peers waiting in the next collective (gloo: a traceback,
+    NCCL: a hang)."""
+    failure = None
+    try:
+        yield
+    except UserError as err:
+        failure = UserError(plain_message(err))
+    agree(failure, ctx, what)
 
 
 def same_everywhere(text: str, ctx: Context, what: str) -> None:
@@ -249,6 +267,13 @@ def same_everywhere(text: str, ctx: Context, what: str) -> None:
         raise UserError(f"the processes were started with different {what}: rank(s) "
                         f"{', '.join(map(str, differ))} differ from rank 0; start every rank with "
                         "the same command")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another rank stopped (gloo: its
+    socket closed); NCCL waits for it until the process-group timeout instead."""
+    return isinstance(err, RuntimeError) and any(
+        s in str(err) for s in ("closed by peer", "reset by peer"))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

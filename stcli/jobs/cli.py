@@ -605,7 +605,10 @@ def _relaunch_if_asked(procs: int) -> None:
     if procs > 1 and distributed.slurm_environment(os.environ):
         raise UserError("--procs starts processes on this node only; under srun start one task "
                         "per GPU instead (srun --ntasks-per-node=GPUS st ...)")
-    if procs > 1 and not distributed.is_launched():
+    if procs > 1 and distributed.is_launched():  # torchrun already started the processes
+        raise UserError(f"--procs {procs} starts torchrun itself; under torchrun (here "
+                        f"{os.environ.get('WORLD_SIZE', '?')} processes) leave it out")
+    if procs > 1:
         argv, rest = [], iter(_ARGV)
         for arg in rest:
             if arg == "--procs":
@@ -691,6 +694,14 @@ def main(argv: list[str] | None = None) -> None:
         rank = os.environ.get("RANK")
         error(f"[rank {rank}] {err}" if rank not in (None, "0") else str(err))
         sys.exit(2)
+    except RuntimeError as err:
+        from stcli.infra import distributed
+
+        if not distributed.peer_lost(err):
+            raise
+        error(f"[rank {os.environ.get('RANK')}] another process of this run stopped while this "
+              "one waited for it; its own message says why")
+        sys.exit(1)
     except TrainingStopped as err:
         if _is_rank0():
             error(str(err))

@@ -134,12 +134,13 @@ def evaluate(ckpt: str | Path, opts: NllOptions) -> NllResult:
 
 
 def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
-    loaded = load_model(ckpt, opts.weights, ctx.device)
-    recipe, model, sde = loaded.recipe, loaded.model, loaded.recipe.sde
-    opts = replace(resolve(opts, recipe), weights=loaded.weights)  # an export's one set
+    with distributed.checked(ctx, "read its inputs"):
+        loaded = load_model(ckpt, opts.weights, ctx.device)
+        recipe, model, sde = loaded.recipe, loaded.model, loaded.recipe.sde
+        opts = replace(resolve(opts, recipe), weights=loaded.weights)  # an export's one set
+        data = recipe.data.for_evaluation()
+        dataset = data.create(opts.split)
     distributed.same_everywhere(f"{ckpt}|{opts!r}", ctx, "st nll settings")
-    data = recipe.data.for_evaluation()
-    dataset = data.create(opts.split)
     n = min(len(dataset), opts.limit or len(dataset))
     batches = [list(range(i, min(i + opts.batch_size, n))) for i in range(0, n, opts.batch_size)]
     mine = batches[ctx.rank::ctx.world_size]
@@ -148,7 +149,8 @@ def _evaluate(ckpt, opts: NllOptions, ctx: distributed.Context) -> NllResult:
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     order, nfes, t0 = [], [], time.perf_counter()  # order: (repeat, index) of every row
     total = opts.repeats * len(mine)
-    with StepProgress("nll", total, enabled=ctx.is_main) as progress:
+    with distributed.checked(ctx, "evaluate its share of the images"), \
+            StepProgress("nll", total, enabled=ctx.is_main) as progress:
         for r in range(opts.repeats):
             for j, idx in enumerate(mine):
                 b = ctx.rank + j * ctx.world_size

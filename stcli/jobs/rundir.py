@@ -81,13 +81,9 @@ def prepare_out_dir(out_dir: Path, resume: bool, ckpt_id: tuple[int, int, int] |
 
 def claim_out_dir(ctx: distributed.Context, prepare: Callable[[], None]) -> None:
     """`prepare` the run folder on rank 0; every rank learns whether it worked."""
-    failure = None
-    if ctx.is_main:
-        try:
+    with distributed.checked(ctx, "prepare the run folder"):
+        if ctx.is_main:
             prepare()
-        except UserError as err:
-            failure = err
-    distributed.agree(failure, ctx, "prepare the run folder")
 
 
 def load_run_folder(folder: Path, overrides: list[str]) -> Recipe:

@@ -90,15 +90,16 @@ def generate(ckpt: str | Path, n: int, out: str | Path, *, sampler: dict | None 
     owns_group = not distributed.is_initialized()
     ctx = distributed.setup(device)
     try:
-        loaded = load_model(ckpt, weights, ctx.device)
-        check_disk(n, math.prod(loaded.recipe.data.resolved().shape) + PNG_OVERHEAD, out,
-                   f"{n:,} samples")
-        spec = resolve_sampler(loaded.recipe.sample, sampler or {})
-        spec.check(loaded.recipe.sde)
-        sources = sampler_sources(loaded.recipe.sample, sampler or {}, spec)
+        with distributed.checked(ctx, "read its inputs"):
+            loaded = load_model(ckpt, weights, ctx.device)
+            check_disk(n, math.prod(loaded.recipe.data.resolved().shape) + PNG_OVERHEAD, out,
+                       f"{n:,} samples")
+            spec = resolve_sampler(loaded.recipe.sample, sampler or {})
+            spec.check(loaded.recipe.sde)
+            sources = sampler_sources(loaded.recipe.sample, sampler or {}, spec)
+            manifest = make_manifest(ckpt, loaded.step, loaded.weights, spec, seed, n, fmt, precision)
         if ctx.is_main:
             info(f"sampler {describe_sampler(spec, sources)}")
-        manifest = make_manifest(ckpt, loaded.step, loaded.weights, spec, seed, n, fmt, precision)
         distributed.same_everywhere(json.dumps(manifest, sort_keys=True), ctx, "sampling settings")
         manifest[SOURCES] = sources
         Job(loaded, spec, ctx, out, n, batch_size, seed, fmt, precision, manifest, overwrite).run()
@@ -373,18 +374,15 @@ class Job:
             return False
 
     def run(self) -> None:
-        lock, failure = RunLock(self.out, "st sample") if self.ctx.is_main else None, None
+        lock = RunLock(self.out, "st sample") if self.ctx.is_main else None
         fresh = False  # this run wrote the folder's manifest
-        if lock:
-            try:
-                lock.acquire()
-                if self.manifest is not None:
-                    fresh = read_manifest(self.out) is None
-                    check_manifest(self.out, self.manifest, self.overwrite)
-            except UserError as err:
-                failure = err
         try:
-            distributed.agree(failure, self.ctx, "lock the output folder")
+            with distributed.checked(self.ctx, "lock the output folder"):
+                if lock:
+                    lock.acquire()
+                    if self.manifest is not None:
+                        fresh = read_manifest(self.out) is None
+                        check_manifest(self.out, self.manifest, self.overwrite)
             self._run()
         except BaseException:
             # failed before its first image: no manifest left to refuse the next, other run
@@ -409,7 +407,8 @@ class Job:
                  f"{self.out}) with {self.spec.name}{per_image} on {ctx.device} x "
                  f"{ctx.world_size} process(es)")
         done, nfe, batches, collected = 0, 0, 0, []
-        with StepProgress("sample", len(todo), enabled=ctx.is_main) as progress:
+        with distributed.checked(ctx, "draw its share of the images"), \
+                StepProgress("sample", len(todo), enabled=ctx.is_main) as progress:
             for lo in range(0, len(mine), self.batch_size):
                 batch = mine[lo:lo + self.batch_size]
                 x, batch_nfe = self.sample(batch, progress)

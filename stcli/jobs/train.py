@@ -129,9 +129,26 @@ class TrainResult:
 class Trainer:
     def __init__(self, recipe: Recipe, ctx: distributed.Context, resume: bool = False,
                  data_changed: bool = False):
-        recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # e.g. channels: auto
-        self.recipe, self.ctx = recipe, ctx
+        self.ctx = ctx
         distributed.same_everywhere(recipe.to_yaml(), ctx, "recipes (or overrides)")
+        with distributed.checked(ctx, "check its inputs"):  # each rank reads its own files
+            self._prepare(recipe, resume, data_changed)
+        # a run folder not shared between nodes: one rank resumed, another started afresh
+        distributed.same_everywhere(f"step {self.step}", ctx, "checkpoints to resume from (steps)")
+        self.ddp = distributed.wrap(self.model, ctx)
+        self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
+        self._stop_signal = 0
+        recipe = self.recipe  # resolved (e.g. data.channels: auto)
+        self.tracker = tracking.Tracker(self.cfg.log, self.out_dir, recipe.to_dict(), ctx.is_main)
+        self.window = tracking.Window(recipe.truncation.eps, self.sde.T, self.cfg.batch_size, self.device)
+        self.evaluate = TrainingFID.prepare(recipe, ctx) if self.cfg.eval_every else None
+
+    def _prepare(self, recipe: Recipe, resume: bool, data_changed: bool) -> None:
+        """Everything each rank builds alone (no collective): the checks of the recipe against
+        this machine, the data, the model, the optimizer, the resumed state, the held-out batch."""
+        ctx = self.ctx
+        self.recipe = recipe.model_copy(update={"data": recipe.data.resolved()})  # channels: auto
+        recipe = self.recipe
         self.cfg, self.device = resolve_micro_batches(recipe.train, ctx.world_size), ctx.device
         self.cfg = resolve_workers(self.cfg, self.device)
         if self.cfg.batch_size % (ctx.world_size * self.cfg.micro_batches):
@@ -169,15 +186,9 @@ class Trainer:
         rundir.check_out_dir(self.out_dir, resume)
         if resume:
             self._load(self.ckpt_path)
-        self.ddp = distributed.wrap(self.model, ctx)
-        self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
-        self._stop_signal = 0
-        self.tracker = tracking.Tracker(self.cfg.log, self.out_dir, recipe.to_dict(), ctx.is_main)
-        self.window = tracking.Window(recipe.truncation.eps, self.sde.T, self.cfg.batch_size, self.device)
         self.heldout = tracking.HeldOut(recipe, ctx, self.cfg.heldout_size,
                                         self.cfg.batch_size // ctx.world_size // self.cfg.micro_batches) \
             if self.cfg.heldout_every else None
-        self.evaluate = TrainingFID.prepare(recipe, ctx) if self.cfg.eval_every else None
 
     # --- run directory and checkpoints ------------------------------------------------------
     def _claim_out_dir(self) -> None:
@@ -467,13 +478,8 @@ class Trainer:
     def _first_batch(self, batches, references):
         """The first batch, read before the run folder is made: an image that cannot be decoded
         is refused on every rank with nothing written."""
-        failure, batch = None, None
-        try:
-            batch = next(batches), next(references) if references is not None else None
-        except UserError as err:
-            failure = UserError(plain_message(err))
-        distributed.agree(failure, self.ctx, "read the first batch")
-        return batch
+        with distributed.checked(self.ctx, "read the first batch"):
+            return next(batches), next(references) if references is not None else None
 
     def _next_batch(self, batches, references):
         """The next batch (and the target's extra reference images); an unreadable item saves a checkpoint of
@@ -557,13 +563,9 @@ def train(recipe: Recipe, resume: bool | str = False, data_changed: bool = False
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
-        failure = None
-        if lock:
-            try:
+        with distributed.checked(ctx, "lock the run folder"):
+            if lock:
                 lock.acquire()
-            except UserError as err:
-                failure = err
-        distributed.agree(failure, ctx, "lock the run folder")
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")

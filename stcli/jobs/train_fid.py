@@ -42,8 +42,7 @@ class TrainingFID:
 
         fid = recipe.eval.fid
         self = cls(recipe, ctx)
-        failure = None
-        try:
+        with distributed.checked(ctx, "prepare the FID evaluation"):
             if not recipe.data.is_image:
                 raise UserError(f"train.eval_every: dataset {recipe.data.name!r} holds no images to "
                                 "measure FID on; set train.eval_every=0")
@@ -54,9 +53,6 @@ class TrainingFID:
             self.spec.check(recipe.sde)
             if ctx.is_main:
                 self._prepare_features()
-        except UserError as err:
-            failure = err
-        distributed.agree(failure, ctx, "prepare the FID evaluation")
         return self
 
     def _prepare_features(self) -> None:
