@@ -74,6 +74,17 @@ def test_fid_of_a_set_against_itself_is_zero_and_reference_is_cached(tmp_path, c
     assert len(list((tmp_path / "cache" / "reference").iterdir())) == 2
 
 
+def test_fid_of_a_singular_set_against_itself_is_zero_not_negative(capsys):
+    """Fewer samples than features: the matrix square root rounds the distance below zero."""
+    pool = torch.randn(96, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = metrics.Reference.from_features(pool, {})
+    raw = metrics.fid_statistics_to_metric({"mu": ref.mu, "sigma": ref.sigma},
+                                           {"mu": ref.mu, "sigma": ref.sigma}, False)
+    assert next(iter(raw.values())) < 0  # the rounding the clamp removes
+    assert metrics.FID().compute({"pool": pool}, ref)["fid"] == 0.0
+    assert "96 samples for 256 features: the sample covariance is singular" in capsys.readouterr().err
+
+
 def features(images: np.ndarray) -> np.ndarray:
     """Test-extractor features, computed here independently of `st fid`."""
     net = metrics.RandomFeatures(metrics.TEST_EXTRACTOR, ["64"])
@@ -107,7 +118,7 @@ def test_fid_equals_the_closed_form_frechet_distance(tmp_path, common, capsys):
     np.savez(tmp_path / "nchw.npz", a.transpose(0, 3, 1, 2))
     assert st("fid", tmp_path / "nchw.npz", "--ref", tmp_path / "a.npz", "--json", out, "--overwrite",
               *common) == 0
-    assert abs(json.loads(out.read_text())["metrics"]["fid"]) < 1e-9
+    assert 0.0 <= json.loads(out.read_text())["metrics"]["fid"] < 1e-9
 
 
 def write_recipe(path, out_dir, **data):

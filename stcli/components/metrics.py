@@ -357,8 +357,9 @@ class FID(Metric):
         # both sides in float64: published statistics (npz) come in either precision
         as64 = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
         ref64 = {"mu": np.asarray(ref.mu, np.float64), "sigma": np.asarray(ref.sigma, np.float64)}
-        value = fid_statistics_to_metric(as64, ref64, False)
-        return {"fid": next(iter(value.values()))}
+        value = next(iter(fid_statistics_to_metric(as64, ref64, False).values()))
+        # a distance: the matrix square root rounds it below 0 for (near-)identical sets
+        return {"fid": max(float(value), 0.0)}
 
 
 @METRICS.register
