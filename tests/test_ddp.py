@@ -4,9 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+import yaml
 from conftest import ROOT, TINY, run_st
 from PIL import Image
 from safetensors.torch import load_file
@@ -89,9 +92,10 @@ def test_a_two_process_resume_with_dropout_is_bit_exact(tiny_recipe):
     assert not differ, differ[:5]
 
 
-def two_ranks(*argvs: list, cwds=(ROOT, ROOT)) -> list[str]:
-    """Start rank r of a 2-process gloo group by hand (as srun does) with `st argvs[r]` in
-    `cwds[r]`; both must exit with code 2 and no traceback: their standard errors."""
+@contextmanager
+def ranks(*argvs: list, cwds=(ROOT, ROOT), stdout=subprocess.PIPE) -> Iterator[list]:
+    """Rank r of a 2-process gloo group started by hand (as srun does): `st argvs[r]` in
+    `cwds[r]`; a rank still running at the end (a failed assert) is killed."""
     import socket
 
     with socket.socket() as s:
@@ -103,14 +107,55 @@ def two_ranks(*argvs: list, cwds=(ROOT, ROOT)) -> list[str]:
                "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "ST_DIST_TIMEOUT": "60"}
         procs.append(subprocess.Popen([sys.executable, "-m", "stcli", *map(str, argv)], cwd=cwd,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+                                      env=env, stdout=stdout, stderr=subprocess.PIPE, text=True))
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def two_ranks(*argvs: list, cwds=(ROOT, ROOT)) -> list[str]:
+    """Both ranks of `ranks(*argvs)` must exit with code 2 and no traceback: their standard errors."""
     errs = []
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 2 and "Traceback" not in err, err
-        errs.append(err)
+    with ranks(*argvs, cwds=cwds) as procs:
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 2 and "Traceback" not in err, err
+            errs.append(err)
     return errs
+
+
+PROBE = """
+import sys
+from stcli.infra import distributed
+from stcli.infra.errors import UserError
+
+ctx = distributed.setup("cpu")
+try:
+    with distributed.checked(ctx, "write its share"):
+        if ctx.rank == 1:
+            raise OSError(28, "No space left on device")
+    print("passed")
+except UserError as err:
+    print(f"UserError: {err}")
+except OSError as err:
+    print(f"OSError: {err}")
+"""
+
+
+def test_an_error_that_is_not_the_users_still_stops_every_rank(tmp_path):
+    """A full disk (or a bug) on one rank keeps its own error there, and its peers are told
+    rather than left waiting in their next collective."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", "--tee=1", str(tmp_path / "probe.py")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert "0]:UserError: process(es) 1 could not write its share" in res.stdout, res.stdout
+    assert "1]:OSError: [Errno 28] No space left on device" in res.stdout, res.stdout
 
 
 def test_ranks_started_with_different_options_are_refused(tiny_ckpt, tmp_path):
@@ -158,33 +203,41 @@ def test_ranks_resuming_from_different_checkpoints_are_refused(tiny_recipe, tmp_
     assert not (elsewhere / "run").exists()
 
 
+def test_ranks_reading_different_data_are_refused(tiny_recipe, tmp_path):
+    """A relative data.root holding other images on rank 1's node: each rank trained on its own
+    data under one recipe. Refused on every rank from what each read, before any folder."""
+    recipe = tiny_recipe("d")
+    text = yaml.safe_load(recipe.read_text())
+    text["data"] = {"name": "folder", "root": "imgs", "image_size": 8}
+    recipe.write_text(yaml.safe_dump(text))
+    for cwd, value in ((tmp_path / "here", 40), (tmp_path / "elsewhere", 200)):
+        (cwd / "imgs").mkdir(parents=True)
+        for i in range(16):
+            Image.new("RGB", (8, 8), (value + i, 0, 0)).save(cwd / "imgs" / f"{i}.png")
+    argv = ["train", recipe]
+    for err in two_ranks(argv, argv, cwds=(tmp_path / "here", tmp_path / "elsewhere")):
+        assert "started with different data (as each node reads it): rank(s) 1 differ" in err, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_rank_that_dies_mid_training_stops_its_peer_with_one_message(tiny_recipe, tmp_path):
     """Rank 1 killed (out of memory on its node, a node lost) while rank 0 trains: rank 0's next
     collective fails, and st says so in one line instead of gloo's traceback; the last
     checkpoint is intact."""
     import signal
-    import socket
     import time
 
     from stcli.infra.checkpoint import load
 
     path = tiny_recipe("dies", train={"steps": 100000, "ckpt_every": 2, "log_every": 1})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "stcli", "train", str(path)], cwd=ROOT, text=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
-             "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}) for r in (0, 1)]
-    ckpt = tmp_path / "dies" / "ckpt.safetensors"
-    deadline = time.monotonic() + 120
-    while not ckpt.is_file() and time.monotonic() < deadline and procs[0].poll() is None:
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGKILL)
-    _, err = procs[0].communicate(timeout=120)
-    procs[1].communicate()
+    argv = ["train", path]
+    with ranks(argv, argv, stdout=subprocess.DEVNULL) as procs:
+        ckpt = tmp_path / "dies" / "ckpt.safetensors"
+        deadline = time.monotonic() + 120
+        while not ckpt.is_file() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=120)
     assert procs[0].returncode == 1 and "Traceback" not in err, err
     assert "another process of this run stopped while this one waited for it" in err, err
     tensors, meta = load(ckpt)

@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -228,33 +228,44 @@ def barrier() -> None:
         dist.barrier()
 
 
+def failed_ranks(failed: bool, ctx: Context) -> list[int]:
+    """The ranks that say they failed (a collective: every rank calls it; alone: itself or none)."""
+    flags = all_gather_rows(torch.tensor([float(failed)], device=ctx.device))
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
 def agree(failure: Exception | None, ctx: Context, what: str) -> None:
     """Raise `failure` on its rank, and a UserError naming the failed ranks on every other rank,
     if any rank failed (so that no rank waits forever for one that stopped)."""
-    flags = all_gather_rows(torch.tensor([float(failure is not None)], device=ctx.device))
+    failed = failed_ranks(failure is not None, ctx)
     if failure is not None:
         raise failure
-    failed = [str(r) for r, f in enumerate(flags.tolist()) if f]
     if failed:
-        raise UserError(f"process(es) {', '.join(failed)} could not {what} (see its message); "
-                        "every process stops")
+        raise UserError(f"process(es) {', '.join(map(str, failed))} could not {what} (see its "
+                        "message); every process stops")
 
 
 @contextmanager
 def checked(ctx: Context, what: str) -> Iterator[None]:
-    """Per-rank work (a block without collectives) whose UserError stops every rank: a rank
+    """Per-rank work (a block without collectives) whose failure stops every rank: a rank
     that cannot read its inputs (a path relative to another working directory, a file missing on
     its node) no longer leaves its peers waiting in the next collective (gloo: a traceback,
-    NCCL: a hang)."""
+    NCCL: a hang). A UserError is this rank's one message; any other error (a full disk, a bug)
+    keeps its own traceback, and the peers are told all the same."""
     failure = None
     try:
         yield
     except UserError as err:
         failure = UserError(plain_message(err))
+    except Exception:
+        with suppress(Exception):  # telling the peers must not hide this rank's own error
+            failed_ranks(True, ctx)
+        raise
     agree(failure, ctx, what)
 
 
-def same_everywhere(text: str, ctx: Context, what: str) -> None:
+def same_everywhere(text: str, ctx: Context, what: str,
+                    fix: str = "start every rank with the same command") -> None:
     """Refuse (on every rank) processes started with different `what` (`text`: their full
     description): `--seed $RANDOM` under srun gave each rank its own seed, merged into one
     result labelled with rank 0's."""
@@ -265,15 +276,14 @@ def same_everywhere(text: str, ctx: Context, what: str) -> None:
     if bool((every != every[0]).any()):
         differ = [i for i, d in enumerate(every.tolist()) if d != every[0].item()]
         raise UserError(f"the processes were started with different {what}: rank(s) "
-                        f"{', '.join(map(str, differ))} differ from rank 0; start every rank with "
-                        "the same command")
+                        f"{', '.join(map(str, differ))} differ from rank 0; {fix}")
 
 
 def peer_lost(err: BaseException) -> bool:
     """Whether `err` is a collective that failed because another rank stopped (gloo: its
     socket closed); NCCL waits for it until the process-group timeout instead."""
     return isinstance(err, RuntimeError) and any(
-        s in str(err) for s in ("closed by peer", "reset by peer"))
+        s in str(err) for s in ("closed by peer", "reset by peer", "Broken pipe"))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,12 @@ class Trainer:
         distributed.same_everywhere(recipe.to_yaml(), ctx, "recipes (or overrides)")
         with distributed.checked(ctx, "check its inputs"):  # each rank reads its own files
             self._prepare(recipe, resume, data_changed)
-        # a run folder not shared between nodes: one rank resumed, another started afresh
-        distributed.same_everywhere(f"step {self.step}", ctx, "checkpoints to resume from (steps)")
+        # what each rank read alone must agree: data not shared between nodes (data.channels:
+        # auto resolved apart, other images), a run folder resumed on one node only
+        distributed.same_everywhere(f"{self.recipe.to_yaml()}{self.data_record}", ctx,
+                                    "data (as each node reads it)", "give every node the same data")
+        distributed.same_everywhere(f"step {self.step} after {self.clock.before!r} s", ctx,
+                                    "checkpoints to resume from", "give every node the same run folder")
         self.ddp = distributed.wrap(self.model, ctx)
         self.forward = torch.compile(self.ddp) if self.cfg.compile else self.ddp
         self._stop_signal = 0
@@ -488,9 +492,11 @@ class Trainer:
             return next(batches), next(references) if references is not None else None
         except UserError as err:
             message = plain_message(err)
-            if self.step:
+            if self.step and self.ctx.is_main:
                 self.save()
                 message += f"; stopped after step {self.step}, checkpoint saved to {self.ckpt_path}"
+            elif self.step:  # rank 0's next collective fails: its last periodic checkpoint stays
+                message += f"; stopped after step {self.step}; resume from rank 0's last checkpoint"
             raise UserError(message) from None
 
     def _periodic(self) -> None:
@@ -563,13 +569,14 @@ def train(recipe: Recipe, resume: bool | str = False, data_changed: bool = False
     ctx = distributed.setup(recipe.train.device)
     lock = RunLock(recipe.out_dir, "st train") if ctx.is_main else None
     try:
-        with distributed.checked(ctx, "lock the run folder"):
+        with distributed.checked(ctx, "lock the run folder or find its checkpoint"):
             if lock:
                 lock.acquire()
+            resume = resolve_resume(resume, recipe, ctx)
         if ctx.is_main:
             info(f"training [bold]{recipe.name}[/] on {ctx.device} x {ctx.world_size} process(es) "
                  f"-> {recipe.out_dir}")
-        return Trainer(recipe, ctx, resolve_resume(resume, recipe, ctx), data_changed).run()
+        return Trainer(recipe, ctx, resume, data_changed).run()
     finally:
         if lock:
             lock.release()
