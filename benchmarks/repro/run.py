@@ -401,8 +401,7 @@ def curve_figures(results: list[dict], args) -> dict:
                 curves.setdefault(data, {})[label + " (training)"] = points
     for data, by_loss in curves.items():
         key, label = QUALITY[data]
-        figures.learning_curves(by_loss, key, label, args.img / f"repro_curves_{data}.png",
-                                log_quality=data == "toy2d")
+        figures.learning_curves(by_loss, key, label, args.img / f"repro_curves_{data}.png")
     return {data: {label: [{k: p[k] for k in ("step", "nll", "nelbo", key, key + "_se")}
                            for p in pts] for label, pts in by_loss.items()}
             for data, by_loss in curves.items() for key in [QUALITY[data][0]]}
