@@ -234,17 +234,6 @@ def failed_ranks(failed: bool, ctx: Context) -> list[int]:
     return [r for r, f in enumerate(flags.tolist()) if f]
 
 
-def agree(failure: Exception | None, ctx: Context, what: str) -> None:
-    """Raise `failure` on its rank, and a UserError naming the failed ranks on every other rank,
-    if any rank failed (so that no rank waits forever for one that stopped)."""
-    failed = failed_ranks(failure is not None, ctx)
-    if failure is not None:
-        raise failure
-    if failed:
-        raise UserError(f"process(es) {', '.join(map(str, failed))} could not {what} (see its "
-                        "message); every process stops")
-
-
 @contextmanager
 def checked(ctx: Context, what: str) -> Iterator[None]:
     """Per-rank work (a block without collectives) whose failure stops every rank: a rank
@@ -252,16 +241,18 @@ def checked(ctx: Context, what: str) -> Iterator[None]:
     its node) no longer leaves its peers waiting in the next collective (gloo: a traceback,
     NCCL: a hang). A UserError is this rank's one message; any other error (a full disk, a bug)
     keeps its own traceback, and the peers are told all the same."""
-    failure = None
     try:
         yield
-    except UserError as err:
-        failure = UserError(plain_message(err))
-    except Exception:
+    except Exception as err:
         with suppress(Exception):  # telling the peers must not hide this rank's own error
             failed_ranks(True, ctx)
+        if isinstance(err, UserError):
+            raise UserError(plain_message(err)) from None
         raise
-    agree(failure, ctx, what)
+    failed = failed_ranks(False, ctx)
+    if failed:
+        raise UserError(f"process(es) {', '.join(map(str, failed))} could not {what} (see its "
+                        "message); every process stops")
 
 
 def same_everywhere(text: str, ctx: Context, what: str,
