@@ -198,6 +198,12 @@ def setup(device: str = "auto") -> Context:
 def _join(backend: str, world: int) -> None:
     """init_process_group, said first (it waits for every rank) and a UserError if they do not
     all come within the timeout."""
+    # torch._dynamo, imported after the group exists (by an Adam, a torch.compile), keeps a
+    # reference to it that outlives destroy_process_group: gloo's threads then live on into the
+    # interpreter's shutdown and now and then abort it (SIGABRT, "terminate called without an
+    # active exception") after a clean exit code was due. Imported first, it holds none.
+    import torch._dynamo  # noqa: F401
+
     from stcli.infra.console import info
 
     wait = timeout()
