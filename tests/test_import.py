@@ -297,7 +297,7 @@ def test_imported_checkpoint_samples_evaluates_and_fine_tunes(tmp_path, capsys):
     assert code == 0, err
     assert len(list((tmp_path / "s").rglob("0*.png"))) == 2
     code, out, err = st(capsys, "nll", ckpt, "--limit", "2", "--rtol", "1e-2", "--atol", "1e-2",
-                        "--device", "cpu", "--json", tmp_path / "nll.json")
+                        "--solver-check", "0", "--device", "cpu", "--json", tmp_path / "nll.json")
     assert code == 0, err
     assert np.isfinite(json.loads((tmp_path / "nll.json").read_text())["summary"]["nll_after"]["mean"])
     code, _, err = st(capsys, "diagnose", ckpt, "--limit", "2", "--points", "2", "--samples", "4",
