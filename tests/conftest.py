@@ -3,6 +3,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,42 @@ def run_st(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "stcli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=kw.get("cwd", ROOT))
+
+
+@contextmanager
+def ranks(*argvs: list, cwds=(ROOT, ROOT), stdout=subprocess.PIPE,
+          program: tuple[str, ...] = ("-m", "stcli")) -> Iterator[list[subprocess.Popen]]:
+    """Rank r of a 2-process gloo group started by hand, as srun starts its tasks (no torchrun
+    parent process: about 2.5 s less per group): `python PROGRAM argvs[r]` in `cwds[r]`. A rank
+    still running at the end (a failed assert) is killed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, (argv, cwd) in enumerate(zip(argvs, cwds)):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "ST_DIST_TIMEOUT": "60"}
+        procs.append(subprocess.Popen([sys.executable, *program, *map(str, argv)], cwd=cwd,
+                                      env=env, stdout=stdout, stderr=subprocess.PIPE, text=True))
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def run_two(*args, timeout=300, program: tuple[str, ...] = ("-m", "stcli")) -> subprocess.CompletedProcess:
+    """`st ARGS` (or `python PROGRAM ARGS`) as the two ranks of one gloo group (`ranks`): rank 0's
+    standard output, both standard errors, and the first non-zero exit code (else 0)."""
+    with ranks(args, args, program=program) as procs:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, code, outs[0][0], outs[0][1] + outs[1][1])
 
 
 def st(capsys, *argv) -> tuple[int, str, str]:

@@ -1,8 +1,8 @@
-"""Run by torchrun in test_ddp.py: trains a tiny recipe and records, per rank, every tau drawn
-(through a truncation registered here, the public registry API), every STF reference batch
-with the micro-batch it served, the rows of each sample grid it drew (and rank 0 the last
-grid again, alone), and the final parameters.  Extra arguments after the output folder are
-recipe overrides."""
+"""Run as the two ranks of one gloo group by test_ddp.py: trains a tiny recipe and records, per
+rank, every tau drawn (through a truncation registered here, the public registry API), every STF
+reference batch with the micro-batch it served, the rows of each sample grid it drew (and rank 0
+the last grid again, alone), and the final parameters.  Extra arguments after the output folder
+are recipe overrides."""
 
 import json
 import sys

@@ -4,22 +4,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 import yaml
-from conftest import ROOT, TINY, run_st
+from conftest import ROOT, TINY, ranks, run_st, run_two
 from PIL import Image
 from safetensors.torch import load_file
 
 
 def run_probe(path, out, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "tests" / "ddp_probe.py"), str(path), str(out), *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    res = run_two(path, out, *overrides, program=(str(ROOT / "tests" / "ddp_probe.py"),))
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -84,37 +79,12 @@ def test_a_two_process_resume_with_dropout_is_bit_exact(tiny_recipe):
     whole = tiny_recipe("whole", train={"steps": 4, "ckpt_every": 2})
     part = tiny_recipe("part", train={"steps": 2, "ckpt_every": 2})
     for args in ((whole,), (part,), (part, "--resume", "train.steps=4")):
-        res = run_st("train", *args, "--procs", "2")
+        res = run_two("train", *args)
         assert res.returncode == 0, res.stderr[-3000:]
     a = load_file(str(whole.parent / "whole" / "ckpt.safetensors"))
     b = load_file(str(part.parent / "part" / "ckpt.safetensors"))
     differ = [k for k in a if k.startswith(("model.", "ema.", "optim.")) and not torch.equal(a[k], b[k])]
     assert not differ, differ[:5]
-
-
-@contextmanager
-def ranks(*argvs: list, cwds=(ROOT, ROOT), stdout=subprocess.PIPE) -> Iterator[list]:
-    """Rank r of a 2-process gloo group started by hand (as srun does): `st argvs[r]` in
-    `cwds[r]`; a rank still running at the end (a failed assert) is killed."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank, (argv, cwd) in enumerate(zip(argvs, cwds)):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "ST_DIST_TIMEOUT": "60"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "stcli", *map(str, argv)], cwd=cwd,
-                                      env=env, stdout=stdout, stderr=subprocess.PIPE, text=True))
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
 
 
 def two_ranks(*argvs: list, cwds=(ROOT, ROOT)) -> list[str]:

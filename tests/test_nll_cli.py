@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_st, st
+from conftest import run_two, st
 
 from stcli.infra import checkpoint
 
@@ -54,8 +54,7 @@ def test_one_image_has_no_standard_error_and_writes_strict_json(ckpt, tmp_path, 
 
 def test_two_processes_give_exactly_the_one_process_numbers(ckpt, tmp_path, capsys):
     one = st(capsys, "nll", ckpt, *FAST, "--correction", "before", "--json", tmp_path / "1.json")
-    two = run_st("nll", ckpt, *FAST, "--correction", "before", "--json", tmp_path / "2.json",
-                 "--procs", "2")
+    two = run_two("nll", ckpt, *FAST, "--correction", "before", "--json", tmp_path / "2.json")
     assert one[0] == 0 and two.returncode == 0, two.stderr[-2000:]
     a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("1", "2"))
     assert a["per_sample_bpd"] == b["per_sample_bpd"]

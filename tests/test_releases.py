@@ -163,11 +163,13 @@ def test_float32_scores_keep_float64_digits(imported, name):
     t in float64, the float32 net is within 1e-5 of the same net run in float64."""
     path, _ = imported[name]
     io = public_io(name)
+    first = [int((io["t"] == v).nonzero()[0]) for v in io["t"].unique()]  # one image per time
+    x, t = io["x"][first], io["t"][first]  # (the 256^2 net in float64 is slow)
     model = load_model(path).model
     with torch.no_grad():
-        s32 = model.score(io["x"], io["t"])
-        s64 = model.double().score(io["x"].double(), io["t"].double())
-    assert io["t"].min() <= 1e-5
+        s32 = model.score(x, t)
+        s64 = model.double().score(x.double(), t.double())
+    assert t.min() <= 1e-5 and len(t) >= 4
     assert per_image_rel_err(s32.double(), s64).max() <= 1e-5
 
 

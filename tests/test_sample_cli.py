@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_st, st
+from conftest import run_two, st
 from faults_util import damaged, raw
 
 import stcli.jobs.sample as sample_mod
@@ -82,8 +82,8 @@ def test_npz_holds_the_same_images(ckpt, tmp_path):
 
 
 def test_two_gloo_processes_write_the_same_images_as_one(ckpt, tmp_path):
-    res = run_st("sample", ckpt, "-n", 5, "--out", tmp_path / "two", "--procs", 2,
-                 "--batch-size", 2, "--sampler", "pc", "--steps", 4, "--device", "cpu")
+    res = run_two("sample", ckpt, "-n", 5, "--out", tmp_path / "two",
+                  "--batch-size", 2, "--sampler", "pc", "--steps", 4, "--device", "cpu")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "x 2 process(es)" in res.stdout and "total NFE" in res.stdout
     one = generate(ckpt, 5, tmp_path / "one", sampler=PC, batch_size=1, device="cpu")

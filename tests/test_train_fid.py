@@ -4,7 +4,7 @@ evaluate is refused before anything is written."""
 
 import json
 
-from conftest import run_st, st
+from conftest import run_two, st
 from faults_util import csv_and_tensorboard_steps
 
 EVAL = {"ref": "digits-train", "train_n": 24, "extractor": "st-random-64", "kid": True,
@@ -31,7 +31,7 @@ def test_two_processes_measure_what_one_process_measures_and_every_logger_has_it
     monkeypatch.setenv("ST_FID_CACHE", str(tmp_path / "cache"))
     path = tiny_recipe("p2", train={"steps": 4, "eval_every": 2, "log_every": 4,
                                     "log": ["csv", "tensorboard"]}, eval={"fid": EVAL})
-    res = run_st("train", path, "--procs", "2")
+    res = run_two("train", path)
     assert res.returncode == 0, res.stderr
     run = tmp_path / "p2"
     logged = fid_records(run)
