@@ -177,6 +177,18 @@ def run_st(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=env, cwd=kw.get("cwd", ROOT))
 
 
+# what a launcher (torchrun, srun) sets: a test run inside a Slurm allocation must not pass them on
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+               "ST_DIST_TIMEOUT")
+
+
+def clean_env(**extra) -> dict[str, str]:
+    """This process's environment without launcher variables, one thread, no GPU, and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
+            **extra}
+
+
 @contextmanager
 def ranks(*argvs: list, cwds=(ROOT, ROOT), stdout=subprocess.PIPE,
           program: tuple[str, ...] = ("-m", "stcli")) -> Iterator[list[subprocess.Popen]]:
@@ -190,9 +202,8 @@ def ranks(*argvs: list, cwds=(ROOT, ROOT), stdout=subprocess.PIPE,
         port = s.getsockname()[1]
     procs = []
     for rank, (argv, cwd) in enumerate(zip(argvs, cwds)):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "ST_DIST_TIMEOUT": "60"}
+        env = clean_env(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port), ST_DIST_TIMEOUT="60")
         procs.append(subprocess.Popen([sys.executable, *program, *map(str, argv)], cwd=cwd,
                                       env=env, stdout=stdout, stderr=subprocess.PIPE, text=True))
     try:

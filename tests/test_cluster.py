@@ -13,23 +13,13 @@ import sys
 from datetime import timedelta
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 from stcli.infra import distributed
 from stcli.infra.distributed import expand_nodelist, slurm_environment, slurm_port
 from stcli.infra.errors import UserError
 
 SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-               "ST_DIST_TIMEOUT")
-
-
-def clean_env(**extra) -> dict[str, str]:
-    """This process's environment without launcher variables, one thread, no GPU."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
-    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
-            **extra}
-
 
 def free_slurm_job_id() -> int:
     """A job id whose derived port is free on this machine now."""
